@@ -1,0 +1,66 @@
+import { AbortError, TimeoutError } from './errors.ts'
+
+export interface AbortOptions {
+  signal?: AbortSignal | undefined
+}
+
+/**
+ * Combines the caller's signal with a deadline. The returned signal aborts
+ * with a `TimeoutError` naming `what` when the deadline passes, or with the
+ * caller's reason when the caller gives up.
+ */
+export function withDeadline (signal: AbortSignal | undefined, ms: number, what: string): AbortSignal {
+  const controller = new AbortController()
+  const timer = setTimeout(() => controller.abort(new TimeoutError(what)), ms)
+  timer.unref()
+  const onAbort = (): void => { controller.abort(signal?.reason ?? new AbortError(what)) }
+  if (signal !== undefined) {
+    if (signal.aborted) onAbort()
+    else signal.addEventListener('abort', onAbort, { once: true })
+  }
+  controller.signal.addEventListener('abort', () => {
+    clearTimeout(timer)
+    signal?.removeEventListener('abort', onAbort)
+  }, { once: true })
+  return controller.signal
+}
+
+/** Resolves after `ms`, or rejects with the signal's reason. */
+export async function sleep (ms: number, options: AbortOptions = {}): Promise<void> {
+  const { signal } = options
+  signal?.throwIfAborted()
+  await new Promise<void>((resolve, reject) => {
+    const onAbort = (): void => {
+      clearTimeout(timer)
+      reject(signal?.reason ?? new AbortError('sleep'))
+    }
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort)
+      resolve()
+    }, ms)
+    signal?.addEventListener('abort', onAbort, { once: true })
+  })
+}
+
+/** Waits for a promise or the signal, whichever settles first; removes its listener either way. */
+export async function raceSignal<T> (promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (signal === undefined) return promise
+  signal.throwIfAborted()
+  let onAbort: (() => void) | undefined
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<never>((_resolve, reject) => {
+        onAbort = () => { reject(signal.reason ?? new AbortError()) }
+        signal.addEventListener('abort', onAbort, { once: true })
+      })
+    ])
+  } finally {
+    if (onAbort !== undefined) signal.removeEventListener('abort', onAbort)
+  }
+}
+
+/** Full-jitter exponential backoff: a random delay in [0, min(cap, base·2^attempt)]. */
+export function backoff (attempt: number, baseMs: number, capMs: number): number {
+  return Math.random() * Math.min(capMs, baseMs * 2 ** attempt)
+}
