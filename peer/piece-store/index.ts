@@ -1,0 +1,105 @@
+import type { AbortOptions } from '../../src/abort.ts'
+import type { Logger } from '../../src/logger.ts'
+import type { Registry } from '../../src/metrics.ts'
+import { DiskPieceStore } from './disk-store.ts'
+
+export interface PieceStoreComponents {
+  logger: Logger
+  metrics?: Registry | undefined
+}
+
+export interface PieceStoreInit {
+  /** Root of everything the store writes; nothing is read or written outside it. */
+  dataDir: string
+  /** Byte quota for piece data; least recently used blobs are evicted past it. Default 10 GiB. */
+  quotaBytes?: number
+  /** Verified pieces kept in memory for repeated range reads. Default 64 MiB. */
+  memoryCacheBytes?: number
+  /** Metadata of a changing blob is written at most this often. Default 250 ms. */
+  flushDelayMs?: number
+}
+
+/** What the store knows about one blob. A snapshot: read it again after awaiting. */
+export interface BlobInfo {
+  readonly digest: string
+  readonly size: number
+  readonly pieceSize: number
+  readonly pieceCount: number
+  /** For manifests: the media type the origin gave, served back as Content-Type. */
+  readonly mediaType: string | undefined
+  /** Number of pieces held on disk. */
+  readonly heldCount: number
+  /** Every piece is held. */
+  readonly complete: boolean
+  /** Every piece is held and the whole blob hashed to its digest. */
+  readonly verified: boolean
+}
+
+export type PieceSource = 'origin' | 'peer' | 'local'
+
+export interface WritePieceOptions extends AbortOptions {
+  /** SHA-256 hex of `data` when the caller already computed it while verifying. */
+  sha256?: string | undefined
+  /** Where the bytes came from, for metrics and for who to blame on a digest mismatch. */
+  source?: PieceSource
+}
+
+export interface StoreEvents {
+  /** A piece was written and is servable. */
+  piece: (digest: string, index: number, sha256: string) => void
+  /** A blob is complete and its whole digest checked. */
+  verified: (digest: string) => void
+  /** A blob (or a piece of it, when `index` is set) is gone: evicted, corrupt or removed. */
+  removed: (digest: string, reason: string, index?: number) => void
+}
+
+export interface PieceStore {
+  start: () => Promise<void>
+  stop: () => Promise<void>
+
+  info: (digest: string) => BlobInfo | undefined
+  list: () => BlobInfo[]
+  /**
+   * Starts tracking a blob of known size (or returns the existing entry). A
+   * size that contradicts what is recorded drops the old entry: digests are
+   * immutable, so one of the two is wrong and the one on disk cannot be proven.
+   */
+  track: (digest: string, size: number, options?: { mediaType?: string | undefined }) => BlobInfo
+
+  hasPiece: (digest: string, index: number) => boolean
+  /** Indices of held pieces. */
+  heldPieces: (digest: string) => number[]
+  /** The recorded SHA-256 (hex) of a piece, if known. */
+  pieceDigest: (digest: string, index: number) => string | undefined
+  /** Records piece digests learned from the swarm's piece table. Conflicts drop the held piece. */
+  setPieceDigests: (digest: string, digests: ReadonlyArray<[number, string]>) => void
+
+  /**
+   * Reads and re-verifies a held piece. Returns `undefined` when the piece is
+   * not held or failed verification (it is then dropped and must be fetched
+   * again); never returns bytes that do not match the recorded digest.
+   */
+  readPiece: (digest: string, index: number, options?: AbortOptions) => Promise<Buffer | undefined>
+  /**
+   * Writes a piece. Throws `PieceDigestMismatchError` when `data` contradicts
+   * a known piece digest, and `BlobDigestMismatchError` when this piece
+   * completes the blob and the whole blob does not hash to its digest (the
+   * blob is then removed). Returns false when the quota left no room (the
+   * bytes are still good to serve, just not kept).
+   */
+  writePiece: (digest: string, index: number, data: Buffer, options?: WritePieceOptions) => Promise<boolean>
+  /** Resolves once a complete blob's whole digest has been checked (true) or found wrong (false). */
+  verifyBlob: (digest: string) => Promise<boolean>
+  remove: (digest: string, reason: string) => Promise<void>
+  /** Keeps a blob from eviction while it is read or written; call the returned function to release. */
+  pin: (digest: string) => () => void
+
+  usage: () => { bytes: number, quotaBytes: number, blobs: number }
+
+  on: <E extends keyof StoreEvents>(event: E, listener: StoreEvents[E]) => void
+  off: <E extends keyof StoreEvents>(event: E, listener: StoreEvents[E]) => void
+}
+
+export function createPieceStore (components: PieceStoreComponents, init: PieceStoreInit): PieceStore {
+  return new DiskPieceStore(components, init)
+}

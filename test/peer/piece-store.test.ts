@@ -1,0 +1,170 @@
+import assert from 'node:assert/strict'
+import { createHash, randomBytes } from 'node:crypto'
+import { mkdtemp, open, readdir, rm, stat } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { test } from 'node:test'
+import { BlobDigestMismatchError, InvalidDigestError, PieceDigestMismatchError } from '../../src/errors.ts'
+import { silentLogger } from '../../src/logger.ts'
+import { createMetricsRegistry } from '../../src/metrics.ts'
+import { MIB, pieceBounds } from '../../src/pieces.ts'
+import { createPieceStore, type PieceStore } from '../../peer/piece-store/index.ts'
+
+function blob (size: number): { data: Buffer, digest: string } {
+  const data = randomBytes(size)
+  return { data, digest: `sha256:${createHash('sha256').update(data).digest('hex')}` }
+}
+
+function piece (data: Buffer, i: number): Buffer {
+  const { offset, length } = pieceBounds(i, data.length, MIB)
+  return data.subarray(offset, offset + length)
+}
+
+async function withStore (fn: (make: (init?: { quotaBytes?: number, memoryCacheBytes?: number }) => Promise<PieceStore>, dir: string) => Promise<void>): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'df-store-'))
+  const opened: PieceStore[] = []
+  try {
+    await fn(async (init = {}) => {
+      const store = createPieceStore({ logger: silentLogger(), metrics: createMetricsRegistry() }, { dataDir: dir, flushDelayMs: 5, ...init })
+      await store.start()
+      opened.push(store)
+      return store
+    }, dir)
+  } finally {
+    for (const s of opened) await s.stop()
+    await rm(dir, { recursive: true, force: true })
+  }
+}
+
+test('pieces written in order complete and verify the blob as the last one lands', async () => {
+  await withStore(async (make) => {
+    const store = await make()
+    const { data, digest } = blob(3 * MIB + 17)
+    const verified: string[] = []
+    store.on('verified', d => verified.push(d))
+    const info = store.track(digest, data.length)
+    assert.equal(info.pieceCount, 4)
+    for (let i = 0; i < 4; i++) assert.equal(await store.writePiece(digest, i, piece(data, i)), true)
+    assert.deepEqual(verified, [digest])
+    assert.equal(store.info(digest)?.verified, true)
+    const back = Buffer.concat(await Promise.all([0, 1, 2, 3].map(async i => await store.readPiece(digest, i) as Buffer)))
+    assert.ok(back.equals(data))
+  })
+})
+
+test('out-of-order pieces still end in a whole-blob check', async () => {
+  await withStore(async (make) => {
+    const store = await make({ memoryCacheBytes: 1 })
+    const { data, digest } = blob(4 * MIB)
+    store.track(digest, data.length)
+    for (const i of [3, 1, 2, 0]) await store.writePiece(digest, i, piece(data, i))
+    assert.equal(store.info(digest)?.verified, true)
+  })
+})
+
+test('a blob whose bytes do not hash to its digest is removed when it completes', async () => {
+  await withStore(async (make) => {
+    const store = await make()
+    const { data } = blob(2 * MIB)
+    const wrong = `sha256:${'ab'.repeat(32)}`
+    store.track(wrong, data.length)
+    await store.writePiece(wrong, 0, piece(data, 0))
+    await assert.rejects(store.writePiece(wrong, 1, piece(data, 1)), BlobDigestMismatchError)
+    assert.equal(store.info(wrong), undefined)
+  })
+})
+
+test('a piece that contradicts the known piece table is refused', async () => {
+  await withStore(async (make) => {
+    const store = await make()
+    const { data, digest } = blob(2 * MIB)
+    store.track(digest, data.length)
+    store.setPieceDigests(digest, [[1, createHash('sha256').update(piece(data, 1)).digest('hex')]])
+    await assert.rejects(store.writePiece(digest, 1, randomBytes(MIB), { source: 'peer' }), PieceDigestMismatchError)
+    assert.equal(store.hasPiece(digest, 1), false)
+    assert.equal(await store.writePiece(digest, 1, piece(data, 1), { source: 'peer' }), true)
+  })
+})
+
+test('a restart keeps pieces and piece digests; a corrupted piece is caught on read and dropped', async () => {
+  await withStore(async (make, dir) => {
+    const { data, digest } = blob(3 * MIB)
+    const first = await make()
+    first.track(digest, data.length)
+    for (let i = 0; i < 3; i++) await first.writePiece(digest, i, piece(data, i))
+    await first.stop()
+
+    // Flip a byte of piece 1 on disk, as bit rot or a tampering hand would.
+    const file = join(dir, 'blobs', 'sha256', digest.slice(7), 'data')
+    const fh = await open(file, 'r+')
+    await fh.write(Buffer.from([piece(data, 1)[10]! ^ 0xff]), 0, 1, MIB + 10)
+    await fh.close()
+
+    const second = await make()
+    assert.equal(second.info(digest)?.verified, true)
+    assert.ok((await second.readPiece(digest, 0))?.equals(piece(data, 0)))
+    const removed: Array<number | undefined> = []
+    second.on('removed', (_d, _reason, index) => removed.push(index))
+    assert.equal(await second.readPiece(digest, 1), undefined)
+    assert.deepEqual(removed, [1])
+    assert.equal(second.hasPiece(digest, 1), false)
+    assert.equal(second.info(digest)?.verified, false)
+    // Re-fetched good bytes make it whole and verified again.
+    await second.writePiece(digest, 1, piece(data, 1))
+    assert.equal(second.info(digest)?.verified, true)
+  })
+})
+
+test('the quota evicts the least recently used unpinned blob', async () => {
+  await withStore(async (make, dir) => {
+    const store = await make({ quotaBytes: 5 * MIB })
+    const a = blob(2 * MIB)
+    const b = blob(2 * MIB)
+    const c = blob(2 * MIB)
+    for (const x of [a, b]) {
+      store.track(x.digest, x.data.length)
+      for (let i = 0; i < 2; i++) await store.writePiece(x.digest, i, piece(x.data, i))
+    }
+    await store.readPiece(a.digest, 0) // a is now more recent than b
+    const unpinA = store.pin(a.digest)
+    store.track(c.digest, c.data.length)
+    for (let i = 0; i < 2; i++) assert.equal(await store.writePiece(c.digest, i, piece(c.data, i)), true)
+    assert.equal(store.info(b.digest), undefined, 'b was least recently used')
+    assert.ok(store.info(a.digest) !== undefined)
+    assert.ok(store.usage().bytes <= 5 * MIB)
+    // With everything else pinned there is no room, and the store says so instead of overrunning.
+    const unpinC = store.pin(c.digest)
+    const d = blob(2 * MIB)
+    store.track(d.digest, d.data.length)
+    assert.equal(await store.writePiece(d.digest, 0, piece(d.data, 0)), true)
+    assert.equal(await store.writePiece(d.digest, 1, piece(d.data, 1)), false)
+    unpinA()
+    unpinC()
+    // The evicted blob's files are gone from disk too.
+    await new Promise(resolve => setTimeout(resolve, 50))
+    const dirs = await readdir(join(dir, 'blobs', 'sha256'))
+    assert.equal(dirs.includes(b.digest.slice(7)), false)
+    assert.equal(dirs.includes(a.digest.slice(7)), true)
+  })
+})
+
+test('only well-formed digests become paths', async () => {
+  await withStore(async (make, dir) => {
+    const store = await make()
+    for (const bad of ['sha256:../../etc/passwd', `sha256:${'A'.repeat(64)}`, `md5:${'a'.repeat(32)}`, 'sha256:', '../x']) {
+      assert.throws(() => store.track(bad, 10), InvalidDigestError, bad)
+    }
+    const entries = await readdir(join(dir, 'blobs'))
+    assert.deepEqual(entries, [])
+    assert.ok((await stat(dir)).isDirectory())
+  })
+})
+
+test('the empty blob verifies without any piece', async () => {
+  await withStore(async (make) => {
+    const store = await make()
+    const digest = `sha256:${createHash('sha256').digest('hex')}`
+    store.track(digest, 0)
+    assert.equal(await store.verifyBlob(digest), true)
+  })
+})
