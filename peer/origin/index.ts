@@ -1,0 +1,320 @@
+import { Readable } from 'node:stream'
+import type { Dispatcher } from 'undici'
+import { backoff, sleep, withDeadline, type AbortOptions } from '../../src/abort.ts'
+import {
+  BlobUnknownError, DeniedError, ManifestUnknownError, OriginProtocolError, OriginStatusError, OriginUnavailableError,
+  RangeNotSatisfiableError, TooManyRequestsError, UnauthorizedError, isAbort, redactUrl
+} from '../../src/errors.ts'
+import type { Logger } from '../../src/logger.ts'
+import { Counter, type Registry } from '../../src/metrics.ts'
+import type { ByteRange } from '../../src/oci/range.ts'
+import type { Upstream } from '../upstream/index.ts'
+
+export interface OriginClientComponents {
+  logger: Logger
+  /** One undici Agent for the process: it keeps a keep-alive pool per origin. */
+  dispatcher: Dispatcher
+  metrics?: Registry | undefined
+}
+
+export interface OriginClientInit {
+  /** Attempts for a request that fails before its body starts (connection errors, 5xx). Default 3. */
+  attempts?: number
+  /** First backoff step; doubles per attempt with full jitter. Default 200 ms. */
+  retryBaseMs?: number
+  /** Redirects followed inside the peer (to blob storage). Default 5. */
+  maxRedirects?: number
+  /** Deadline for a HEAD or manifest request, whole. Default 30 s. */
+  metadataTimeoutMs?: number
+  /** Deadline until response headers of a blob request. Default 60 s. */
+  blobHeadersTimeoutMs?: number
+  /** Longest pause between two chunks of a blob body before it is abandoned. Default 30 s. */
+  blobIdleTimeoutMs?: number
+  userAgent?: string
+}
+
+/** Request headers that matter to the origin; nothing else from the caller is forwarded. */
+export interface OriginCredentials {
+  /** The caller's `Authorization`, forwarded to the origin only. */
+  authorization?: string | undefined
+}
+
+export interface BlobHead {
+  size: number
+  digest: string | undefined
+  mediaType: string | undefined
+}
+
+export interface BlobBody {
+  /** First byte of the body within the blob. */
+  start: number
+  /** Bytes the body will carry. */
+  length: number
+  /** Size of the whole blob, when the origin said. */
+  size: number | undefined
+  body: Readable
+}
+
+export interface ManifestResponse {
+  status: number
+  mediaType: string | undefined
+  digest: string | undefined
+  size: number
+  /** The manifest bytes; bounded by MAX_MANIFEST_BYTES. Empty for HEAD. */
+  body: Buffer
+}
+
+export interface ProxiedResponse {
+  status: number
+  headers: Record<string, string | string[] | undefined>
+  body: Readable
+}
+
+/** Manifests above this are refused (the distribution registry's own limit is 4 MiB). */
+export const MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+const MAX_ERROR_BODY = 64 * 1024
+const RETRY_STATUSES = new Set([500, 502, 503, 504])
+
+interface Limits {
+  signal: AbortSignal | undefined
+  headersTimeout?: number
+  bodyTimeout?: number
+}
+
+export interface OriginClient {
+  headBlob: (upstream: Upstream, repo: string, digest: string, credentials: OriginCredentials, options?: AbortOptions) => Promise<BlobHead>
+  /** GETs a blob, or the bytes `range` covers. A 200 to a ranged request is trimmed to the range. */
+  getBlob: (upstream: Upstream, repo: string, digest: string, range: ByteRange | undefined, credentials: OriginCredentials, options?: AbortOptions) => Promise<BlobBody>
+  getManifest: (upstream: Upstream, repo: string, reference: string, accept: string, credentials: OriginCredentials, options?: AbortOptions & { method?: 'GET' | 'HEAD' }) => Promise<ManifestResponse>
+  /** `GET /v2/` for the caller, so a 401 and its challenge come from the real origin. */
+  ping: (upstream: Upstream, credentials: OriginCredentials, options?: AbortOptions) => Promise<{ status: number, challenge: string | undefined }>
+}
+
+export function createOriginClient (components: OriginClientComponents, init: OriginClientInit = {}): OriginClient {
+  const logger = components.logger.child({ component: 'peer:origin' })
+  const attempts = init.attempts ?? 3
+  const retryBaseMs = init.retryBaseMs ?? 200
+  const maxRedirects = init.maxRedirects ?? 5
+  const metadataTimeoutMs = init.metadataTimeoutMs ?? 30_000
+  const blobHeadersTimeoutMs = init.blobHeadersTimeoutMs ?? 60_000
+  const blobIdleTimeoutMs = init.blobIdleTimeoutMs ?? 30_000
+  const userAgent = init.userAgent ?? 'damselfly'
+  const registers = components.metrics === undefined ? undefined : [components.metrics]
+  const requests = registers === undefined
+    ? undefined
+    : new Counter({ name: 'damselfly_origin_requests_total', help: 'Requests sent to origin registries, by method and status class', labelNames: ['method', 'status'], registers })
+
+  /**
+   * One logical request: retried on connection errors and 5xx before any body
+   * byte is handed out, redirects followed (dropping Authorization when the
+   * redirect leaves the registry's origin, as storage pre-signs its own URLs).
+   */
+  async function send (method: 'GET' | 'HEAD', url: string, headers: Record<string, string>, limits: Limits): Promise<Dispatcher.ResponseData> {
+    const { signal } = limits
+    let lastError: unknown
+    for (let attempt = 0; attempt < attempts; attempt++) {
+      if (attempt > 0) await sleep(backoff(attempt, retryBaseMs, 5_000), { signal })
+      try {
+        const res = await followRedirects(method, url, headers, limits)
+        requests?.inc({ method, status: `${Math.floor(res.statusCode / 100)}xx` })
+        if (RETRY_STATUSES.has(res.statusCode) && attempt < attempts - 1) {
+          lastError = new OriginUnavailableError(`origin answered ${res.statusCode} for ${redactUrl(url)}`)
+          await res.body.dump().catch(() => {})
+          continue
+        }
+        return res
+      } catch (err) {
+        if (signal?.aborted === true) throw signal.reason
+        if (isAbort(err)) throw err
+        requests?.inc({ method, status: 'error' })
+        lastError = err
+        logger.debug({ err, url: redactUrl(url), attempt }, 'origin request failed')
+      }
+    }
+    if (lastError instanceof OriginUnavailableError) throw lastError
+    throw new OriginUnavailableError(`origin unreachable for ${redactUrl(url)}: ${(lastError as Error | undefined)?.message ?? 'unknown error'}`, { cause: lastError })
+  }
+
+  async function followRedirects (method: 'GET' | 'HEAD', url: string, headers: Record<string, string>, limits: Limits): Promise<Dispatcher.ResponseData> {
+    let current = new URL(url)
+    let currentHeaders = headers
+    for (let hop = 0; ; hop++) {
+      const res = await components.dispatcher.request({
+        origin: current.origin,
+        path: `${current.pathname}${current.search}`,
+        method,
+        headers: { 'user-agent': userAgent, ...currentHeaders },
+        signal: limits.signal ?? null,
+        ...(limits.headersTimeout === undefined ? {} : { headersTimeout: limits.headersTimeout }),
+        ...(limits.bodyTimeout === undefined ? {} : { bodyTimeout: limits.bodyTimeout })
+      })
+      const location = res.headers.location
+      if (res.statusCode < 300 || res.statusCode >= 400 || res.statusCode === 304 || location === undefined) return res
+      await res.body.dump().catch(() => {})
+      if (hop >= maxRedirects) throw new OriginProtocolError(`too many redirects from ${redactUrl(url)}`)
+      const next = new URL(Array.isArray(location) ? location[0] as string : location, current)
+      if (next.protocol !== 'http:' && next.protocol !== 'https:') throw new OriginProtocolError(`redirect to a non-http URL from ${redactUrl(url)}`)
+      if (next.origin !== current.origin) {
+        const { authorization: _dropped, ...rest } = currentHeaders
+        currentHeaders = rest
+      }
+      current = next
+    }
+  }
+
+  async function failure (res: Dispatcher.ResponseData, url: string, what: { digest?: string, reference?: string }): Promise<never> {
+    const status = res.statusCode
+    const body = await readBounded(res.body, MAX_ERROR_BODY).catch(() => undefined)
+    switch (status) {
+      case 401:
+        throw new UnauthorizedError('the origin requires authentication', header(res, 'www-authenticate'))
+      case 403:
+        throw new DeniedError('the origin denied access')
+      case 404:
+        if (what.digest !== undefined) throw new BlobUnknownError(what.digest)
+        throw new ManifestUnknownError(what.reference ?? 'manifest')
+      case 429:
+        throw new TooManyRequestsError('the origin is rate limiting', header(res, 'retry-after'))
+    }
+    if (status >= 500) throw new OriginUnavailableError(`origin answered ${status} for ${redactUrl(url)}`)
+    throw new OriginStatusError(status, url, body?.toString('utf8'))
+  }
+
+  function authHeaders (credentials: OriginCredentials, extra: Record<string, string> = {}): Record<string, string> {
+    return credentials.authorization === undefined ? extra : { ...extra, authorization: credentials.authorization }
+  }
+
+  return {
+    async headBlob (upstream, repo, digest, credentials, options = {}) {
+      const signal = withDeadline(options.signal, metadataTimeoutMs, 'origin HEAD')
+      const url = `${upstream.origin}/v2/${repo}/blobs/${digest}`
+      const res = await send('HEAD', url, authHeaders(credentials), { signal })
+      await res.body.dump().catch(() => {})
+      if (res.statusCode !== 200) return failure(res, url, { digest })
+      const size = Number(header(res, 'content-length'))
+      if (!Number.isSafeInteger(size) || size < 0) throw new OriginProtocolError(`origin sent no usable Content-Length for ${digest}`)
+      return { size, digest: header(res, 'docker-content-digest'), mediaType: header(res, 'content-type') }
+    },
+
+    async getBlob (upstream, repo, digest, range, credentials, options = {}) {
+      const url = `${upstream.origin}/v2/${repo}/blobs/${digest}`
+      const extra: Record<string, string> = range === undefined ? {} : { range: `bytes=${range.start}-${range.end}` }
+      // Headers get a deadline; a long body only an idle limit, so a slow but
+      // steady origin can take as long as the blob needs.
+      const res = await send('GET', url, authHeaders(credentials, extra), { signal: options.signal, headersTimeout: blobHeadersTimeoutMs, bodyTimeout: blobIdleTimeoutMs })
+      if (res.statusCode === 416 && range !== undefined) {
+        await res.body.dump().catch(() => {})
+        throw new RangeNotSatisfiableError(extra.range as string, Number(/\/(\d+)$/.exec(header(res, 'content-range') ?? '')?.[1] ?? 0))
+      }
+      if (res.statusCode !== 200 && res.statusCode !== 206) return failure(res, url, { digest })
+      if (res.statusCode === 206) {
+        const cr = parseContentRange(header(res, 'content-range'))
+        if (cr === undefined || range === undefined || cr.start !== range.start || cr.end !== range.end) {
+          res.body.destroy()
+          throw new OriginProtocolError(`origin answered a different range (${header(res, 'content-range') ?? 'none'}) for ${digest}`)
+        }
+        return { start: cr.start, length: cr.end - cr.start + 1, size: cr.size, body: res.body }
+      }
+      const total = Number(header(res, 'content-length'))
+      const size = Number.isSafeInteger(total) ? total : undefined
+      if (range === undefined) {
+        if (size === undefined) {
+          res.body.destroy()
+          throw new OriginProtocolError(`origin sent no Content-Length for ${digest}`)
+        }
+        return { start: 0, length: size, size, body: res.body }
+      }
+      // The origin ignored Range: skip to the start and stop after the end.
+      logger.debug({ digest }, 'origin ignored Range; trimming a full response')
+      return { start: range.start, length: range.end - range.start + 1, size, body: trim(res.body, range.start, range.end - range.start + 1) }
+    },
+
+    async getManifest (upstream, repo, reference, accept, credentials, options = {}) {
+      const method = options.method ?? 'GET'
+      const signal = withDeadline(options.signal, metadataTimeoutMs, 'origin manifest request')
+      const url = `${upstream.origin}/v2/${repo}/manifests/${reference}`
+      const res = await send(method, url, authHeaders(credentials, { accept }), { signal })
+      if (res.statusCode !== 200) return failure(res, url, { reference })
+      const declared = Number(header(res, 'content-length'))
+      if (Number.isSafeInteger(declared) && declared > MAX_MANIFEST_BYTES) {
+        res.body.destroy()
+        throw new OriginProtocolError(`manifest ${reference} is larger than ${MAX_MANIFEST_BYTES} bytes`)
+      }
+      const body = method === 'HEAD' ? Buffer.alloc(0) : await readBounded(res.body, MAX_MANIFEST_BYTES, true)
+      if (method === 'HEAD') await res.body.dump().catch(() => {})
+      return {
+        status: res.statusCode,
+        mediaType: header(res, 'content-type'),
+        digest: header(res, 'docker-content-digest'),
+        size: method === 'HEAD' ? declared : body.length,
+        body
+      }
+    },
+
+    async ping (upstream, credentials, options = {}) {
+      const signal = withDeadline(options.signal, metadataTimeoutMs, 'origin ping')
+      const res = await send('GET', `${upstream.origin}/v2/`, authHeaders(credentials), { signal })
+      await res.body.dump().catch(() => {})
+      return { status: res.statusCode, challenge: header(res, 'www-authenticate') }
+    }
+  }
+}
+
+function header (res: Dispatcher.ResponseData, name: string): string | undefined {
+  const v = res.headers[name]
+  return Array.isArray(v) ? v[0] : v
+}
+
+export function parseContentRange (value: string | undefined): { start: number, end: number, size: number | undefined } | undefined {
+  if (value === undefined) return undefined
+  const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(value.trim())
+  if (m === null) return undefined
+  const start = Number(m[1])
+  const end = Number(m[2])
+  const size = m[3] === '*' ? undefined : Number(m[3])
+  if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || end < start) return undefined
+  return { start, end, size }
+}
+
+async function readBounded (body: Readable, max: number, strict = false): Promise<Buffer> {
+  const chunks: Buffer[] = []
+  let total = 0
+  for await (const chunk of body) {
+    const b = chunk as Buffer
+    total += b.length
+    if (total > max) {
+      body.destroy()
+      if (strict) throw new OriginProtocolError(`response larger than ${max} bytes`)
+      break
+    }
+    chunks.push(b)
+  }
+  return Buffer.concat(chunks)
+}
+
+/** A readable that skips `skip` bytes of `source` and ends after `length` more. */
+function trim (source: Readable, skip: number, length: number): Readable {
+  let toSkip = skip
+  let left = length
+  async function * trimmed (): AsyncGenerator<Buffer> {
+    for await (const c of source) {
+      let chunk = c as Buffer
+      if (toSkip > 0) {
+        if (chunk.length <= toSkip) { toSkip -= chunk.length; continue }
+        chunk = chunk.subarray(toSkip)
+        toSkip = 0
+      }
+      if (chunk.length >= left) {
+        yield chunk.subarray(0, left)
+        left = 0
+        return
+      }
+      left -= chunk.length
+      yield chunk
+    }
+  }
+  const out = Readable.from(trimmed(), { objectMode: false })
+  // Stopping early must release the origin's connection.
+  out.once('close', () => { source.destroy() })
+  return out
+}
