@@ -1,0 +1,320 @@
+import { Readable } from 'node:stream'
+import { raceSignal, type AbortOptions } from '../../src/abort.ts'
+import {
+  BlobDigestMismatchError, BlobUnknownError, DeniedError, ManifestUnknownError, OriginProtocolError, OriginStatusError,
+  PieceDigestMismatchError, RangeNotSatisfiableError, StorageError, UnauthorizedError, isAbort
+} from '../../src/errors.ts'
+import { Limiter } from '../../src/limiter.ts'
+import type { Logger } from '../../src/logger.ts'
+import { Counter } from '../../src/metrics.ts'
+import { sha256Hex } from '../../src/oci/digest.ts'
+import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
+import type { ByteRange } from '../../src/oci/range.ts'
+import { pieceBounds, piecesCovering } from '../../src/pieces.ts'
+import type { PieceStore } from '../piece-store/index.ts'
+import type { BlobService, BlobServiceComponents, BlobServiceInit, BlobTask, OpenBlob, OpenBlobRequest } from './index.ts'
+
+type Source = 'local' | 'origin' | 'peer'
+
+/** How a fetched piece is handed to its waiters: in memory only when the cache could not keep it. */
+interface Landed {
+  data: Buffer | undefined
+  source: Source
+}
+
+interface Deferred {
+  promise: Promise<Landed>
+  resolve: (v: Landed) => void
+  reject: (err: unknown) => void
+}
+
+/** Errors that another attempt will not fix. */
+const FINAL_ERRORS = [UnauthorizedError, DeniedError, BlobUnknownError, ManifestUnknownError, OriginStatusError, RangeNotSatisfiableError]
+
+/**
+ * The data path: local cache, then the swarm, then the origin — every piece
+ * verified before a byte of it is handed on.
+ *
+ * Pieces are fetched once per node however many readers want them (an
+ * in-flight map keyed by digest and piece). Cold pieces come from the origin
+ * in runs: one ranged GET covering up to `maxRunPieces` consecutive missing
+ * pieces, cut into pieces as bytes arrive, each hashed and written before its
+ * waiters are woken. A run that breaks leaves its remaining pieces to the
+ * next attempt, which resumes at the first missing one.
+ */
+export class DefaultBlobService implements BlobService {
+  readonly #logger: Logger
+  readonly #store: PieceStore
+  readonly #components: BlobServiceComponents
+  readonly #readahead: number
+  readonly #maxRun: number
+  readonly #attempts: number
+  readonly #runs: Limiter
+  readonly #inflight = new Map<string, Promise<Landed>>()
+  readonly #shutdown = new AbortController()
+  readonly #served: Counter | undefined
+  readonly #fetched: Counter | undefined
+
+  constructor (components: BlobServiceComponents, init: BlobServiceInit) {
+    this.#components = components
+    this.#logger = components.logger.child({ component: 'peer:blobs' })
+    this.#store = components.store
+    this.#readahead = Math.max(1, init.readahead ?? 4)
+    this.#maxRun = Math.max(1, init.maxRunPieces ?? 64)
+    this.#attempts = Math.max(1, init.pieceAttempts ?? 3)
+    this.#runs = new Limiter('origin requests', init.maxOriginRuns ?? 16, init.maxQueuedRuns ?? 1024)
+    const registers = components.metrics === undefined ? undefined : [components.metrics]
+    if (registers !== undefined) {
+      this.#served = new Counter({ name: 'damselfly_served_bytes_total', help: 'Bytes sent to clients, by where the piece came from (local: already cached)', labelNames: ['source'], registers })
+      this.#fetched = new Counter({ name: 'damselfly_fetched_bytes_total', help: 'Piece bytes fetched into this node, by source', labelNames: ['source'], registers })
+    }
+  }
+
+  async open (request: OpenBlobRequest, options: AbortOptions = {}): Promise<OpenBlob> {
+    const { upstream, repo, digest, kind, credentials } = request
+    const local = this.#store.info(digest)
+    const access = await this.#components.access.check(upstream, repo, kind, digest, credentials, {
+      signal: options.signal,
+      local: local === undefined ? undefined : { size: local.size, mediaType: local.mediaType }
+    })
+    const mediaType = kind === 'manifest' ? (access.mediaType ?? local?.mediaType) : undefined
+    this.#store.track(digest, access.size, { mediaType })
+    const task: BlobTask = { upstream, repo, digest, kind, size: access.size, mediaType, credentials }
+    return {
+      task,
+      stale: access.stale,
+      read: async (range, readOptions = {}) => this.#read(task, range, readOptions)
+    }
+  }
+
+  async complete (task: BlobTask, options: AbortOptions = {}): Promise<void> {
+    const info = this.#store.track(task.digest, task.size, { mediaType: task.mediaType })
+    const unpin = this.#store.pin(task.digest)
+    try {
+      const last = info.pieceCount - 1
+      for (let i = 0; i <= last; i++) {
+        if (this.#store.hasPiece(task.digest, i)) continue
+        await this.#acquire(task, i, last, options.signal)
+      }
+      if (!await this.#store.verifyBlob(task.digest)) {
+        if (this.#store.info(task.digest)?.complete !== true) throw new StorageError(`blob ${task.digest} could not be kept whole in the cache`)
+        throw new BlobDigestMismatchError(task.digest, 'unknown')
+      }
+    } finally {
+      unpin()
+    }
+  }
+
+  async stop (): Promise<void> {
+    this.#shutdown.abort()
+  }
+
+  async #read (task: BlobTask, range: ByteRange | undefined, options: AbortOptions): Promise<Readable> {
+    const info = this.#store.track(task.digest, task.size, { mediaType: task.mediaType })
+    if (task.size === 0) {
+      if (!await this.#store.verifyBlob(task.digest)) throw new BlobDigestMismatchError(task.digest, 'the empty blob')
+      return Readable.from([])
+    }
+    const start = range?.start ?? 0
+    const end = range?.end ?? task.size - 1
+    const { first, last } = piecesCovering(start, end, info.pieceSize)
+    const unpin = this.#store.pin(task.digest)
+    const signal = options.signal
+    let firstPiece: { data: Buffer, source: Source }
+    try {
+      firstPiece = await this.#acquire(task, first, last, signal)
+    } catch (err) {
+      unpin()
+      throw err
+    }
+
+    const self = this
+    async function * pieces (): AsyncGenerator<Buffer> {
+      const ahead: Array<Promise<{ data: Buffer, source: Source }>> = []
+      let next = first + 1
+      const fill = (): void => {
+        while (next <= last && ahead.length < self.#readahead) {
+          const p = self.#acquire(task, next++, last, signal)
+          // Read-ahead may be abandoned when the client leaves; its failure is not ours to report then.
+          p.catch(() => {})
+          ahead.push(p)
+        }
+      }
+      try {
+        for (let i = first; i <= last; i++) {
+          fill()
+          const piece = i === first ? firstPiece : await (ahead.shift() as Promise<{ data: Buffer, source: Source }>)
+          if (i === info.pieceCount - 1) await self.#checkWhole(task)
+          const { offset } = pieceBounds(i, task.size, info.pieceSize)
+          const from = Math.max(start - offset, 0)
+          const to = Math.min(end - offset + 1, piece.data.length)
+          const slice = from === 0 && to === piece.data.length ? piece.data : piece.data.subarray(from, to)
+          self.#served?.inc({ source: piece.source }, slice.length)
+          yield slice
+        }
+      } finally {
+        unpin()
+      }
+    }
+    return Readable.from(pieces(), { objectMode: false, highWaterMark: 64 * 1024 })
+  }
+
+  /**
+   * Before the last byte of a blob leaves, the blob as a whole must match its
+   * digest when the cache holds all of it. A blob dropped while we read it
+   * (it failed that check elsewhere) fails this read too.
+   */
+  async #checkWhole (task: BlobTask): Promise<void> {
+    const info = this.#store.info(task.digest)
+    if (info === undefined) throw new BlobDigestMismatchError(task.digest, 'dropped while reading')
+    if (info.complete && !await this.#store.verifyBlob(task.digest)) throw new BlobDigestMismatchError(task.digest, 'mismatch')
+  }
+
+  /** One verified piece, from wherever it can be had; retried a bounded number of times. */
+  async #acquire (task: BlobTask, index: number, lastWanted: number, signal: AbortSignal | undefined): Promise<{ data: Buffer, source: Source }> {
+    let lastError: unknown
+    for (let attempt = 0; attempt < this.#attempts; attempt++) {
+      signal?.throwIfAborted()
+      const local = await this.#store.readPiece(task.digest, index)
+      if (local !== undefined) return { data: local, source: 'local' }
+      const key = pieceKey(task.digest, index)
+      const pending = this.#inflight.get(key) ?? this.#startFetch(task, index, lastWanted)
+      try {
+        const landed = await raceSignal(pending, signal)
+        if (landed.data !== undefined) return { data: landed.data, source: landed.source }
+        const stored = await this.#store.readPiece(task.digest, index)
+        if (stored !== undefined) return { data: stored, source: landed.source }
+        lastError = new StorageError(`piece ${index} of ${task.digest} vanished from the cache after it landed`)
+      } catch (err) {
+        if (signal?.aborted === true || isAbort(err)) throw err
+        if (FINAL_ERRORS.some(E => err instanceof E)) throw err
+        lastError = err
+        this.#logger.debug({ err, digest: task.digest, piece: index, attempt }, 'piece fetch failed; trying again')
+      }
+    }
+    throw lastError
+  }
+
+  #startFetch (task: BlobTask, index: number, lastWanted: number): Promise<Landed> {
+    const remote = this.#components.remote
+    if (remote === undefined) return this.#startOriginRun(task, index, lastWanted)
+    const deferred = this.#register(task, index)
+    void (async () => {
+      try {
+        const piece = await remote.fetch({ task, lastWanted }, index, { signal: this.#shutdown.signal })
+        if (piece === undefined) {
+          // The swarm has nothing for us: hand this piece (and what follows) to the origin.
+          this.#unregister(task, index, deferred)
+          this.#startOriginRun(task, index, lastWanted).then(deferred.resolve, deferred.reject)
+          return
+        }
+        await this.#land(task, index, piece.data, piece.sha256, 'peer', deferred)
+      } catch (err) {
+        deferred.reject(err)
+      }
+    })()
+    return deferred.promise
+  }
+
+  /** Registers pieces [index, …] that nobody is fetching yet as one origin request and starts it. */
+  #startOriginRun (task: BlobTask, index: number, lastWanted: number): Promise<Landed> {
+    const info = this.#store.info(task.digest)
+    const pieceCount = info?.pieceCount ?? 1
+    // Manifests have no Range support at the origin: one request covers all of it.
+    const first = task.kind === 'manifest' ? 0 : index
+    const limit = task.kind === 'manifest' ? pieceCount - 1 : Math.min(lastWanted, index + this.#maxRun - 1)
+    let last = index
+    while (last < limit && !this.#store.hasPiece(task.digest, last + 1) && !this.#inflight.has(pieceKey(task.digest, last + 1))) last++
+    const deferreds = new Map<number, Deferred>()
+    for (let i = first; i <= last; i++) {
+      if (i === index || (!this.#store.hasPiece(task.digest, i) && !this.#inflight.has(pieceKey(task.digest, i)))) deferreds.set(i, this.#register(task, i))
+    }
+    void this.#runOrigin(task, first, last, deferreds)
+    return (deferreds.get(index) as Deferred).promise
+  }
+
+  async #runOrigin (task: BlobTask, first: number, last: number, deferreds: Map<number, Deferred>): Promise<void> {
+    const pieceSize = this.#store.info(task.digest)?.pieceSize ?? 1
+    let i = first
+    let release: (() => void) | undefined
+    let body: Readable | undefined
+    try {
+      release = await this.#runs.acquire({ signal: this.#shutdown.signal })
+      const start = first * pieceSize
+      const end = Math.min(task.size, (last + 1) * pieceSize) - 1
+      if (task.kind === 'manifest') {
+        const res = await this.#components.origin.getManifest(task.upstream, task.repo, task.digest, DEFAULT_MANIFEST_ACCEPT, task.credentials, { signal: this.#shutdown.signal })
+        if (res.body.length !== task.size) throw new OriginProtocolError(`manifest ${task.digest} is ${res.body.length} bytes, expected ${task.size}`)
+        body = Readable.from([res.body])
+      } else {
+        body = (await this.#components.origin.getBlob(task.upstream, task.repo, task.digest, { start, end }, task.credentials, { signal: this.#shutdown.signal })).body
+      }
+      let buf = Buffer.allocUnsafe(pieceBounds(i, task.size, pieceSize).length)
+      let filled = 0
+      for await (const c of body) {
+        const chunk = c as Buffer
+        let off = 0
+        while (off < chunk.length && i <= last) {
+          const n = Math.min(chunk.length - off, buf.length - filled)
+          chunk.copy(buf, filled, off, off + n)
+          filled += n
+          off += n
+          if (filled < buf.length) continue
+          const deferred = deferreds.get(i)
+          if (deferred !== undefined) await this.#land(task, i, buf, sha256Hex(buf), 'origin', deferred)
+          i++
+          if (i <= last) {
+            buf = Buffer.allocUnsafe(pieceBounds(i, task.size, pieceSize).length)
+            filled = 0
+          }
+        }
+        if (i > last) break
+      }
+      if (i <= last) throw new OriginProtocolError(`origin body for ${task.digest} ended at piece ${i} of ${last}`)
+    } catch (err) {
+      if (!isAbort(err)) this.#logger.debug({ err, digest: task.digest, first, last, at: i }, 'origin request ended early')
+      for (const [index, deferred] of deferreds) if (index >= i) deferred.reject(err)
+    } finally {
+      body?.destroy()
+      release?.()
+    }
+  }
+
+  /** Writes a fetched piece and wakes its waiters; the store checks it against any known piece digest. */
+  async #land (task: BlobTask, index: number, data: Buffer, sha256: string, source: 'origin' | 'peer', deferred: Deferred): Promise<void> {
+    let stored: boolean
+    try {
+      stored = await this.#store.writePiece(task.digest, index, data, { sha256, source })
+    } catch (err) {
+      if (err instanceof PieceDigestMismatchError || err instanceof BlobDigestMismatchError) {
+        deferred.reject(err)
+        throw err
+      }
+      this.#logger.warn({ err, digest: task.digest, piece: index }, 'could not cache a piece; serving it from memory')
+      stored = false
+    }
+    this.#fetched?.inc({ source }, data.length)
+    deferred.resolve({ data: stored ? undefined : data, source })
+  }
+
+  #register (task: BlobTask, index: number): Deferred {
+    const { promise, resolve, reject } = Promise.withResolvers<Landed>()
+    // Pieces fetched ahead may find no reader; their failures must not go unhandled.
+    promise.catch(() => {})
+    const deferred = { promise, resolve, reject }
+    const key = pieceKey(task.digest, index)
+    this.#inflight.set(key, promise)
+    const done = (): void => { this.#unregister(task, index, deferred) }
+    promise.then(done, done)
+    return deferred
+  }
+
+  #unregister (task: BlobTask, index: number, deferred: Deferred): void {
+    const key = pieceKey(task.digest, index)
+    if (this.#inflight.get(key) === deferred.promise) this.#inflight.delete(key)
+  }
+}
+
+function pieceKey (digest: string, index: number): string {
+  return `${digest}#${index}`
+}

@@ -1,0 +1,104 @@
+import type { Readable } from 'node:stream'
+import type { AbortOptions } from '../../src/abort.ts'
+import type { Logger } from '../../src/logger.ts'
+import type { Registry } from '../../src/metrics.ts'
+import type { ByteRange } from '../../src/oci/range.ts'
+import type { AccessChecker, ContentKind } from '../auth/index.ts'
+import type { OriginClient, OriginCredentials } from '../origin/index.ts'
+import type { PieceStore } from '../piece-store/index.ts'
+import type { Upstream } from '../upstream/index.ts'
+import { DefaultBlobService } from './blob-service.ts'
+
+/** Where a piece can come from besides the local cache and the origin: the swarm. */
+export interface PieceSourceContext {
+  task: BlobTask
+  /** Last piece this reader will want; lets a source plan ahead. */
+  lastWanted: number
+}
+
+/**
+ * A source of verified pieces other than the origin (the swarm). `fetch`
+ * returns the piece's bytes already verified against the swarm's piece table,
+ * or `undefined` when the source has nothing to offer (the caller then falls
+ * back to the origin). It must never return unverified bytes.
+ */
+export interface RemotePieceSource {
+  fetch: (ctx: PieceSourceContext, index: number, options: AbortOptions) => Promise<RemotePiece | undefined>
+}
+
+export interface RemotePiece {
+  data: Buffer
+  sha256: string
+  /** Label for metrics and logs ("peer"). */
+  source: 'peer'
+}
+
+/** One blob (or manifest by digest) and where it lives upstream. */
+export interface BlobTask {
+  readonly upstream: Upstream
+  readonly repo: string
+  readonly digest: string
+  readonly kind: ContentKind
+  readonly size: number
+  readonly mediaType: string | undefined
+  /** Credentials of the caller that opened the task; used for the origin only, kept in memory only. */
+  readonly credentials: OriginCredentials
+}
+
+export interface OpenBlobRequest {
+  upstream: Upstream
+  repo: string
+  digest: string
+  kind: ContentKind
+  credentials: OriginCredentials
+}
+
+export interface OpenBlob {
+  readonly task: BlobTask
+  /** True when the origin could not be asked and an older decision or a swarm fact was used. */
+  readonly stale: boolean
+  /**
+   * Streams the verified bytes of `range` (or the whole blob) in order. The
+   * first piece is in hand before this resolves, so a failure to start is a
+   * clean error rather than a truncated response.
+   */
+  read: (range: ByteRange | undefined, options?: AbortOptions) => Promise<Readable>
+}
+
+export interface BlobServiceComponents {
+  logger: Logger
+  store: PieceStore
+  origin: OriginClient
+  access: AccessChecker
+  metrics?: Registry | undefined
+  /** The swarm, when there is one; consulted before the origin. */
+  remote?: RemotePieceSource | undefined
+}
+
+export interface BlobServiceInit {
+  /** Pieces a reader fetches ahead of the one it is sending. Default 4. */
+  readahead?: number
+  /** Most pieces one origin request covers. Default 64. */
+  maxRunPieces?: number
+  /** Origin requests in flight at once, across all blobs. Default 16. */
+  maxOriginRuns?: number
+  /** Origin requests waiting for a slot before new ones are refused. Default 1024. */
+  maxQueuedRuns?: number
+  /** Attempts to get one piece (each may start a new origin request from that piece on). Default 3. */
+  pieceAttempts?: number
+}
+
+export interface BlobService {
+  open: (request: OpenBlobRequest, options?: AbortOptions) => Promise<OpenBlob>
+  /**
+   * Fetches every missing piece of a task into the cache, in order, at the
+   * pace the sources allow. For seed peers and prefetch; uses `signal` for
+   * cancellation, not any caller's.
+   */
+  complete: (task: BlobTask, options?: AbortOptions) => Promise<void>
+  stop: () => Promise<void>
+}
+
+export function createBlobService (components: BlobServiceComponents, init: BlobServiceInit = {}): BlobService {
+  return new DefaultBlobService(components, init)
+}

@@ -1,0 +1,136 @@
+import assert from 'node:assert/strict'
+import { createHash, randomBytes } from 'node:crypto'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { buffer } from 'node:stream/consumers'
+import { test, type TestContext } from 'node:test'
+import { BlobDigestMismatchError, OriginUnavailableError, UnauthorizedError } from '../../src/errors.ts'
+import { silentLogger } from '../../src/logger.ts'
+import { createMetricsRegistry } from '../../src/metrics.ts'
+import { MIB } from '../../src/pieces.ts'
+import { createAccessChecker } from '../../peer/auth/index.ts'
+import { createBlobService, type BlobService, type OpenBlobRequest } from '../../peer/blobs/index.ts'
+import { createPieceStore, type PieceStore } from '../../peer/piece-store/index.ts'
+import { parseRegistryUrl } from '../../peer/upstream/index.ts'
+import { FakeOrigin } from '../fakes/origin.ts'
+
+const upstream = parseRegistryUrl('http://registry.test:5000')
+
+async function setup (t: TestContext, init: { ttlMs?: number } = {}): Promise<{ origin: FakeOrigin, store: PieceStore, blobs: BlobService }> {
+  const dir = await mkdtemp(join(tmpdir(), 'df-blobs-'))
+  const logger = silentLogger()
+  const origin = new FakeOrigin()
+  const store = createPieceStore({ logger }, { dataDir: dir, flushDelayMs: 5 })
+  await store.start()
+  const access = createAccessChecker({ logger, origin }, { ttlMs: init.ttlMs ?? 60_000 })
+  const blobs = createBlobService({ logger, store, origin, access, metrics: createMetricsRegistry() })
+  t.after(async () => {
+    await blobs.stop()
+    await store.stop()
+    await rm(dir, { recursive: true, force: true })
+  })
+  return { origin, store, blobs }
+}
+
+function req (digest: string, extra: Partial<OpenBlobRequest> = {}): OpenBlobRequest {
+  return { upstream, repo: 'team/app', digest, kind: 'blob', credentials: {}, ...extra }
+}
+
+async function readAll (blobs: BlobService, digest: string, range?: { start: number, end: number }, extra: Partial<OpenBlobRequest> = {}): Promise<Buffer> {
+  const opened = await blobs.open(req(digest, extra))
+  return buffer(await opened.read(range))
+}
+
+test('a cold blob comes from the origin once; the second read costs the origin nothing', async (t) => {
+  const { origin, blobs, store } = await setup(t)
+  const data = randomBytes(5 * MIB + 321)
+  const digest = origin.addBlob('team/app', data)
+  assert.ok((await readAll(blobs, digest)).equals(data))
+  assert.equal(origin.bytesSent, data.length)
+  assert.equal(origin.requests.filter(r => r.method === 'GET').length, 1, 'one ranged GET covers the run')
+  assert.equal(store.info(digest)?.verified, true)
+
+  const before = origin.requests.length
+  assert.ok((await readAll(blobs, digest)).equals(data))
+  assert.equal(origin.bytesSent, data.length)
+  assert.equal(origin.requests.length, before, 'the access decision is cached too')
+})
+
+test('an unaligned range fetches only the pieces that cover it', async (t) => {
+  const { origin, blobs } = await setup(t)
+  const data = randomBytes(8 * MIB)
+  const digest = origin.addBlob('team/app', data)
+  const range = { start: Math.floor(1.3 * MIB), end: Math.floor(2.7 * MIB) }
+  const got = await readAll(blobs, digest, range)
+  assert.ok(got.equals(data.subarray(range.start, range.end + 1)))
+  assert.equal(origin.bytesSent, 2 * MIB, 'pieces 1 and 2 only')
+  const gets = origin.requests.filter(r => r.method === 'GET')
+  assert.deepEqual(gets.map(g => g.range), [{ start: MIB, end: 3 * MIB - 1 }])
+  // A range inside a held piece needs nothing more.
+  assert.ok((await readAll(blobs, digest, { start: MIB + 5, end: MIB + 9 })).equals(data.subarray(MIB + 5, MIB + 10)))
+  assert.equal(origin.bytesSent, 2 * MIB)
+})
+
+test('concurrent readers of a cold blob share one fetch', async (t) => {
+  const { origin, blobs } = await setup(t)
+  const data = randomBytes(6 * MIB)
+  const digest = origin.addBlob('team/app', data)
+  const results = await Promise.all(Array.from({ length: 6 }, async () => readAll(blobs, digest)))
+  for (const r of results) assert.ok(r.equals(data))
+  assert.equal(origin.bytesSent, data.length)
+})
+
+test('a body that breaks mid-way is resumed from the first missing piece', async (t) => {
+  const { origin, blobs } = await setup(t)
+  const data = randomBytes(4 * MIB)
+  const digest = origin.addBlob('team/app', data)
+  origin.failAfterBytes = Math.floor(1.5 * MIB)
+  assert.ok((await readAll(blobs, digest)).equals(data))
+  const gets = origin.requests.filter(r => r.method === 'GET').map(g => g.range)
+  assert.deepEqual(gets, [{ start: 0, end: 4 * MIB - 1 }, { start: MIB, end: 4 * MIB - 1 }])
+})
+
+test('an origin serving bytes that do not match the digest never completes a read', async (t) => {
+  const { origin, blobs, store } = await setup(t)
+  const data = randomBytes(3 * MIB)
+  const liar = `sha256:${createHash('sha256').update('something else').digest('hex')}`
+  origin.blobs.set(liar, { data, mediaType: undefined, repos: new Set(['team/app']) })
+  const opened = await blobs.open(req(liar))
+  const stream = await opened.read(undefined)
+  let received = 0
+  await assert.rejects((async () => { for await (const chunk of stream) received += (chunk as Buffer).length })(), BlobDigestMismatchError)
+  assert.ok(received < data.length, 'the last piece is withheld')
+  assert.equal(store.info(liar), undefined)
+})
+
+test('private content is served only to callers the origin accepts, even from the cache', async (t) => {
+  const { origin, blobs } = await setup(t)
+  origin.privateRepos.add('team/app')
+  const data = randomBytes(2 * MIB)
+  const digest = origin.addBlob('team/app', data)
+  const good = { authorization: origin.validAuth }
+  assert.ok((await readAll(blobs, digest, undefined, { credentials: good })).equals(data))
+  const sent = origin.bytesSent
+  await assert.rejects(blobs.open(req(digest)), (err: unknown) => err instanceof UnauthorizedError && err.challenge === 'Basic realm="fake"')
+  await assert.rejects(blobs.open(req(digest, { credentials: { authorization: 'Basic d3Jvbmc6d3Jvbmc=' } })), UnauthorizedError)
+  // The same digest asked for through a public repository it does not belong to is unknown there.
+  origin.addBlob('public/other', randomBytes(10))
+  await assert.rejects(blobs.open(req(digest, { repo: 'public/other' })), /unknown/)
+  assert.equal(origin.bytesSent, sent, 'refusals cost no blob bytes')
+})
+
+test('with the origin down, a recent yes still serves the cache; an unknown caller is not let in', async (t) => {
+  const { origin, blobs } = await setup(t, { ttlMs: 0 })
+  origin.privateRepos.add('team/app')
+  const data = randomBytes(MIB)
+  const digest = origin.addBlob('team/app', data)
+  const good = { authorization: origin.validAuth }
+  await readAll(blobs, digest, undefined, { credentials: good })
+  origin.down = true
+  const opened = await blobs.open(req(digest, { credentials: good }))
+  assert.equal(opened.stale, true)
+  assert.ok((await buffer(await opened.read(undefined))).equals(data))
+  await assert.rejects(blobs.open(req(digest, { credentials: { authorization: 'Bearer other' } })), OriginUnavailableError)
+  await assert.rejects(blobs.open(req(digest)), OriginUnavailableError)
+})
