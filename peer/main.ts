@@ -1,0 +1,95 @@
+import { mkdir, readFile } from 'node:fs/promises'
+import { resolve } from 'node:path'
+import type { FastifyInstance } from 'fastify'
+import { Agent } from 'undici'
+import type { ResolvedPeerConfig } from '../src/config/index.ts'
+import type { Logger } from '../src/logger.ts'
+import { createMetricsRegistry } from '../src/metrics.ts'
+import { createAccessChecker } from './auth/index.ts'
+import { createBlobService } from './blobs/index.ts'
+import { buildMirrorApp } from './mirror/app.ts'
+import { createOriginClient } from './origin/index.ts'
+import { createPieceStore } from './piece-store/index.ts'
+import { createTagCache } from './tags/index.ts'
+import { createUpstreamSelector } from './upstream/index.ts'
+
+export interface PeerDeps {
+  logger: Logger
+}
+
+export interface Peer {
+  start: () => Promise<void>
+  stop: () => Promise<void>
+  /** Where each mirror listener ended up (useful with port 0). */
+  readonly addresses: { mirror: string, health: string | undefined, extra: string[] }
+}
+
+/**
+ * The peer's composition root: the only place that picks concrete classes.
+ * Built in dependency order, stopped in reverse.
+ */
+export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): Promise<Peer> {
+  const logger = deps.logger
+  const dataDir = resolve(config.dataDir)
+  await mkdir(dataDir, { recursive: true })
+
+  const metrics = createMetricsRegistry({}, { processMetrics: true })
+  const store = createPieceStore({ logger, metrics }, { dataDir, quotaBytes: config.cacheSize, memoryCacheBytes: config.memoryCacheSize })
+  const tags = createTagCache({ logger }, { dataDir })
+
+  const ca = config.originCa === '' ? undefined : await readFile(config.originCa, 'utf8')
+  // One dispatcher for every origin: undici keeps a keep-alive pool per origin inside it.
+  const dispatcher = new Agent({
+    connections: 64,
+    keepAliveTimeout: 30_000,
+    connect: { timeout: 10_000, ...(ca === undefined ? {} : { ca }) }
+  })
+  const origin = createOriginClient({ logger, dispatcher, metrics })
+  const upstreams = createUpstreamSelector({
+    defaultRegistry: config.registry,
+    registries: config.registries,
+    allowedHosts: config.allowedRegistries.length === 0 ? undefined : config.allowedRegistries
+  })
+  const access = createAccessChecker({ logger, origin, metrics }, {
+    enabled: config.authCheck,
+    ttlMs: config.authCacheTtl,
+    staleIfErrorMs: config.authStaleIfError
+  })
+  const blobs = createBlobService({ logger, store, origin, access, metrics })
+
+  let ready = false
+  const mirrorComponents = { logger, blobs, origin, access, store, tags, upstreams, metrics, ready: () => ready }
+  const mirror = buildMirrorApp(mirrorComponents)
+  const extraMirrors = config.mirrors.map(m => ({ port: m.port, app: buildMirrorApp(mirrorComponents, { upstream: upstreams.parseUrl(m.registry) }) }))
+  const health = config.healthPort === 0 ? undefined : buildMirrorApp(mirrorComponents)
+  const addresses: { mirror: string, health: string | undefined, extra: string[] } = { mirror: '', health: undefined, extra: [] }
+  const listening: FastifyInstance[] = []
+
+  return {
+    addresses,
+    async start () {
+      await store.start()
+      await tags.start()
+      addresses.mirror = await listen(mirror, config.host, config.port)
+      for (const m of extraMirrors) addresses.extra.push(await listen(m.app, config.host, m.port))
+      if (health !== undefined) addresses.health = await listen(health, config.host, config.healthPort)
+      ready = true
+      logger.info({ mirror: addresses.mirror, extra: addresses.extra, health: addresses.health, registry: upstreams.default.origin }, 'peer ready')
+    },
+    async stop () {
+      ready = false
+      // Stop taking requests first; in-flight responses finish or are cut.
+      await Promise.allSettled(listening.map(async app => { await app.close() }))
+      await blobs.stop()
+      await tags.stop()
+      await store.stop()
+      await dispatcher.close().catch(() => {})
+    }
+  }
+
+  async function listen (app: FastifyInstance, host: string, port: number): Promise<string> {
+    const address = await app.listen({ host, port })
+    listening.push(app)
+    return address
+  }
+}

@@ -1,0 +1,284 @@
+import { randomUUID } from 'node:crypto'
+import type { Readable } from 'node:stream'
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
+import { AbortError, NotFoundError, OriginUnavailableError, UnsupportedOperationError } from '../../src/errors.ts'
+import type { Logger } from '../../src/logger.ts'
+import { Counter, Histogram, type Registry } from '../../src/metrics.ts'
+import { parseDigest, sha256Hex } from '../../src/oci/digest.ts'
+import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
+import { validateName, validateReference } from '../../src/oci/names.ts'
+import { formatContentRange, parseRangeSpec, resolveRange } from '../../src/oci/range.ts'
+import type { AccessChecker } from '../auth/index.ts'
+import type { BlobService, OpenBlob } from '../blobs/index.ts'
+import type { OriginClient, OriginCredentials } from '../origin/index.ts'
+import type { PieceStore } from '../piece-store/index.ts'
+import type { TagCache } from '../tags/index.ts'
+import type { Upstream, UpstreamSelector } from '../upstream/index.ts'
+import { ociError, sendError } from './errors.ts'
+
+export interface MirrorComponents {
+  logger: Logger
+  blobs: BlobService
+  origin: OriginClient
+  access: AccessChecker
+  store: PieceStore
+  tags: TagCache
+  upstreams: UpstreamSelector
+  metrics: Registry
+  /** True once every component is started; `/healthy` answers 503 until then. */
+  ready: () => boolean
+}
+
+export interface MirrorInit {
+  /**
+   * The registry this listener serves when a request names none. Lets one
+   * peer give each registry its own port for clients that send no headers.
+   */
+  upstream?: Upstream | undefined
+  /** Deadline for a request's headers. Default 30 s. */
+  headersTimeoutMs?: number
+  /** Idle keep-alive connections are closed after this. Default 65 s. */
+  keepAliveTimeoutMs?: number
+}
+
+const REGISTRY_HEADER = 'x-dragonfly-registry'
+const API_VERSION = { 'docker-distribution-api-version': 'registry/2.0' }
+/** RFC 9111 §5.5 style marker for a tag answered from memory while the origin is down. */
+const STALE_WARNING = '110 damselfly "Response is Stale"'
+
+type Route =
+  | { kind: 'base' }
+  | { kind: 'manifest', name: string, reference: string }
+  | { kind: 'blob', name: string, digest: string }
+
+/**
+ * The pull side of the OCI distribution API. Domain services do the work;
+ * this layer parses, picks the upstream, calls them and streams the reply.
+ */
+export function buildMirrorApp (components: MirrorComponents, init: MirrorInit = {}): FastifyInstance {
+  const { blobs, origin, upstreams, tags, store } = components
+  const logger = components.logger.child({ component: 'peer:mirror' })
+  const app = Fastify({
+    loggerInstance: logger as FastifyBaseLogger,
+    // Per-request lines are ours (debug level, in onResponse): nydusd's range traffic would flood info.
+    logController: new LogController({ disableRequestLogging: true }),
+    genReqId: (req) => {
+      const given = req.headers['x-request-id']
+      return typeof given === 'string' && /^[\w.-]{1,64}$/.test(given) ? given : randomUUID()
+    },
+    routerOptions: { ignoreDuplicateSlashes: false, maxParamLength: 2048 },
+    bodyLimit: 64 * 1024,
+    // Blob responses may stream for a long time; only header reads are bounded.
+    connectionTimeout: 0,
+    requestTimeout: 0,
+    keepAliveTimeout: init.keepAliveTimeoutMs ?? 65_000,
+    return503OnClosing: true
+  })
+  app.server.headersTimeout = init.headersTimeoutMs ?? 30_000
+
+  const requests = new Counter({ name: 'damselfly_mirror_requests_total', help: 'Mirror requests, by route kind, method and status', labelNames: ['route', 'method', 'status'], registers: [components.metrics] })
+  const durations = new Histogram({ name: 'damselfly_mirror_request_duration_seconds', help: 'Time to first byte of mirror responses', labelNames: ['route'], buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [components.metrics] })
+
+  app.addHook('onSend', async (request, reply) => {
+    // Headers are about to leave: this is the time to first byte the caller sees.
+    durations.observe({ route: (request as FastifyRequest & { routeKind?: string }).routeKind ?? 'other' }, reply.elapsedTime / 1000)
+  })
+  app.addHook('onResponse', async (request, reply) => {
+    const route = (request as FastifyRequest & { routeKind?: string }).routeKind ?? 'other'
+    requests.inc({ route, method: request.method, status: String(reply.statusCode) })
+    request.log.debug({ method: request.method, url: request.url, status: reply.statusCode, ms: Math.round(reply.elapsedTime) }, 'request')
+  })
+
+  // Probes and metrics: outside the OCI error handling.
+  app.get('/healthy', async (_request, reply) => {
+    if (!components.ready()) return reply.code(503).send({ status: 'starting' })
+    return { status: 'ok' }
+  })
+  app.get('/metrics', async (_request, reply) => {
+    reply.header('content-type', components.metrics.contentType)
+    return components.metrics.metrics()
+  })
+
+  app.register(async (v2) => {
+    // Pushes and deletes are refused before any body is read or parsed.
+    v2.addHook('onRequest', async (request, reply) => {
+      reply.headers(API_VERSION)
+      if (request.method !== 'GET' && request.method !== 'HEAD') throw new UnsupportedOperationError(`${request.method}`)
+    })
+    v2.setErrorHandler((err, request, reply) => {
+      const status = sendError(reply, err, request.method === 'HEAD')
+      if (status >= 500) request.log.warn({ err, url: request.url }, 'mirror request failed')
+      else request.log.debug({ err: { code: (err as { code?: string }).code, message: (err as Error).message }, url: request.url }, 'mirror request refused')
+    })
+    v2.setNotFoundHandler((request, reply) => {
+      sendError(reply, new NotFoundError(`${request.method} ${request.url.split('?')[0] ?? ''}`), request.method === 'HEAD')
+    })
+
+    const handler = async (request: FastifyRequest, reply: FastifyReply): Promise<void> => {
+      const route = parseRoute((request.params as { '*': string })['*'])
+      ;(request as FastifyRequest & { routeKind?: string }).routeKind = route.kind
+      const upstream = selectUpstream(request)
+      const credentials = credentialsOf(request)
+      const isHead = request.method === 'HEAD'
+      switch (route.kind) {
+        case 'base': return base(reply, upstream, credentials)
+        case 'blob': return blob(request, reply, upstream, route.name, route.digest, credentials, isHead)
+        case 'manifest': return manifest(request, reply, upstream, route.name, route.reference, credentials, isHead)
+      }
+    }
+    v2.all('/v2/*', handler)
+    v2.all('/v2', handler)
+  })
+
+  function selectUpstream (request: FastifyRequest): Upstream {
+    const header = request.headers[REGISTRY_HEADER]
+    const ns = (request.query as Record<string, unknown>).ns
+    const headerValue = Array.isArray(header) ? header[0] : header
+    const nsValue = typeof ns === 'string' ? ns : undefined
+    if (init.upstream !== undefined && (headerValue === undefined || headerValue === '') && (nsValue === undefined || nsValue === '')) return init.upstream
+    return upstreams.select(headerValue, nsValue)
+  }
+
+  /**
+   * `/v2/` reflects the origin's answer, so clients that decide how to
+   * authenticate from this ping (containers/image does) see the real
+   * challenge. With the origin down the mirror still answers 200: cached
+   * public content stays servable.
+   */
+  async function base (reply: FastifyReply, upstream: Upstream, credentials: OriginCredentials): Promise<void> {
+    try {
+      const { status, challenge } = await origin.ping(upstream, credentials, { signal: clientSignal(reply) })
+      if (status === 401) {
+        if (challenge !== undefined) reply.header('www-authenticate', challenge)
+        return await reply.code(401).send(ociError('UNAUTHORIZED', 'authentication required'))
+      }
+    } catch (err) {
+      if (!(err instanceof OriginUnavailableError)) throw err
+    }
+    await reply.code(200).send({})
+  }
+
+  async function blob (request: FastifyRequest, reply: FastifyReply, upstream: Upstream, name: string, digest: string, credentials: OriginCredentials, isHead: boolean): Promise<void> {
+    // Syntax first: a malformed Range is refused before anything is fetched.
+    const rangeHeader = request.headers.range
+    const spec = parseRangeSpec(rangeHeader)
+    const signal = clientSignal(reply)
+    const opened = await blobs.open({ upstream, repo: name, digest, kind: 'blob', credentials }, { signal })
+    await sendContent(reply, opened, spec === undefined || isHead ? undefined : resolveRange(spec, opened.task.size, rangeHeader as string), 'application/octet-stream', isHead, signal)
+  }
+
+  async function manifest (request: FastifyRequest, reply: FastifyReply, upstream: Upstream, name: string, reference: string, credentials: OriginCredentials, isHead: boolean): Promise<void> {
+    const ref = validateReference(reference)
+    const signal = clientSignal(reply)
+    if (ref.kind === 'digest') {
+      const opened = await blobs.open({ upstream, repo: name, digest: ref.value, kind: 'manifest', credentials }, { signal })
+      return sendContent(reply, opened, undefined, opened.task.mediaType ?? 'application/vnd.oci.image.manifest.v1+json', isHead, signal)
+    }
+    const accept = acceptOf(request)
+    try {
+      const res = await origin.getManifest(upstream, name, ref.value, accept, credentials, { signal, method: isHead ? 'HEAD' : 'GET' })
+      let digest = res.digest
+      if (!isHead) {
+        const computed = `sha256:${sha256Hex(res.body)}`
+        if (digest === undefined) digest = computed
+        if (digest === computed) await remember(upstream, name, digest, res.body, res.mediaType, credentials)
+      }
+      if (digest !== undefined) tags.set(upstream.origin, name, ref.value, { digest, mediaType: res.mediaType, size: res.size, seenAt: Date.now() })
+      if (digest !== undefined) reply.header('docker-content-digest', digest)
+      if (res.mediaType !== undefined) reply.header('content-type', res.mediaType)
+      reply.header('content-length', res.size)
+      return await reply.code(200).send(isHead ? undefined : res.body)
+    } catch (err) {
+      // The origin is down: answer with the last digest this tag was seen at,
+      // marked stale, if the content is still ours to serve.
+      const last = err instanceof OriginUnavailableError ? tags.get(upstream.origin, name, ref.value) : undefined
+      if (last === undefined) throw err
+      const opened = await blobs.open({ upstream, repo: name, digest: last.digest, kind: 'manifest', credentials }, { signal })
+      reply.header('warning', STALE_WARNING)
+      reply.header('x-damselfly-stale', new Date(last.seenAt).toISOString())
+      return sendContent(reply, opened, undefined, last.mediaType ?? opened.task.mediaType ?? 'application/vnd.oci.image.manifest.v1+json', isHead, signal)
+    }
+  }
+
+  /**
+   * A manifest fetched by tag is kept under its digest: containerd asks for it
+   * by digest right after resolving the tag, and the swarm can serve it later.
+   */
+  async function remember (upstream: Upstream, repo: string, digest: string, body: Buffer, mediaType: string | undefined, credentials: OriginCredentials): Promise<void> {
+    try {
+      parseDigest(digest)
+      components.access.remember(upstream, repo, 'manifest', digest, credentials, { size: body.length, mediaType })
+      const info = store.track(digest, body.length, { mediaType })
+      if (info.complete) return
+      for (let i = 0, offset = 0; offset < body.length; i++, offset += info.pieceSize) {
+        await store.writePiece(digest, i, body.subarray(offset, Math.min(body.length, offset + info.pieceSize)), { source: 'origin' })
+      }
+    } catch (err) {
+      logger.debug({ err, digest }, 'manifest not cached')
+    }
+  }
+
+  async function sendContent (reply: FastifyReply, opened: OpenBlob, range: { start: number, end: number } | undefined, contentType: string, isHead: boolean, signal: AbortSignal): Promise<void> {
+    const { task } = opened
+    reply.header('docker-content-digest', task.digest)
+    reply.header('accept-ranges', 'bytes')
+    reply.header('content-type', contentType)
+    reply.header('etag', `"${task.digest}"`)
+    if (opened.stale) reply.header('warning', STALE_WARNING)
+    if (range !== undefined) {
+      reply.code(206)
+      reply.header('content-range', formatContentRange(range, task.size))
+      reply.header('content-length', range.end - range.start + 1)
+    } else {
+      reply.code(200)
+      reply.header('content-length', task.size)
+    }
+    if (isHead) return reply.send()
+    const body: Readable = await opened.read(range, { signal })
+    return reply.send(body)
+  }
+
+  return app
+}
+
+/**
+ * `/v2/<name>/manifests/<reference>` or `/v2/<name>/blobs/<digest>`; the name
+ * may itself contain slashes, so the path is split from the right.
+ */
+export function parseRoute (rest: string | undefined): Route {
+  const path = rest ?? ''
+  if (path === '' || path === '/') return { kind: 'base' }
+  const parts = path.split('/')
+  if (parts.length >= 3) {
+    const kind = parts[parts.length - 2]
+    const last = parts[parts.length - 1] as string
+    const name = validateName(parts.slice(0, -2).join('/'))
+    if (kind === 'blobs') return { kind: 'blob', name, digest: parseDigest(last).value }
+    if (kind === 'manifests') return { kind: 'manifest', name, reference: last }
+  }
+  throw new NotFoundError(`/v2/${path.slice(0, 256)}`)
+}
+
+function credentialsOf (request: FastifyRequest): OriginCredentials {
+  const authorization = request.headers.authorization
+  return authorization === undefined || authorization === '' ? {} : { authorization }
+}
+
+function acceptOf (request: FastifyRequest): string {
+  const accept = request.headers.accept
+  const value = Array.isArray(accept) ? accept.join(', ') : accept
+  return value === undefined || value === '' || value === '*/*' ? DEFAULT_MANIFEST_ACCEPT : value
+}
+
+/**
+ * Aborts when the client goes away before the response is finished, so an
+ * abandoned pull stops pulling. (The request's own 'close' fires as soon as a
+ * GET has been read, which is too early.)
+ */
+function clientSignal (reply: FastifyReply): AbortSignal {
+  const controller = new AbortController()
+  reply.raw.once('close', () => {
+    if (!reply.raw.writableFinished) controller.abort(new AbortError('client request'))
+  })
+  return controller.signal
+}

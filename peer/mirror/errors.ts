@@ -1,0 +1,92 @@
+import type { FastifyReply } from 'fastify'
+import { DamselflyError, OriginStatusError, RangeNotSatisfiableError, TooManyRequestsError, UnauthorizedError } from '../../src/errors.ts'
+
+/** The one table from error codes to HTTP status and OCI error code. */
+const STATUS: Record<string, [number, string]> = {
+  DF_ERR_NAME_INVALID: [400, 'NAME_INVALID'],
+  DF_ERR_DIGEST_INVALID: [400, 'DIGEST_INVALID'],
+  DF_ERR_REFERENCE_INVALID: [400, 'TAG_INVALID'],
+  DF_ERR_RANGE_INVALID: [400, 'RANGE_INVALID'],
+  DF_ERR_RANGE_NOT_SATISFIABLE: [416, 'RANGE_INVALID'],
+  DF_ERR_REGISTRY_INVALID: [400, 'UNSUPPORTED'],
+  DF_ERR_REGISTRY_NOT_ALLOWED: [403, 'DENIED'],
+  DF_ERR_UNSUPPORTED: [405, 'UNSUPPORTED'],
+  DF_ERR_NOT_FOUND: [404, 'NAME_UNKNOWN'],
+  DF_ERR_BLOB_UNKNOWN: [404, 'BLOB_UNKNOWN'],
+  DF_ERR_MANIFEST_UNKNOWN: [404, 'MANIFEST_UNKNOWN'],
+  DF_ERR_UNAUTHORIZED: [401, 'UNAUTHORIZED'],
+  DF_ERR_DENIED: [403, 'DENIED'],
+  DF_ERR_TOO_MANY_REQUESTS: [429, 'TOOMANYREQUESTS'],
+  DF_ERR_QUEUE_FULL: [429, 'TOOMANYREQUESTS'],
+  // 5xx on purpose: nydusd and containerd fall back to the origin on them.
+  DF_ERR_ORIGIN_UNAVAILABLE: [502, 'UNAVAILABLE'],
+  DF_ERR_ORIGIN_PROTOCOL: [502, 'UNAVAILABLE'],
+  DF_ERR_PIECE_DIGEST_MISMATCH: [502, 'DIGEST_INVALID'],
+  DF_ERR_BLOB_DIGEST_MISMATCH: [502, 'DIGEST_INVALID'],
+  DF_ERR_TIMEOUT: [504, 'UNAVAILABLE'],
+  DF_ERR_SCHEDULER_UNAVAILABLE: [503, 'UNAVAILABLE'],
+  DF_ERR_PEER_UNAVAILABLE: [503, 'UNAVAILABLE'],
+  DF_ERR_STORAGE: [500, 'UNKNOWN'],
+  DF_ERR_CLOSED: [503, 'UNAVAILABLE']
+}
+
+export interface OciErrorBody {
+  errors: Array<{ code: string, message: string, detail?: unknown }>
+}
+
+export function ociError (code: string, message: string, detail?: unknown): OciErrorBody {
+  return { errors: [{ code, message, ...(detail === undefined ? {} : { detail }) }] }
+}
+
+/**
+ * Answers `err` as OCI error JSON, with the headers the status needs
+ * (`WWW-Authenticate` on 401, `Content-Range` on 416, `Retry-After` on 429).
+ * Returns the status sent, for the caller's log.
+ */
+export function sendError (reply: FastifyReply, err: unknown, isHead: boolean): number {
+  let status = 500
+  let body: OciErrorBody | string = ociError('UNKNOWN', 'internal error')
+  if (err instanceof OriginStatusError) {
+    status = err.status
+    body = isOciErrorJson(err.body) ? (err.body as string) : ociError('UNKNOWN', err.message)
+  } else if (err instanceof DamselflyError) {
+    const mapped = STATUS[err.code]
+    if (mapped !== undefined) {
+      status = mapped[0]
+      body = ociError(mapped[1], err.message, err.detail)
+    }
+    if (err instanceof UnauthorizedError && err.challenge !== undefined) reply.header('www-authenticate', err.challenge)
+    if (err instanceof RangeNotSatisfiableError) reply.header('content-range', `bytes */${err.size}`)
+    if (err instanceof TooManyRequestsError && err.retryAfter !== undefined) reply.header('retry-after', err.retryAfter)
+    if (err.code === 'DF_ERR_QUEUE_FULL') reply.header('retry-after', '1')
+  } else if (isHttpClientError(err)) {
+    status = err.statusCode
+    body = ociError(status === 404 ? 'NAME_UNKNOWN' : 'UNSUPPORTED', err.message)
+  }
+  reply.code(status).header('content-type', 'application/json; charset=utf-8')
+  if (isHead) {
+    reply.header('content-length', Buffer.byteLength(typeof body === 'string' ? body : JSON.stringify(body)))
+    void reply.send()
+  } else {
+    void reply.send(typeof body === 'string' ? body : JSON.stringify(body))
+  }
+  return status
+}
+
+function isOciErrorJson (body: string | undefined): boolean {
+  if (body === undefined) return false
+  try {
+    const parsed = JSON.parse(body) as { errors?: unknown }
+    return Array.isArray(parsed.errors)
+  } catch {
+    return false
+  }
+}
+
+function isHttpClientError (err: unknown): err is { statusCode: number, message: string } {
+  const e = err as { statusCode?: unknown } | null
+  return typeof e?.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500
+}
+
+/** Every DF_ERR code the mirror knows how to answer; a test checks it against docs/errors.md. */
+export const MAPPED_CODES = Object.keys(STATUS)

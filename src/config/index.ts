@@ -1,0 +1,238 @@
+import { readFileSync } from 'node:fs'
+import type { TSchema, TObject } from '@sinclair/typebox'
+import { Value } from '@sinclair/typebox/value'
+import { parse as parseYaml } from 'yaml'
+import { ConfigError } from '../errors.ts'
+import { PeerConfig, SchedulerConfig, type PeerConfigInput, type SchedulerConfigInput } from './schema.ts'
+
+export { PeerConfig, SchedulerConfig }
+
+/**
+ * Where settings come from, lowest precedence first: schema defaults, the
+ * YAML file, environment variables, flags. Only this module (and the CLI,
+ * which hands it argv) reads the environment.
+ */
+export interface ConfigSources {
+  /** Path of a YAML file. */
+  file?: string | undefined
+  /** The environment; `DAMSELFLY_*` variables are read from it. */
+  env?: Record<string, string | undefined>
+  /** Parsed flags keyed by flag name without dashes (`cache-size`). */
+  flags?: Record<string, string | boolean | string[] | undefined>
+}
+
+/** One setting: its key path and its three names. */
+export interface Setting {
+  path: string[]
+  key: string
+  flag: string
+  env: string
+  schema: TSchema
+  description: string
+}
+
+const ENV_PREFIX = 'DAMSELFLY_'
+/** Objects whose children are set without the parent's name (`--cluster-secret`, not `--swarm-cluster-secret`). */
+const FLATTENED = new Set(['labels', 'swarm'])
+
+/** Every leaf setting of a schema. */
+export function settingsOf (schema: TObject): Setting[] {
+  const out: Setting[] = []
+  const walk = (obj: TObject, path: string[]): void => {
+    for (const [name, child] of Object.entries(obj.properties)) {
+      const childPath = [...path, name]
+      if (child.type === 'object' && child.properties !== undefined) {
+        walk(child as TObject, childPath)
+        continue
+      }
+      const named = path.length > 0 && FLATTENED.has(path[0] as string) ? [name] : childPath
+      const words = named.flatMap(splitWords)
+      out.push({
+        path: childPath,
+        key: childPath.join('.'),
+        flag: words.join('-'),
+        env: ENV_PREFIX + words.join('_').toUpperCase(),
+        schema: child,
+        description: String(child.description ?? '')
+      })
+    }
+  }
+  walk(schema, [])
+  return out
+}
+
+/** Validated peer configuration with sizes in bytes and durations in milliseconds. */
+export interface ResolvedPeerConfig extends Omit<PeerConfigInput, 'cacheSize' | 'memoryCacheSize' | 'authCacheTtl' | 'authStaleIfError' | 'uploadRateLimit'> {
+  cacheSize: number
+  memoryCacheSize: number
+  authCacheTtl: number
+  authStaleIfError: number
+  uploadRateLimit: number
+  /** The cluster secret itself (read from `swarm.clusterSecretFile` when that is set). */
+  clusterSecret: string
+}
+
+export interface ResolvedSchedulerConfig extends SchedulerConfigInput {
+  clusterSecret: string
+}
+
+export function loadPeerConfig (sources: ConfigSources): Readonly<ResolvedPeerConfig> {
+  const raw = load(PeerConfig, sources) as PeerConfigInput
+  const resolved: ResolvedPeerConfig = {
+    ...raw,
+    cacheSize: parseSize(raw.cacheSize, 'cacheSize'),
+    memoryCacheSize: parseSize(raw.memoryCacheSize, 'memoryCacheSize'),
+    authCacheTtl: parseDuration(raw.authCacheTtl, 'authCacheTtl'),
+    authStaleIfError: parseDuration(raw.authStaleIfError, 'authStaleIfError'),
+    uploadRateLimit: parseSize(raw.uploadRateLimit, 'uploadRateLimit'),
+    clusterSecret: clusterSecret(raw.swarm)
+  }
+  const ports = [['port', resolved.port], ['healthPort', resolved.healthPort], ['p2pPort', resolved.p2pPort], ...resolved.mirrors.map((m, i) => [`mirrors.${i}.port`, m.port])] as Array<[string, number]>
+  const seen = new Map<number, string>()
+  for (const [key, port] of ports) {
+    if (port === 0) continue
+    const other = seen.get(port)
+    if (other !== undefined) throw new ConfigError(key, `port ${port} is already used by ${other}`)
+    seen.set(port, key)
+  }
+  return deepFreeze(resolved)
+}
+
+export function loadSchedulerConfig (sources: ConfigSources): Readonly<ResolvedSchedulerConfig> {
+  const raw = load(SchedulerConfig, sources) as SchedulerConfigInput
+  if (raw.port !== 0 && raw.port === raw.httpPort) throw new ConfigError('httpPort', `port ${raw.port} is already used by port`)
+  return deepFreeze({ ...raw, clusterSecret: clusterSecret(raw.swarm) })
+}
+
+function load (schema: TObject, sources: ConfigSources): unknown {
+  let value: Record<string, unknown> = {}
+  if (sources.file !== undefined) value = readYaml(sources.file)
+  const settings = settingsOf(schema)
+  for (const s of settings) {
+    const fromEnv = sources.env?.[s.env]
+    if (fromEnv !== undefined && fromEnv !== '') setPath(value, s.path, convert(s, fromEnv, s.env))
+  }
+  for (const s of settings) {
+    const fromFlag = sources.flags?.[s.flag]
+    if (fromFlag !== undefined) setPath(value, s.path, convert(s, fromFlag, `--${s.flag}`))
+  }
+  const withDefaults = Value.Default(schema, value) as Record<string, unknown>
+  const first = Value.Errors(schema, withDefaults).First()
+  if (first !== undefined) {
+    const key = first.path.split('/').filter(Boolean).join('.') || '(root)'
+    if (first.schema.additionalProperties === false || /additional|unexpected/i.test(first.message)) {
+      throw new ConfigError(key, 'unknown key')
+    }
+    const got = JSON.stringify(first.value)
+    throw new ConfigError(key, `${first.message} (got ${got === undefined ? 'nothing' : got.slice(0, 80)})`)
+  }
+  return withDefaults
+}
+
+function readYaml (file: string): Record<string, unknown> {
+  let text: string
+  try {
+    text = readFileSync(file, 'utf8')
+  } catch (err) {
+    throw new ConfigError('config', `cannot read ${file}: ${(err as Error).message}`)
+  }
+  let parsed: unknown
+  try {
+    parsed = parseYaml(text, { maxAliasCount: 100 })
+  } catch (err) {
+    throw new ConfigError('config', `${file} is not valid YAML: ${(err as Error).message.split('\n')[0] ?? ''}`)
+  }
+  if (parsed === null || parsed === undefined) return {}
+  if (typeof parsed !== 'object' || Array.isArray(parsed)) throw new ConfigError('config', `${file} must hold a mapping of settings`)
+  return parsed as Record<string, unknown>
+}
+
+/** Turns a string from the environment or argv into the setting's type. */
+function convert (setting: Setting, raw: string | boolean | string[], source: string): unknown {
+  const { schema } = setting
+  const fail = (why: string): never => { throw new ConfigError(setting.key, `${source}: ${why}`) }
+  if (schema.type === 'boolean') {
+    if (typeof raw === 'boolean') return raw
+    const v = String(raw).toLowerCase()
+    if (['true', '1', 'yes', 'on'].includes(v)) return true
+    if (['false', '0', 'no', 'off'].includes(v)) return false
+    return fail(`expected true or false, got ${JSON.stringify(raw)}`)
+  }
+  if (schema.type === 'integer') {
+    const v = String(raw).trim()
+    if (!/^-?\d+$/.test(v)) return fail(`expected an integer, got ${JSON.stringify(raw)}`)
+    return Number(v)
+  }
+  if (schema.type === 'array') {
+    const items = (Array.isArray(raw) ? raw : String(raw).split(',')).map(s => s.trim()).filter(s => s !== '')
+    if (setting.key === 'mirrors') {
+      return items.map(item => {
+        const m = /^(\d+)=(.+)$/.exec(item)
+        if (m === null) return fail(`expected PORT=REGISTRY_URL, got ${JSON.stringify(item)}`)
+        return { port: Number(m[1]), registry: m[2] }
+      })
+    }
+    return items
+  }
+  if (typeof raw !== 'string') return fail('expected a value')
+  return raw
+}
+
+function setPath (target: Record<string, unknown>, path: string[], value: unknown): void {
+  let node = target
+  for (const key of path.slice(0, -1)) {
+    const next = node[key]
+    if (next === undefined || next === null || typeof next !== 'object') node[key] = {}
+    node = node[key] as Record<string, unknown>
+  }
+  node[path[path.length - 1] as string] = value
+}
+
+const SIZE_UNITS: Record<string, number> = { '': 1, b: 1, k: 1e3, kb: 1e3, ki: 1024, kib: 1024, m: 1e6, mb: 1e6, mi: 1024 ** 2, mib: 1024 ** 2, g: 1e9, gb: 1e9, gi: 1024 ** 3, gib: 1024 ** 3, t: 1e12, tb: 1e12, ti: 1024 ** 4, tib: 1024 ** 4 }
+
+/** "10GiB" → 10737418240; numbers are bytes. */
+export function parseSize (value: string | number, key: string): number {
+  if (typeof value === 'number') return value
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(value)
+  const unit = SIZE_UNITS[(m?.[2] ?? '?').toLowerCase()]
+  if (m === null || unit === undefined) throw new ConfigError(key, `not a size: ${JSON.stringify(value)} (try 512MiB or 10GiB)`)
+  const bytes = Math.floor(Number(m[1]) * unit)
+  if (!Number.isSafeInteger(bytes)) throw new ConfigError(key, `size too large: ${JSON.stringify(value)}`)
+  return bytes
+}
+
+const DURATION_UNITS: Record<string, number> = { '': 1, ms: 1, s: 1000, m: 60_000, h: 3_600_000 }
+
+/** "30s" → 30000; numbers are milliseconds. */
+export function parseDuration (value: string | number, key: string): number {
+  if (typeof value === 'number') return value
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/.exec(value)
+  if (m === null) throw new ConfigError(key, `not a duration: ${JSON.stringify(value)} (try 500ms, 30s or 5m)`)
+  return Math.round(Number(m[1]) * (DURATION_UNITS[m[2] ?? ''] ?? 1))
+}
+
+function clusterSecret (swarm: { clusterSecret: string, clusterSecretFile: string }): string {
+  let secret = swarm.clusterSecret
+  if (swarm.clusterSecretFile !== '') {
+    if (secret !== '') throw new ConfigError('swarm.clusterSecretFile', 'set either clusterSecret or clusterSecretFile, not both')
+    try {
+      secret = readFileSync(swarm.clusterSecretFile, 'utf8').trim()
+    } catch (err) {
+      throw new ConfigError('swarm.clusterSecretFile', `cannot read ${swarm.clusterSecretFile}: ${(err as Error).message}`)
+    }
+  }
+  if (secret !== '' && secret.length < 16) throw new ConfigError(swarm.clusterSecretFile !== '' ? 'swarm.clusterSecretFile' : 'swarm.clusterSecret', 'must be at least 16 characters')
+  return secret
+}
+
+function splitWords (camel: string): string[] {
+  return camel.replace(/([a-z0-9])([A-Z])/g, '$1 $2').toLowerCase().split(' ')
+}
+
+function deepFreeze<T> (value: T): T {
+  if (value !== null && typeof value === 'object') {
+    for (const v of Object.values(value)) deepFreeze(v)
+    Object.freeze(value)
+  }
+  return value
+}

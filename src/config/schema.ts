@@ -1,0 +1,73 @@
+import { Type, type Static, type TInteger, type TString, type TUnion } from '@sinclair/typebox'
+
+/**
+ * Configuration schemas. Each is at once the validator, the static type, the
+ * list of flags and environment variables (derived from the key paths by
+ * `src/config/index.ts`) and the help text. Defaults are written here once.
+ *
+ * Sizes accept a number of bytes or a string such as "10GiB" / "512MB";
+ * durations a number of milliseconds or a string such as "30s" / "5m".
+ */
+
+const Port = (defaultValue: number, description: string): TInteger => Type.Integer({ minimum: 0, maximum: 65535, default: defaultValue, description })
+const Size = (defaultValue: string, description: string): TUnion<[TInteger, TString]> => Type.Union([Type.Integer({ minimum: 0 }), Type.String({ pattern: '^\\s*\\d+(\\.\\d+)?\\s*([kKmMgGtT]i?[bB]?|[bB])?\\s*$' })], { default: defaultValue, description })
+const Duration = (defaultValue: string, description: string): TUnion<[TInteger, TString]> => Type.Union([Type.Integer({ minimum: 0 }), Type.String({ pattern: '^\\s*\\d+(\\.\\d+)?\\s*(ms|s|m|h)?\\s*$' })], { default: defaultValue, description })
+const Host = (defaultValue: string, description: string): TString => Type.String({ minLength: 1, maxLength: 253, pattern: '^[A-Za-z0-9.:\\-\\[\\]%]+$', default: defaultValue, description })
+const RegistryUrl = Type.String({ pattern: '^https?://[^/?#@\\s]+/?$', description: 'scheme://host[:port]' })
+const LogLevel = Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map(l => Type.Literal(l)), { default: 'info', description: 'Log level' })
+
+export const Labels = Type.Object({
+  location: Type.String({ default: '', maxLength: 256, description: 'Location label, "|"-separated from wide to narrow (e.g. "eu|eu-west|zone-a"); peers sharing a longer prefix are preferred parents' }),
+  idc: Type.String({ default: '', maxLength: 128, description: 'Data-centre label; peers in the same one are preferred parents' })
+}, { additionalProperties: false, default: {} })
+
+export const Swarm = Type.Object({
+  clusterSecret: Type.String({ default: '', description: 'Shared secret every peer and scheduler of a cluster holds; nodes without it cannot join (min 16 characters when set)' }),
+  clusterSecretFile: Type.String({ default: '', description: 'File holding the cluster secret (a Kubernetes Secret mounted as a file)' })
+}, { additionalProperties: false, default: {} })
+
+export const PeerMirror = Type.Object({
+  port: Port(0, 'Port of this extra mirror listener'),
+  registry: RegistryUrl
+}, { additionalProperties: false })
+
+export const PeerConfig = Type.Object({
+  dataDir: Type.String({ minLength: 1, default: '/var/lib/damselfly', description: 'Directory for the piece cache, metadata and keys; nothing is written outside it' }),
+  host: Host('127.0.0.1', 'Address the mirror listens on'),
+  port: Port(4001, 'Mirror port (registry API, /healthy, /metrics)'),
+  healthPort: Port(0, 'Separate port for /healthy and /metrics (0: only on the mirror port)'),
+  p2pHost: Host('0.0.0.0', 'Address the piece-exchange (libp2p) listener binds'),
+  p2pPort: Port(4000, 'Piece-exchange (libp2p) port'),
+  announce: Type.Array(Type.String(), { default: [], description: 'Multiaddrs other peers should dial to reach this one (default: the listen addresses)' }),
+  registry: Type.String({ default: 'https://registry-1.docker.io', description: 'Upstream registry for requests that name none (docker.io means registry-1.docker.io)' }),
+  registries: Type.Array(RegistryUrl, { default: [], description: 'Registries by URL, so containerd\'s ns=host maps to the right scheme (hosts not listed are https)' }),
+  allowedRegistries: Type.Array(Type.String(), { default: [], description: 'If set, the only upstream hosts requests may name' }),
+  mirrors: Type.Array(PeerMirror, { default: [], description: 'Extra mirror listeners, each serving one registry to clients that send no registry header' }),
+  scheduler: Type.String({ default: '', description: 'Scheduler address (host:port or a multiaddr); empty runs an embedded single-node scheduler' }),
+  seed: Type.Boolean({ default: false, description: 'Seed peer: preferred first fetcher from the origin; fetches whole blobs; runs preheats' }),
+  cacheSize: Size('10GiB', 'Byte quota of the piece cache; least recently used blobs are evicted past it'),
+  memoryCacheSize: Size('64MiB', 'Verified pieces kept in memory for repeated range reads'),
+  authCheck: Type.Boolean({ default: true, description: 'Serve cached content only to callers the origin accepts (turn off only for public-only registries)' }),
+  authCacheTtl: Duration('60s', 'How long an origin yes/no for (registry, repository, digest, credentials) is reused'),
+  authStaleIfError: Duration('10m', 'How old a yes may be and still be used while the origin is unreachable'),
+  uploadConcurrency: Type.Integer({ minimum: 1, maximum: 1024, default: 32, description: 'Pieces this peer sends to other peers at once' }),
+  uploadRateLimit: Size('0', 'Bytes per second this peer sends to other peers (0: unlimited)'),
+  originCa: Type.String({ default: '', description: 'PEM file of extra CAs trusted for origin registries' }),
+  labels: Labels,
+  swarm: Swarm,
+  logLevel: LogLevel
+}, { additionalProperties: false })
+
+export const SchedulerConfig = Type.Object({
+  dataDir: Type.String({ minLength: 1, default: '/var/lib/damselfly-scheduler', description: 'Directory for the scheduler\'s key' }),
+  host: Host('0.0.0.0', 'Address the scheduler listens on'),
+  port: Port(8002, 'Scheduler (libp2p) port peers connect to'),
+  httpHost: Host('0.0.0.0', 'Address of the HTTP API (status, preheat, swarm page, metrics)'),
+  httpPort: Port(8080, 'HTTP API port'),
+  announce: Type.Array(Type.String(), { default: [], description: 'Multiaddrs peers should dial (default: the listen addresses)' }),
+  swarm: Swarm,
+  logLevel: LogLevel
+}, { additionalProperties: false })
+
+export type PeerConfigInput = Static<typeof PeerConfig>
+export type SchedulerConfigInput = Static<typeof SchedulerConfig>
