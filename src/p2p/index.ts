@@ -1,0 +1,293 @@
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto'
+import { mkdir, readFile, writeFile } from 'node:fs/promises'
+import { hostname } from 'node:os'
+import { join } from 'node:path'
+import { noise } from '@chainsafe/libp2p-noise'
+import { yamux } from '@chainsafe/libp2p-yamux'
+import { generateKeyPair, privateKeyFromProtobuf, privateKeyToProtobuf } from '@libp2p/crypto/keys'
+import type { Connection, Libp2p, PeerId, PrivateKey, Stream } from '@libp2p/interface'
+import { peerIdFromString } from '@libp2p/peer-id'
+import { tcp } from '@libp2p/tcp'
+import { lpStream, type LengthPrefixedStream } from '@libp2p/utils'
+import { multiaddr, type Multiaddr } from '@multiformats/multiaddr'
+import type { TSchema, Static } from '@sinclair/typebox'
+import { createLibp2p } from 'libp2p'
+import { withDeadline, type AbortOptions } from '../abort.ts'
+import { NotAuthorizedPeerError, PeerUnavailableError, ProtocolError } from '../errors.ts'
+import type { Logger } from '../logger.ts'
+import { JOIN_PROTOCOL, MAX_MESSAGE_BYTES, decode, encode } from '../protocol/messages.ts'
+
+/**
+ * The one adapter for libp2p, shared by the peer and the scheduler: TCP,
+ * Noise and yamux, a key kept in the data dir, and the cluster-secret
+ * handshake. Nothing outside this folder imports libp2p.
+ */
+
+export type { Stream, Connection }
+
+export interface P2PNodeInit {
+  dataDir: string
+  /** Name of the key file under `dataDir` (`peer.key`, `scheduler.key`). */
+  keyName: string
+  /** Multiaddrs to listen on; none for a dial-only node. */
+  listen: string[]
+  /** Multiaddrs to announce instead of the listen addresses. */
+  announce?: string[] | undefined
+  /**
+   * Shared cluster secret. When set, every connection must prove it holds
+   * the same secret before any other protocol runs on it.
+   */
+  clusterSecret?: string | undefined
+  /** Connections kept open at once. Default 512. */
+  maxConnections?: number
+}
+
+export interface P2PNodeComponents {
+  logger: Logger
+}
+
+export interface HandleOptions {
+  maxInboundStreams?: number
+  maxOutboundStreams?: number
+}
+
+export interface P2PNode {
+  readonly peerId: string
+  /** Multiaddrs other nodes should dial, with the /p2p/ suffix. */
+  addrs: () => string[]
+  handle: (protocol: string, handler: (stream: Stream, remotePeer: string) => Promise<void>, options?: HandleOptions) => Promise<void>
+  /**
+   * Opens a stream to a peer, dialling it if needed and proving membership on
+   * a new connection first. `target` is a peer (id plus addresses to try) or
+   * a bare address such as `/ip4/10.0.0.1/tcp/8002` (the scheduler's).
+   */
+  openStream: (target: DialTarget, protocol: string, options?: AbortOptions) => Promise<Stream>
+  /** Connects (if needed) and returns the remote peer's id. */
+  connect: (target: DialTarget, options?: AbortOptions) => Promise<string>
+  isConnected: (peerId: string) => boolean
+  onDisconnect: (listener: (peerId: string) => void) => void
+  hangUp: (peerId: string) => Promise<void>
+  stop: () => Promise<void>
+}
+
+export type DialTarget = { peerId: string, addrs: string[] } | { addr: string }
+
+const JOIN_DEADLINE_MS = 5_000
+
+export async function createP2PNode (components: P2PNodeComponents, init: P2PNodeInit): Promise<P2PNode> {
+  const logger = components.logger.child({ component: 'p2p' })
+  const privateKey = await loadOrCreateKey(init.dataDir, init.keyName)
+  const secret = init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8')
+  /** Connections that proved membership (or all, without a secret), by connection id. */
+  const members = new Set<string>()
+  const joining = new Map<string, Promise<void>>()
+
+  const node: Libp2p = await createLibp2p({
+    privateKey,
+    addresses: { listen: init.listen, ...(init.announce !== undefined && init.announce.length > 0 ? { announce: init.announce } : {}) },
+    transports: [tcp()],
+    connectionEncrypters: [noise()],
+    streamMuxers: [yamux()],
+    connectionManager: { maxConnections: init.maxConnections ?? 512 },
+    nodeInfo: { userAgent: `damselfly/${hostname()}` }
+  })
+
+  node.addEventListener('connection:close', (evt) => {
+    members.delete(evt.detail.id)
+    joining.delete(evt.detail.id)
+  })
+
+  // The listening side of the handshake.
+  await node.handle(JOIN_PROTOCOL, async (stream, connection) => {
+    const signal = AbortSignal.timeout(JOIN_DEADLINE_MS)
+    try {
+      if (secret === undefined) throw new NotAuthorizedPeerError('this node has no cluster secret')
+      const lp = lpStream(stream, { maxDataLength: 64 })
+      const nonceDialer = (await lp.read({ signal })).subarray()
+      if (nonceDialer.length !== 32) throw new ProtocolError('bad join nonce')
+      const nonceListener = randomBytes(32)
+      const ids = [connection.remotePeer.toString(), node.peerId.toString()] as const
+      await lp.write(Buffer.concat([nonceListener, mac(secret, 'listener', nonceDialer, nonceListener, ids)]), { signal })
+      const proof = (await lp.read({ signal })).subarray()
+      if (!safeEqual(proof, mac(secret, 'dialer', nonceDialer, nonceListener, ids))) throw new NotAuthorizedPeerError('wrong cluster secret')
+      members.add(connection.id)
+      await lp.write(Uint8Array.of(1), { signal })
+      await stream.close({ signal })
+    } catch (err) {
+      logger.warn({ peer: connection.remotePeer.toString(), err: (err as Error).message }, 'refused a node that could not prove cluster membership')
+      stream.abort(err as Error)
+      await connection.close().catch(() => {})
+    }
+  }, { maxInboundStreams: 4 })
+
+  /** The dialling side: prove we hold the secret and that the listener does too. */
+  async function join (connection: Connection, options: AbortOptions): Promise<void> {
+    if (secret === undefined || members.has(connection.id)) return
+    let pending = joining.get(connection.id)
+    if (pending === undefined) {
+      pending = (async () => {
+        const signal = withDeadline(undefined, JOIN_DEADLINE_MS, 'cluster join')
+        const stream = await connection.newStream(JOIN_PROTOCOL, { signal })
+        try {
+          const lp = lpStream(stream, { maxDataLength: 64 })
+          const nonceDialer = randomBytes(32)
+          await lp.write(nonceDialer, { signal })
+          const reply = (await lp.read({ signal })).subarray()
+          const ids = [node.peerId.toString(), connection.remotePeer.toString()] as const
+          if (reply.length !== 64 || !safeEqual(reply.subarray(32), mac(secret, 'listener', nonceDialer, reply.subarray(0, 32), ids))) {
+            throw new NotAuthorizedPeerError(`${connection.remotePeer.toString()} does not hold the cluster secret`)
+          }
+          await lp.write(mac(secret, 'dialer', nonceDialer, reply.subarray(0, 32), ids), { signal })
+          await lp.read({ signal })
+          members.add(connection.id)
+          await stream.close({ signal }).catch(() => {})
+        } catch (err) {
+          stream.abort(err as Error)
+          await connection.close().catch(() => {})
+          throw err
+        }
+      })()
+      joining.set(connection.id, pending)
+      pending.catch(() => { joining.delete(connection.id) })
+    }
+    await pending
+    options.signal?.throwIfAborted()
+  }
+
+  async function dial (target: DialTarget, options: AbortOptions): Promise<Connection> {
+    const signal = withDeadline(options.signal, 10_000, 'dial')
+    try {
+      if ('addr' in target) {
+        const ma = toMultiaddr(target.addr)
+        const existing = node.getConnections().find(c => c.remoteAddr.equals(ma) && c.status === 'open')
+        return existing ?? await node.dial(ma, { signal })
+      }
+      const peer = peerIdFromString(target.peerId)
+      const open = node.getConnections(peer).find(c => c.status === 'open')
+      if (open !== undefined) return open
+      const addrs = target.addrs.map(a => toMultiaddr(a.includes('/p2p/') ? a : `${a}/p2p/${target.peerId}`))
+      return await node.dial(addrs.length > 0 ? addrs : peer, { signal })
+    } catch (err) {
+      if (options.signal?.aborted === true) throw err
+      throw new PeerUnavailableError(`cannot reach ${'addr' in target ? target.addr : target.peerId}: ${(err as Error).message}`, { cause: err })
+    }
+  }
+
+  return {
+    peerId: node.peerId.toString(),
+    addrs: () => node.getMultiaddrs().map(a => a.toString()),
+    async handle (protocol, handler, options = {}) {
+      await node.handle(protocol, async (stream, connection) => {
+        if (secret !== undefined && !members.has(connection.id)) {
+          stream.abort(new NotAuthorizedPeerError('join the cluster first'))
+          return
+        }
+        try {
+          await handler(stream, connection.remotePeer.toString())
+        } catch (err) {
+          stream.abort(err as Error)
+        }
+      }, { maxInboundStreams: options.maxInboundStreams ?? 256, maxOutboundStreams: options.maxOutboundStreams ?? 256 })
+    },
+    async openStream (target, protocol, options = {}) {
+      const connection = await dial(target, options)
+      await join(connection, options)
+      try {
+        return await connection.newStream(protocol, { signal: withDeadline(options.signal, 10_000, 'open stream') })
+      } catch (err) {
+        if (options.signal?.aborted === true) throw err
+        throw new PeerUnavailableError(`cannot open ${protocol} to ${connection.remotePeer.toString()}: ${(err as Error).message}`, { cause: err })
+      }
+    },
+    async connect (target, options = {}) {
+      const connection = await dial(target, options)
+      await join(connection, options)
+      return connection.remotePeer.toString()
+    },
+    isConnected (peerId) {
+      return node.getConnections(peerIdFromString(peerId)).some(c => c.status === 'open')
+    },
+    onDisconnect (listener) {
+      node.addEventListener('peer:disconnect', (evt: CustomEvent<PeerId>) => { listener(evt.detail.toString()) })
+    },
+    async hangUp (peerId) {
+      await node.hangUp(peerIdFromString(peerId)).catch(() => {})
+    },
+    async stop () {
+      await node.stop()
+    }
+  }
+}
+
+/** `host:port` (what users type for --scheduler) or a multiaddr. */
+export function toMultiaddr (value: string): Multiaddr {
+  if (value.startsWith('/')) return multiaddr(value)
+  const m = /^\[?([^\]]+?)\]?:(\d{1,5})$/.exec(value.trim())
+  if (m === null) throw new ProtocolError(`not an address: ${JSON.stringify(value)} (expected host:port or a multiaddr)`)
+  const host = m[1] as string
+  const proto = /^\d+\.\d+\.\d+\.\d+$/.test(host) ? 'ip4' : host.includes(':') ? 'ip6' : 'dns'
+  return multiaddr(`/${proto}/${host}/tcp/${m[2] as string}`)
+}
+
+async function loadOrCreateKey (dataDir: string, name: string): Promise<PrivateKey> {
+  const file = join(dataDir, name)
+  try {
+    return privateKeyFromProtobuf(await readFile(file))
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new ProtocolError(`cannot read the node key ${file}: ${(err as Error).message}`)
+  }
+  const key = await generateKeyPair('Ed25519')
+  await mkdir(dataDir, { recursive: true })
+  await writeFile(file, privateKeyToProtobuf(key), { mode: 0o600 })
+  return key
+}
+
+function mac (secret: Buffer, role: 'dialer' | 'listener', nonceDialer: Uint8Array, nonceListener: Uint8Array, ids: readonly [dialer: string, listener: string]): Buffer {
+  return createHmac('sha256', secret).update(`damselfly-join/1 ${role} ${ids[0]} ${ids[1]} `).update(nonceDialer).update(nonceListener).digest()
+}
+
+function safeEqual (a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && timingSafeEqual(a, b)
+}
+
+/* Framed JSON messages */
+
+export interface MessageStream {
+  read: <T extends TSchema>(schema: T, what: string, options?: AbortOptions) => Promise<Static<T>>
+  write: (value: unknown, options?: AbortOptions) => Promise<void>
+  /** The byte stream after the last message, for protocols that continue with raw bytes. */
+  unwrap: () => Stream
+}
+
+export function messages (stream: Stream, maxBytes = MAX_MESSAGE_BYTES): MessageStream {
+  const lp: LengthPrefixedStream<Stream> = lpStream(stream, { maxDataLength: maxBytes, maxBufferSize: maxBytes + 16 })
+  return {
+    async read (schema, what, options = {}) {
+      const bytes = await lp.read(sig(options))
+      return decode(schema, bytes.subarray(), what)
+    },
+    async write (value, options = {}) {
+      await lp.write(encode(value), sig(options))
+    },
+    unwrap: () => lp.unwrap()
+  }
+}
+
+/** libp2p's AbortOptions take no explicit `undefined`. */
+export function sig (options: AbortOptions): { signal?: AbortSignal } {
+  return options.signal === undefined ? {} : { signal: options.signal }
+}
+
+/** One request, one response, then close: the shape of every RPC here. */
+export async function call<T extends TSchema> (stream: Stream, request: unknown, schema: T, what: string, options: AbortOptions = {}): Promise<Static<T>> {
+  try {
+    const m = messages(stream)
+    await m.write(request, options)
+    const response = await m.read(schema, what, options)
+    await stream.close(sig(options)).catch(() => {})
+    return response
+  } catch (err) {
+    stream.abort(err as Error)
+    throw err
+  }
+}
