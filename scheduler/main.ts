@@ -1,0 +1,67 @@
+import { mkdir } from 'node:fs/promises'
+import { resolve } from 'node:path'
+import type { FastifyInstance } from 'fastify'
+import type { ResolvedSchedulerConfig } from '../src/config/index.ts'
+import type { Logger } from '../src/logger.ts'
+import { createMetricsRegistry } from '../src/metrics.ts'
+import { createP2PNode, type P2PNode } from '../src/p2p/index.ts'
+import { buildSchedulerApi } from './api/app.ts'
+import { createPreheatJobs } from './preheat/index.ts'
+import { createSchedulerService } from './rpc/index.ts'
+import { createMemoryState } from './state/index.ts'
+
+export interface SchedulerDeps {
+  logger: Logger
+}
+
+export interface Scheduler {
+  start: () => Promise<void>
+  stop: () => Promise<void>
+  /** Multiaddrs peers dial (with /p2p/), and the HTTP API URL when it listens. */
+  readonly addresses: { p2p: string[], http: string | undefined }
+}
+
+/** The scheduler's composition root. `httpPort` undefined runs without the HTTP API (the embedded scheduler). */
+export async function createScheduler (config: Omit<ResolvedSchedulerConfig, 'httpPort'> & { httpPort: number | undefined }, deps: SchedulerDeps): Promise<Scheduler> {
+  const logger = deps.logger
+  const dataDir = resolve(config.dataDir)
+  await mkdir(dataDir, { recursive: true })
+  const metrics = createMetricsRegistry({}, { processMetrics: true })
+  const state = createMemoryState()
+  let node: P2PNode | undefined
+  let service: ReturnType<typeof createSchedulerService> | undefined
+  let api: FastifyInstance | undefined
+  let ready = false
+  const addresses: { p2p: string[], http: string | undefined } = { p2p: [], http: undefined }
+  const host = config.host.includes(':') ? `/ip6/${config.host}` : `/ip4/${config.host}`
+
+  return {
+    addresses,
+    async start () {
+      node = await createP2PNode({ logger }, {
+        dataDir,
+        keyName: 'scheduler.key',
+        listen: [`${host}/tcp/${config.port}`],
+        announce: config.announce,
+        clusterSecret: config.clusterSecret,
+        maxConnections: 20_000
+      })
+      service = createSchedulerService({ logger, node, state, metrics })
+      await service.start()
+      const jobs = createPreheatJobs({ logger, state, control: async (peerId, command) => (service as NonNullable<typeof service>).control(peerId, command) })
+      addresses.p2p = node.addrs()
+      if (config.httpPort !== undefined) {
+        api = buildSchedulerApi({ logger, state, jobs, metrics, ready: () => ready })
+        addresses.http = await api.listen({ host: config.httpHost, port: config.httpPort })
+      }
+      ready = true
+      logger.info({ p2p: addresses.p2p, http: addresses.http, peerId: node.peerId }, 'scheduler ready')
+    },
+    async stop () {
+      ready = false
+      await api?.close()
+      await service?.stop()
+      await node?.stop()
+    }
+  }
+}

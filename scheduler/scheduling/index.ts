@@ -1,0 +1,203 @@
+import { PieceSet } from '../../src/pieces.ts'
+import type { ParentInfo } from '../../src/protocol/messages.ts'
+import { ASSIGNMENT_LEASE_MS, type HostRecord, type SwarmState, type TaskRecord } from '../state/index.ts'
+
+export interface SchedulingInit {
+  /** Parents returned per request. Default 8. */
+  maxParents?: number
+  /** Whole-task holders sampled before ranking. Default 32. */
+  sampleSize?: number
+  /** Partial holders looked at before ranking. Default 256. */
+  partialScan?: number
+  now?: () => number
+  random?: () => number
+}
+
+export interface ParentsPlan {
+  parents: ParentInfo[]
+  /** Pieces of the window the requester must fetch from the origin itself. */
+  assigned: number[]
+  digests: Array<[number, string]>
+  /** A seed that was just made first fetcher of this task and must be told to start. */
+  startSeed: HostRecord | undefined
+}
+
+/** Half-life of the "recently sent children here" counter. */
+const RECENT_HALF_LIFE_MS = 2_000
+
+/**
+ * Decides, for a window of pieces one peer wants, where each comes from:
+ * peers that hold it, a peer already fetching it (waited for, not fetched
+ * again), or — for pieces nobody has or is getting — exactly one first
+ * fetcher from the origin: a seed when one is up, otherwise the requester.
+ */
+export function createScheduling (state: SwarmState, init: SchedulingInit = {}): { plan: (task: TaskRecord, requester: HostRecord, first: number, last: number, exclude: ReadonlySet<string>) => ParentsPlan } {
+  const maxParents = init.maxParents ?? 8
+  const sampleSize = init.sampleSize ?? 32
+  const partialScan = init.partialScan ?? 256
+  const now = init.now ?? Date.now
+  const random = init.random ?? Math.random
+
+  const usable = (host: HostRecord | undefined, requester: HostRecord, exclude: ReadonlySet<string>, t: number): host is HostRecord =>
+    host !== undefined && host !== requester && host.barredUntil <= t && !exclude.has(host.info.peerId)
+
+  function pickSeed (task: TaskRecord, requester: HostRecord, exclude: ReadonlySet<string>, t: number): HostRecord | undefined {
+    if (task.seedFailed || requester.info.seed) return undefined
+    let best: HostRecord | undefined
+    let bestLoad = Infinity
+    for (const host of state.hosts()) {
+      if (!host.info.seed || !usable(host, requester, exclude, t)) continue
+      const load = (host.activeUploads + decayed(host, t)) / host.info.uploadCapacity
+      if (load < bestLoad) { best = host; bestLoad = load }
+    }
+    return best
+  }
+
+  function assign (task: TaskRecord, slot: number, pieces: Iterable<number>, t: number): void {
+    // The host now has a stake in this task; its departure must release the assignment.
+    state.hostBySlot(slot)?.tasks.add(task.digest)
+    task.assignee ??= new Int32Array(task.pieceCount)
+    task.assignedUntil ??= new Float64Array(task.pieceCount)
+    for (const i of pieces) {
+      task.assignee[i] = slot + 1
+      task.assignedUntil[i] = t + ASSIGNMENT_LEASE_MS
+    }
+  }
+
+  function score (host: HostRecord, requester: HostRecord, t: number): number {
+    const capacity = host.info.uploadCapacity
+    const free = Math.max(0, 1 - (host.activeUploads + decayed(host, t) * 0.5) / capacity)
+    const throughput = host.throughput <= 0 ? 0.5 : Math.min(1, host.throughput / (200 * 1024 * 1024))
+    const idc = host.info.idc !== '' && host.info.idc === requester.info.idc ? 1 : 0
+    const location = sharedPrefix(host.info.location, requester.info.location)
+    const seed = host.info.seed ? 1 : 0.5
+    return 0.45 * free + 0.2 * throughput + 0.15 * idc + 0.1 * location + 0.1 * seed + 0.02 * random()
+  }
+
+  return {
+    plan (task, requester, first, last, exclude) {
+      const t = now()
+      last = Math.min(last, task.pieceCount - 1)
+      // Pieces a live, usable host is already fetching from the origin: waited for, not fetched again.
+      const inProgress = new Map<number, PieceSet>()
+      const mine: number[] = []
+      const wanted: number[] = []
+      for (let i = first; i <= last; i++) {
+        if (state.holds(task, requester.slot, i)) continue
+        wanted.push(i)
+        const a = task.assignee?.[i] ?? 0
+        if (a === 0) continue
+        const assignee = state.hostBySlot(a - 1)
+        if (assignee === requester) { mine.push(i); continue }
+        if ((task.assignedUntil?.[i] ?? 0) > t && usable(assignee, requester, exclude, t)) {
+          let set = inProgress.get(assignee.slot)
+          if (set === undefined) { set = new PieceSet(task.pieceCount); inProgress.set(assignee.slot, set) }
+          set.add(i)
+        }
+      }
+
+      // Candidates: holders of the window's pieces.
+      const candidates = new Map<number, { host: HostRecord, held: PieceSet | undefined, complete: boolean }>()
+      for (const slot of task.complete.sample(sampleSize, random)) {
+        const host = state.hostBySlot(slot)
+        if (usable(host, requester, exclude, t)) candidates.set(slot, { host, held: undefined, complete: true })
+      }
+      let scanned = 0
+      for (const [slot, pieces] of task.partial) {
+        if (scanned++ >= partialScan || candidates.size >= sampleSize * 2) break
+        const host = state.hostBySlot(slot)
+        if (!usable(host, requester, exclude, t) || !overlaps(pieces, first, last)) continue
+        candidates.set(slot, { host, held: pieces, complete: false })
+      }
+      const covered = (i: number): boolean => {
+        for (const c of candidates.values()) if (c.complete || c.held?.has(i) === true) return true
+        for (const set of inProgress.values()) if (set.has(i)) return true
+        return false
+      }
+
+      // Pieces nobody usable has or is getting get exactly one first fetcher.
+      const orphans = wanted.filter(i => !mine.includes(i) && !covered(i))
+      let startSeed: HostRecord | undefined
+      if (orphans.length > 0) {
+        const seed = pickSeed(task, requester, exclude, t)
+        if (seed !== undefined) {
+          // A seed takes the whole task: it fetches whole blobs into the swarm.
+          const all = new Set(orphans)
+          for (let i = 0; i < task.pieceCount; i++) {
+            if (!state.hasHolder(task, i) && !((task.assignee?.[i] ?? 0) !== 0 && (task.assignedUntil?.[i] ?? 0) > t)) all.add(i)
+          }
+          assign(task, seed.slot, all, t)
+          startSeed = seed
+          const set = inProgress.get(seed.slot) ?? new PieceSet(task.pieceCount)
+          for (const i of all) set.add(i)
+          inProgress.set(seed.slot, set)
+        } else {
+          mine.push(...orphans)
+        }
+      }
+      if (mine.length > 0) assign(task, requester.slot, mine, t)
+
+      // Rank; keep the best, then add whoever else is needed so every wanted piece has a source.
+      const all = new Map<number, ParentInfo>()
+      for (const [slot, c] of candidates) all.set(slot, parentInfo(c.host, c.complete, c.held, inProgress.get(slot)))
+      for (const [slot, fetching] of inProgress) {
+        const host = state.hostBySlot(slot)
+        if (host !== undefined && !all.has(slot)) all.set(slot, parentInfo(host, false, task.partial.get(slot), fetching))
+      }
+      const ranked = [...all.entries()]
+        .map(([slot, info]) => {
+          const host = state.hostBySlot(slot) as HostRecord
+          return { info, host, score: score(host, requester, t) + (inProgress.has(slot) ? 1 : 0) }
+        })
+        .sort((a, b) => b.score - a.score)
+      const chosen = ranked.slice(0, maxParents)
+      const supplies = (r: { info: ParentInfo, host: HostRecord }, i: number): boolean =>
+        r.info.complete || (candidates.get(r.host.slot)?.held?.has(i) ?? false) || (inProgress.get(r.host.slot)?.has(i) ?? false)
+      for (const i of wanted) {
+        if (mine.includes(i) || chosen.some(r => supplies(r, i))) continue
+        const extra = ranked.find(r => !chosen.includes(r) && supplies(r, i))
+        if (extra !== undefined) chosen.push(extra)
+      }
+      for (const { host } of chosen) bump(host, t)
+
+      const digests: Array<[number, string]> = []
+      for (let i = first; i <= last; i++) if (task.known.has(i)) digests.push([i, task.digests.toString('hex', i * 32, i * 32 + 32)])
+      return { parents: chosen.map(r => r.info), assigned: mine.sort((a, b) => a - b), digests, startSeed }
+    }
+  }
+}
+
+function parentInfo (host: HostRecord, complete: boolean, held: PieceSet | undefined, fetching: PieceSet | undefined): ParentInfo {
+  return {
+    peerId: host.info.peerId,
+    addrs: host.info.addrs,
+    seed: host.info.seed,
+    complete,
+    ...(complete || held === undefined ? {} : { held: held.toBase64() }),
+    ...(fetching === undefined ? {} : { fetching: fetching.toBase64() })
+  }
+}
+
+function overlaps (pieces: PieceSet, first: number, last: number): boolean {
+  for (let i = first; i <= last; i++) if (pieces.has(i)) return true
+  return false
+}
+
+/** Fraction of "|"-separated location levels two hosts share from the top, up to 5. */
+export function sharedPrefix (a: string, b: string): number {
+  if (a === '' || b === '') return 0
+  const x = a.split('|')
+  const y = b.split('|')
+  let n = 0
+  while (n < 5 && n < x.length && n < y.length && x[n] === y[n]) n++
+  return n / 5
+}
+
+function decayed (host: HostRecord, t: number): number {
+  return host.recentSelections * 0.5 ** ((t - host.recentAt) / RECENT_HALF_LIFE_MS)
+}
+
+function bump (host: HostRecord, t: number): void {
+  host.recentSelections = decayed(host, t) + 1
+  host.recentAt = t
+}

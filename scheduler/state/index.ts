@@ -1,0 +1,312 @@
+import { LRUCache } from 'lru-cache'
+import { PieceSet, choosePieceSize, pieceCount } from '../../src/pieces.ts'
+import type { Fact, HostInfo, OriginRef, TaskUpdate } from '../../src/protocol/messages.ts'
+import { HostSet } from './host-set.ts'
+
+/** One connected peer. `slot` is a small integer used in per-task bitsets. */
+export interface HostRecord {
+  readonly slot: number
+  info: HostInfo
+  connectedAt: number
+  lastSeen: number
+  activeUploads: number
+  /** Throughput children measured from this host, bytes/s (EWMA). */
+  throughput: number
+  /** Children sent here recently; decays, so load spreads before the host reports it. */
+  recentSelections: number
+  recentAt: number
+  barredUntil: number
+  /** Tasks this host holds pieces of or is fetching, for cleanup. */
+  readonly tasks: Set<string>
+}
+
+export interface TaskRecord {
+  readonly digest: string
+  readonly size: number
+  readonly pieceSize: number
+  readonly pieceCount: number
+  mediaType: string | undefined
+  origin: OriginRef | undefined
+  /** The piece table: SHA-256 per piece, first announcement wins. */
+  readonly digests: Buffer
+  readonly known: PieceSet
+  /** Hosts whose announcements filled the table; blamed if the blob turns out wrong. */
+  readonly authors: Set<number>
+  /** Hosts holding every piece. */
+  readonly complete: HostSet
+  /** Hosts holding some pieces. */
+  readonly partial: Map<number, PieceSet>
+  /** Holders per piece among `partial` (complete holders are counted apart). */
+  readonly pieceHolders: Uint32Array
+  /** Per piece: slot + 1 of the host told to fetch it from the origin, 0 for none. */
+  assignee: Int32Array | undefined
+  /** Per piece: when that assignment lapses unless the host makes progress (ms epoch). */
+  assignedUntil: Float64Array | undefined
+  /** A seed tried this task and could not fetch it (e.g. a private repository). */
+  seedFailed: boolean
+  lastActivity: number
+}
+
+export interface StateInit {
+  /** Tag and public-content facts kept. Default 100,000 each. */
+  maxFacts?: number
+  now?: () => number
+}
+
+/**
+ * Who holds what. Memory only (a restarted scheduler is refilled by the
+ * peers' re-announcements); the interface is what a shared store for several
+ * scheduler replicas would implement.
+ */
+export interface SwarmState {
+  upsertHost: (info: HostInfo) => { host: HostRecord, fresh: boolean }
+  removeHost: (peerId: string) => HostRecord | undefined
+  hostByPeer: (peerId: string) => HostRecord | undefined
+  hostBySlot: (slot: number) => HostRecord | undefined
+  hosts: () => IterableIterator<HostRecord>
+  readonly hostCount: number
+
+  task: (digest: string) => TaskRecord | undefined
+  ensureTask: (digest: string, size: number, extra?: { mediaType?: string | undefined, origin?: OriginRef | undefined }) => TaskRecord | undefined
+  tasks: () => IterableIterator<TaskRecord>
+  readonly taskCount: number
+  /** Applies a peer's update; returns piece indices whose digest became known. */
+  applyUpdate: (host: HostRecord, update: TaskUpdate) => number[]
+  /** Forgets a host's holdings of one task (or one piece of it). */
+  dropHolding: (host: HostRecord, digest: string, piece?: number) => void
+  /** Forgets a task entirely: table, holders, assignments. */
+  dropTask: (digest: string) => TaskRecord | undefined
+  holds: (task: TaskRecord, slot: number, piece: number) => boolean
+  hasHolder: (task: TaskRecord, piece: number) => boolean
+
+  recordFact: (fact: Fact) => void
+  tagFact: (registry: string, repo: string, tag: string) => Fact | undefined
+  publicFact: (registry: string, repo: string, digest: string) => Fact | undefined
+}
+
+export function createMemoryState (init: StateInit = {}): SwarmState {
+  return new MemorySwarmState(init)
+}
+
+class MemorySwarmState implements SwarmState {
+  readonly #now: () => number
+  readonly #byPeer = new Map<string, HostRecord>()
+  readonly #bySlot: Array<HostRecord | undefined> = []
+  readonly #freeSlots: number[] = []
+  readonly #tasks = new Map<string, TaskRecord>()
+  readonly #tags: LRUCache<string, Fact>
+  readonly #public: LRUCache<string, Fact>
+
+  constructor (init: StateInit) {
+    this.#now = init.now ?? Date.now
+    this.#tags = new LRUCache({ max: init.maxFacts ?? 100_000 })
+    this.#public = new LRUCache({ max: init.maxFacts ?? 100_000 })
+  }
+
+  get hostCount (): number { return this.#byPeer.size }
+  get taskCount (): number { return this.#tasks.size }
+
+  upsertHost (info: HostInfo): { host: HostRecord, fresh: boolean } {
+    const now = this.#now()
+    const existing = this.#byPeer.get(info.peerId)
+    if (existing !== undefined) {
+      existing.info = info
+      existing.lastSeen = now
+      return { host: existing, fresh: false }
+    }
+    const slot = this.#freeSlots.pop() ?? this.#bySlot.length
+    const host: HostRecord = {
+      slot,
+      info,
+      connectedAt: now,
+      lastSeen: now,
+      activeUploads: 0,
+      throughput: 0,
+      recentSelections: 0,
+      recentAt: now,
+      barredUntil: 0,
+      tasks: new Set()
+    }
+    this.#byPeer.set(info.peerId, host)
+    this.#bySlot[slot] = host
+    return { host, fresh: true }
+  }
+
+  removeHost (peerId: string): HostRecord | undefined {
+    const host = this.#byPeer.get(peerId)
+    if (host === undefined) return undefined
+    for (const digest of [...host.tasks]) this.dropHolding(host, digest)
+    this.#byPeer.delete(peerId)
+    this.#bySlot[host.slot] = undefined
+    this.#freeSlots.push(host.slot)
+    return host
+  }
+
+  hostByPeer (peerId: string): HostRecord | undefined { return this.#byPeer.get(peerId) }
+  hostBySlot (slot: number): HostRecord | undefined { return this.#bySlot[slot] }
+  hosts (): IterableIterator<HostRecord> { return this.#byPeer.values() }
+  task (digest: string): TaskRecord | undefined { return this.#tasks.get(digest) }
+  tasks (): IterableIterator<TaskRecord> { return this.#tasks.values() }
+
+  ensureTask (digest: string, size: number, extra: { mediaType?: string | undefined, origin?: OriginRef | undefined } = {}): TaskRecord | undefined {
+    const existing = this.#tasks.get(digest)
+    if (existing !== undefined) {
+      // Digests are immutable: a different size is a lie or a bug, never an update.
+      if (existing.size !== size) return undefined
+      if (extra.origin !== undefined) existing.origin = extra.origin
+      if (extra.mediaType !== undefined) existing.mediaType = extra.mediaType
+      existing.lastActivity = this.#now()
+      return existing
+    }
+    const pieceSize = choosePieceSize(size)
+    const count = pieceCount(size, pieceSize)
+    const task: TaskRecord = {
+      digest,
+      size,
+      pieceSize,
+      pieceCount: count,
+      mediaType: extra.mediaType,
+      origin: extra.origin,
+      digests: Buffer.alloc(count * 32),
+      known: new PieceSet(count),
+      authors: new Set(),
+      complete: new HostSet(),
+      partial: new Map(),
+      pieceHolders: new Uint32Array(count),
+      assignee: undefined,
+      assignedUntil: undefined,
+      seedFailed: false,
+      lastActivity: this.#now()
+    }
+    this.#tasks.set(digest, task)
+    return task
+  }
+
+  applyUpdate (host: HostRecord, update: TaskUpdate): number[] {
+    const learned: number[] = []
+    if (update.remove === true) {
+      this.dropHolding(host, update.digest)
+      if (update.add === undefined || update.add.length === 0) return learned
+    }
+    const task = this.ensureTask(update.digest, update.size, { mediaType: update.mediaType, origin: update.origin })
+    if (task === undefined) return learned
+    if (Array.isArray(update.remove)) for (const i of update.remove) this.dropHolding(host, task.digest, i)
+    if (update.add === undefined || update.add.length === 0) return learned
+    host.tasks.add(task.digest)
+    let pieces = task.partial.get(host.slot)
+    const wasComplete = task.complete.has(host.slot)
+    for (const [index, hex] of update.add) {
+      if (index >= task.pieceCount || wasComplete) continue
+      if (task.known.has(index)) {
+        // A holder whose bytes disagree with the table is not counted as holding them.
+        if (task.digests.toString('hex', index * 32, index * 32 + 32) !== hex) continue
+      } else {
+        task.digests.write(hex, index * 32, 'hex')
+        task.known.add(index)
+        task.authors.add(host.slot)
+        learned.push(index)
+      }
+      if (pieces === undefined) {
+        pieces = new PieceSet(task.pieceCount)
+        task.partial.set(host.slot, pieces)
+      }
+      if (pieces.add(index)) task.pieceHolders[index] = (task.pieceHolders[index] as number) + 1
+      if (task.assignee?.[index] === host.slot + 1) task.assignee[index] = 0
+    }
+    // Progress keeps this host's other origin assignments alive.
+    this.#extendAssignments(task, host.slot)
+    if (pieces?.complete === true) {
+      for (const i of pieces) task.pieceHolders[i] = (task.pieceHolders[i] as number) - 1
+      task.partial.delete(host.slot)
+      task.complete.add(host.slot)
+    }
+    task.lastActivity = this.#now()
+    return learned
+  }
+
+  dropHolding (host: HostRecord, digest: string, piece?: number): void {
+    const task = this.#tasks.get(digest)
+    if (task === undefined) {
+      host.tasks.delete(digest)
+      return
+    }
+    if (piece === undefined) {
+      if (task.complete.delete(host.slot)) { /* whole-task holder gone */ }
+      const pieces = task.partial.get(host.slot)
+      if (pieces !== undefined) {
+        for (const i of pieces) task.pieceHolders[i] = (task.pieceHolders[i] as number) - 1
+        task.partial.delete(host.slot)
+      }
+      if (task.assignee !== undefined) {
+        for (let i = 0; i < task.pieceCount; i++) if (task.assignee[i] === host.slot + 1) task.assignee[i] = 0
+      }
+      host.tasks.delete(digest)
+      this.#forgetIfEmpty(task)
+      return
+    }
+    if (task.complete.delete(host.slot)) {
+      // Demote to a partial holder of everything but the dropped piece.
+      const pieces = new PieceSet(task.pieceCount)
+      for (let i = 0; i < task.pieceCount; i++) {
+        if (i === piece) continue
+        pieces.add(i)
+        task.pieceHolders[i] = (task.pieceHolders[i] as number) + 1
+      }
+      task.partial.set(host.slot, pieces)
+      return
+    }
+    const pieces = task.partial.get(host.slot)
+    if (pieces?.delete(piece) === true) task.pieceHolders[piece] = (task.pieceHolders[piece] as number) - 1
+  }
+
+  dropTask (digest: string): TaskRecord | undefined {
+    const task = this.#tasks.get(digest)
+    if (task === undefined) return undefined
+    for (const slot of task.complete) this.#bySlot[slot]?.tasks.delete(digest)
+    for (const slot of task.partial.keys()) this.#bySlot[slot]?.tasks.delete(digest)
+    this.#tasks.delete(digest)
+    return task
+  }
+
+  holds (task: TaskRecord, slot: number, piece: number): boolean {
+    return task.complete.has(slot) || (task.partial.get(slot)?.has(piece) ?? false)
+  }
+
+  hasHolder (task: TaskRecord, piece: number): boolean {
+    return task.complete.size > 0 || (task.pieceHolders[piece] as number) > 0
+  }
+
+  recordFact (fact: Fact): void {
+    if (fact.kind === 'tag') {
+      const key = `${fact.registry}\n${fact.repo}\n${fact.tag}`
+      const before = this.#tags.get(key)
+      if (before === undefined || (before.kind === 'tag' && before.seenAt <= fact.seenAt)) this.#tags.set(key, fact)
+    } else {
+      this.#public.set(`${fact.registry}\n${fact.repo}\n${fact.digest}`, fact)
+    }
+  }
+
+  tagFact (registry: string, repo: string, tag: string): Fact | undefined {
+    return this.#tags.get(`${registry}\n${repo}\n${tag}`)
+  }
+
+  publicFact (registry: string, repo: string, digest: string): Fact | undefined {
+    return this.#public.get(`${registry}\n${repo}\n${digest}`)
+  }
+
+  #extendAssignments (task: TaskRecord, slot: number): void {
+    if (task.assignee === undefined || task.assignedUntil === undefined) return
+    const until = this.#now() + ASSIGNMENT_LEASE_MS
+    for (let i = 0; i < task.pieceCount; i++) if (task.assignee[i] === slot + 1) task.assignedUntil[i] = until
+  }
+
+  #forgetIfEmpty (task: TaskRecord): void {
+    if (task.complete.size > 0 || task.partial.size > 0) return
+    if (task.assignee?.some(a => a !== 0) === true) return
+    // Keep the table of a task nobody holds only while it is young; it is cheap to relearn.
+    this.#tasks.delete(task.digest)
+  }
+}
+
+/** How long a host may sit on an origin assignment without landing a piece of it. */
+export const ASSIGNMENT_LEASE_MS = 30_000
