@@ -11,17 +11,24 @@ import { buildMirrorApp } from './mirror/app.ts'
 import { createOriginClient } from './origin/index.ts'
 import { createPieceStore } from './piece-store/index.ts'
 import { createTagCache } from './tags/index.ts'
+import { createSwarm } from './swarm/index.ts'
 import { createUpstreamSelector } from './upstream/index.ts'
+import { ConfigError } from '../src/errors.ts'
 
 export interface PeerDeps {
   logger: Logger
+  /** Scheduler to join when the configuration names none (the CLI's embedded one). */
+  scheduler?: string | undefined
+  /** Test-only fault switches, set by the test suite through the CLI's environment. */
+  faults?: { corruptPieces?: boolean } | undefined
 }
 
 export interface Peer {
   start: () => Promise<void>
   stop: () => Promise<void>
   /** Where each mirror listener ended up (useful with port 0). */
-  readonly addresses: { mirror: string, health: string | undefined, extra: string[] }
+  readonly addresses: { mirror: string, health: string | undefined, extra: string[], p2p: string[] }
+  readonly peerId: string
 }
 
 /**
@@ -50,36 +57,55 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     registries: config.registries,
     allowedHosts: config.allowedRegistries.length === 0 ? undefined : config.allowedRegistries
   })
-  const access = createAccessChecker({ logger, origin, metrics }, {
+  const scheduler = config.scheduler !== '' ? config.scheduler : deps.scheduler
+  if (scheduler === undefined) throw new ConfigError('scheduler', 'no scheduler address and no embedded scheduler')
+  const swarm = await createSwarm({ logger, store, tags, metrics }, {
+    dataDir,
+    listen: [`${config.p2pHost.includes(':') ? '/ip6' : '/ip4'}/${config.p2pHost}/tcp/${config.p2pPort}`],
+    announce: config.announce,
+    scheduler,
+    seed: config.seed,
+    location: config.labels.location,
+    idc: config.labels.idc,
+    uploadConcurrency: config.uploadConcurrency,
+    uploadRateLimit: config.uploadRateLimit,
+    clusterSecret: config.clusterSecret,
+    faults: deps.faults
+  })
+  const access = createAccessChecker({ logger, origin, metrics, publicFacts: swarm.publicFacts }, {
     enabled: config.authCheck,
     ttlMs: config.authCacheTtl,
     staleIfErrorMs: config.authStaleIfError
   })
-  const blobs = createBlobService({ logger, store, origin, access, metrics })
+  const blobs = createBlobService({ logger, store, origin, access, metrics, remote: swarm })
 
   let ready = false
-  const mirrorComponents = { logger, blobs, origin, access, store, tags, upstreams, metrics, ready: () => ready }
+  const mirrorComponents = { logger, blobs, origin, access, store, tags, upstreams, metrics, swarm, ready: () => ready }
   const mirror = buildMirrorApp(mirrorComponents)
   const extraMirrors = config.mirrors.map(m => ({ port: m.port, app: buildMirrorApp(mirrorComponents, { upstream: upstreams.parseUrl(m.registry) }) }))
   const health = config.healthPort === 0 ? undefined : buildMirrorApp(mirrorComponents)
-  const addresses: { mirror: string, health: string | undefined, extra: string[] } = { mirror: '', health: undefined, extra: [] }
+  const addresses: Peer['addresses'] = { mirror: '', health: undefined, extra: [], p2p: [] }
   const listening: FastifyInstance[] = []
 
   return {
     addresses,
+    peerId: swarm.peerId,
     async start () {
       await store.start()
       await tags.start()
+      await swarm.start({ blobs, origin, upstreams })
+      addresses.p2p = swarm.addrs()
       addresses.mirror = await listen(mirror, config.host, config.port)
       for (const m of extraMirrors) addresses.extra.push(await listen(m.app, config.host, m.port))
       if (health !== undefined) addresses.health = await listen(health, config.host, config.healthPort)
       ready = true
-      logger.info({ mirror: addresses.mirror, extra: addresses.extra, health: addresses.health, registry: upstreams.default.origin }, 'peer ready')
+      logger.info({ mirror: addresses.mirror, extra: addresses.extra, health: addresses.health, p2p: addresses.p2p, registry: upstreams.default.origin, seed: config.seed }, 'peer ready')
     },
     async stop () {
       ready = false
       // Stop taking requests first; in-flight responses finish or are cut.
       await Promise.allSettled(listening.map(async app => { await app.close() }))
+      await swarm.stop()
       await blobs.stop()
       await tags.stop()
       await store.stop()

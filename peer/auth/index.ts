@@ -26,7 +26,7 @@ export interface PublicFacts {
    * as some peer of the swarm last saw it. A fact about content, never about
    * a caller, so it may be shared.
    */
-  lookup: (origin: string, repo: string, digest: string) => { size: number, mediaType: string | undefined } | undefined
+  lookup: (origin: string, repo: string, digest: string) => Promise<{ size: number, mediaType: string | undefined } | undefined>
   record: (origin: string, repo: string, digest: string, size: number, mediaType: string | undefined) => void
 }
 
@@ -141,7 +141,7 @@ export function createAccessChecker (components: AccessCheckerComponents, init: 
           checks?.inc({ outcome: 'stale' })
           return { size: known.size, mediaType: known.mediaType, cached: true, stale: true }
         }
-        const fact = components.publicFacts?.lookup(upstream.origin, repo, digest)
+        const fact = await components.publicFacts?.lookup(upstream.origin, repo, digest)
         if (fact !== undefined) {
           checks?.inc({ outcome: 'public' })
           return { size: fact.size, mediaType: fact.mediaType, cached: true, stale: true }

@@ -1,5 +1,6 @@
 import { Readable } from 'node:stream'
-import { raceSignal, type AbortOptions } from '../../src/abort.ts'
+import { LRUCache } from 'lru-cache'
+import { raceSignal, withDeadline, type AbortOptions } from '../../src/abort.ts'
 import {
   BlobDigestMismatchError, BlobUnknownError, DeniedError, ManifestUnknownError, OriginProtocolError, OriginStatusError,
   PieceDigestMismatchError, RangeNotSatisfiableError, StorageError, UnauthorizedError, isAbort
@@ -12,7 +13,7 @@ import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
 import { pieceBounds, piecesCovering } from '../../src/pieces.ts'
 import type { PieceStore } from '../piece-store/index.ts'
-import type { BlobService, BlobServiceComponents, BlobServiceInit, BlobTask, OpenBlob, OpenBlobRequest } from './index.ts'
+import type { BlobService, BlobServiceComponents, BlobServiceInit, BlobTask, OpenBlob, OpenBlobRequest, ServePieceOptions } from './index.ts'
 
 type Source = 'local' | 'origin' | 'peer'
 
@@ -51,6 +52,8 @@ export class DefaultBlobService implements BlobService {
   readonly #attempts: number
   readonly #runs: Limiter
   readonly #inflight = new Map<string, Promise<Landed>>()
+  /** Tasks this node worked on lately, with the upstream and credentials to fetch more of them. */
+  readonly #tasks = new LRUCache<string, BlobTask>({ max: 4096, ttl: 10 * 60_000 })
   readonly #shutdown = new AbortController()
   readonly #served: Counter | undefined
   readonly #fetched: Counter | undefined
@@ -80,6 +83,7 @@ export class DefaultBlobService implements BlobService {
     const mediaType = kind === 'manifest' ? (access.mediaType ?? local?.mediaType) : undefined
     this.#store.track(digest, access.size, { mediaType })
     const task: BlobTask = { upstream, repo, digest, kind, size: access.size, mediaType, credentials }
+    this.adopt(task)
     return {
       task,
       stale: access.stale,
@@ -87,7 +91,27 @@ export class DefaultBlobService implements BlobService {
     }
   }
 
+  adopt (task: BlobTask): void {
+    this.#tasks.set(task.digest, task)
+  }
+
+  async servePiece (digest: string, index: number, options: ServePieceOptions): Promise<Buffer | undefined> {
+    const held = await this.#store.readPiece(digest, index)
+    if (held !== undefined) return held
+    const signal = withDeadline(options.signal, Math.max(1, options.waitMs), 'waiting for a piece')
+    const pending = this.#inflight.get(pieceKey(digest, index))
+    if (pending !== undefined) {
+      const landed = await raceSignal(pending, signal)
+      return landed.data ?? await this.#store.readPiece(digest, index)
+    }
+    const task = this.#tasks.get(digest)
+    const info = this.#store.info(digest)
+    if (!options.fetch || task === undefined || info === undefined || index >= info.pieceCount || options.waitMs === 0) return undefined
+    return (await this.#acquire(task, index, Math.min(info.pieceCount - 1, index + this.#maxRun - 1), signal)).data
+  }
+
   async complete (task: BlobTask, options: AbortOptions = {}): Promise<void> {
+    this.adopt(task)
     const info = this.#store.track(task.digest, task.size, { mediaType: task.mediaType })
     const unpin = this.#store.pin(task.digest)
     try {
@@ -201,14 +225,14 @@ export class DefaultBlobService implements BlobService {
     const deferred = this.#register(task, index)
     void (async () => {
       try {
-        const piece = await remote.fetch({ task, lastWanted }, index, { signal: this.#shutdown.signal })
-        if (piece === undefined) {
-          // The swarm has nothing for us: hand this piece (and what follows) to the origin.
+        const got = await remote.fetch({ task, lastWanted }, index, { signal: this.#shutdown.signal })
+        if (got.kind === 'origin') {
+          // This node is the piece's first fetcher (or the swarm cannot help): the origin it is.
           this.#unregister(task, index, deferred)
-          this.#startOriginRun(task, index, lastWanted).then(deferred.resolve, deferred.reject)
+          this.#startOriginRun(task, index, Math.max(index, Math.min(lastWanted, got.upTo))).then(deferred.resolve, deferred.reject)
           return
         }
-        await this.#land(task, index, piece.data, piece.sha256, 'peer', deferred)
+        await this.#land(task, index, got.data, got.sha256, 'peer', deferred)
       } catch (err) {
         deferred.reject(err)
       }
@@ -272,7 +296,10 @@ export class DefaultBlobService implements BlobService {
       }
       if (i <= last) throw new OriginProtocolError(`origin body for ${task.digest} ended at piece ${i} of ${last}`)
     } catch (err) {
-      if (!isAbort(err)) this.#logger.debug({ err, digest: task.digest, first, last, at: i }, 'origin request ended early')
+      if (!isAbort(err)) {
+        this.#logger.debug({ err, digest: task.digest, first, last, at: i }, 'origin request ended early')
+        this.#components.remote?.originFailed?.(task, err)
+      }
       for (const [index, deferred] of deferreds) if (index >= i) deferred.reject(err)
     } finally {
       body?.destroy()

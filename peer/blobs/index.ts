@@ -19,18 +19,26 @@ export interface PieceSourceContext {
 /**
  * A source of verified pieces other than the origin (the swarm). `fetch`
  * returns the piece's bytes already verified against the swarm's piece table,
- * or `undefined` when the source has nothing to offer (the caller then falls
- * back to the origin). It must never return unverified bytes.
+ * or tells the caller to fetch pieces `index..originUpTo` from the origin
+ * itself (it was made their first fetcher, or the swarm cannot help). It must
+ * never return unverified bytes.
  */
 export interface RemotePieceSource {
-  fetch: (ctx: PieceSourceContext, index: number, options: AbortOptions) => Promise<RemotePiece | undefined>
+  fetch: (ctx: PieceSourceContext, index: number, options: AbortOptions) => Promise<RemotePiece | OriginDirective>
+  /** The origin failed pieces this node was told to fetch; the swarm should hand them to someone else. */
+  originFailed?: (task: BlobTask, error: unknown) => void
 }
 
 export interface RemotePiece {
+  kind: 'piece'
   data: Buffer
   sha256: string
-  /** Label for metrics and logs ("peer"). */
-  source: 'peer'
+}
+
+export interface OriginDirective {
+  kind: 'origin'
+  /** Last piece (inclusive) of the run this node should fetch from the origin, starting at the asked index. */
+  upTo: number
 }
 
 /** One blob (or manifest by digest) and where it lives upstream. */
@@ -88,8 +96,23 @@ export interface BlobServiceInit {
   pieceAttempts?: number
 }
 
+export interface ServePieceOptions extends AbortOptions {
+  /** How long to wait for a piece this node is fetching (or was asked to fetch). */
+  waitMs: number
+  /** Start fetching the piece if it is neither held nor in flight (this node is its first fetcher). */
+  fetch: boolean
+}
+
 export interface BlobService {
   open: (request: OpenBlobRequest, options?: AbortOptions) => Promise<OpenBlob>
+  /**
+   * A verified piece for another peer: held, or in flight here and waited
+   * for, or — when `fetch` is set and this node knows the task — fetched now.
+   * `undefined` when this node has nothing to give.
+   */
+  servePiece: (digest: string, index: number, options: ServePieceOptions) => Promise<Buffer | undefined>
+  /** Remembers a task (with its upstream) so pieces of it can be fetched for other peers. */
+  adopt: (task: BlobTask) => void
   /**
    * Fetches every missing piece of a task into the cache, in order, at the
    * pace the sources allow. For seed peers and prefetch; uses `signal` for

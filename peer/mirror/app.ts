@@ -12,7 +12,7 @@ import type { AccessChecker } from '../auth/index.ts'
 import type { BlobService, OpenBlob } from '../blobs/index.ts'
 import type { OriginClient, OriginCredentials } from '../origin/index.ts'
 import type { PieceStore } from '../piece-store/index.ts'
-import type { TagCache } from '../tags/index.ts'
+import type { TagCache, TagRecord } from '../tags/index.ts'
 import type { Upstream, UpstreamSelector } from '../upstream/index.ts'
 import { ociError, sendError } from './errors.ts'
 
@@ -27,6 +27,11 @@ export interface MirrorComponents {
   metrics: Registry
   /** True once every component is started; `/healthy` answers 503 until then. */
   ready: () => boolean
+  /** The swarm's memory of tags, for when this peer never saw a tag itself. */
+  swarm?: {
+    lookupTag: (origin: string, repo: string, tag: string, options?: { signal?: AbortSignal }) => Promise<TagRecord | undefined>
+    announceTag: (origin: string, repo: string, tag: string, record: TagRecord) => void
+  } | undefined
 }
 
 export interface MirrorInit {
@@ -183,7 +188,11 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
         if (digest === undefined) digest = computed
         if (digest === computed) await remember(upstream, name, digest, res.body, res.mediaType, credentials)
       }
-      if (digest !== undefined) tags.set(upstream.origin, name, ref.value, { digest, mediaType: res.mediaType, size: res.size, seenAt: Date.now() })
+      if (digest !== undefined) {
+        const record = { digest, mediaType: res.mediaType, size: res.size, seenAt: Date.now() }
+        tags.set(upstream.origin, name, ref.value, record)
+        components.swarm?.announceTag(upstream.origin, name, ref.value, record)
+      }
       if (digest !== undefined) reply.header('docker-content-digest', digest)
       if (res.mediaType !== undefined) reply.header('content-type', res.mediaType)
       reply.header('content-length', res.size)
@@ -191,7 +200,8 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
     } catch (err) {
       // The origin is down: answer with the last digest this tag was seen at,
       // marked stale, if the content is still ours to serve.
-      const last = err instanceof OriginUnavailableError ? tags.get(upstream.origin, name, ref.value) : undefined
+      if (!(err instanceof OriginUnavailableError)) throw err
+      const last = tags.get(upstream.origin, name, ref.value) ?? await components.swarm?.lookupTag(upstream.origin, name, ref.value, { signal })
       if (last === undefined) throw err
       const opened = await blobs.open({ upstream, repo: name, digest: last.digest, kind: 'manifest', credentials }, { signal })
       reply.header('warning', STALE_WARNING)

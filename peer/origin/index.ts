@@ -9,6 +9,9 @@ import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
 import type { Upstream } from '../upstream/index.ts'
+import { parseChallenge } from './challenge.ts'
+import { createHash } from 'node:crypto'
+import { LRUCache } from 'lru-cache'
 
 export interface OriginClientComponents {
   logger: Logger
@@ -31,6 +34,12 @@ export interface OriginClientInit {
   /** Longest pause between two chunks of a blob body before it is abandoned. Default 30 s. */
   blobIdleTimeoutMs?: number
   userAgent?: string
+}
+
+/** A registry account (preheat jobs carry one); turned into an Authorization by `authorize`. */
+export interface RegistryIdentity {
+  username: string
+  password: string
 }
 
 /** Request headers that matter to the origin; nothing else from the caller is forwarded. */
@@ -88,6 +97,14 @@ export interface OriginClient {
   getManifest: (upstream: Upstream, repo: string, reference: string, accept: string, credentials: OriginCredentials, options?: AbortOptions & { method?: 'GET' | 'HEAD' }) => Promise<ManifestResponse>
   /** `GET /v2/` for the caller, so a 401 and its challenge come from the real origin. */
   ping: (upstream: Upstream, credentials: OriginCredentials, options?: AbortOptions) => Promise<{ status: number, challenge: string | undefined }>
+  /**
+   * Credentials for this peer's own requests (seeds, preheat): answers the
+   * registry's challenge with Basic, or fetches a pull token from its realm —
+   * anonymously when there is no identity, which is how public images on
+   * token-auth registries (Docker Hub, Harbor) are read. Tokens are cached
+   * in memory until shortly before they expire.
+   */
+  authorize: (upstream: Upstream, repo: string, identity: RegistryIdentity | undefined, options?: AbortOptions) => Promise<OriginCredentials>
 }
 
 export function createOriginClient (components: OriginClientComponents, init: OriginClientInit = {}): OriginClient {
@@ -180,6 +197,36 @@ export function createOriginClient (components: OriginClientComponents, init: Or
     throw new OriginStatusError(status, url, body?.toString('utf8'))
   }
 
+  const tokens = new LRUCache<string, { credentials: OriginCredentials, until: number }>({ max: 1024 })
+
+  async function authorize (upstream: Upstream, repo: string, identity: RegistryIdentity | undefined, options: AbortOptions): Promise<OriginCredentials> {
+    const basic = identity === undefined ? undefined : `Basic ${Buffer.from(`${identity.username}:${identity.password}`).toString('base64')}`
+    const key = `${upstream.origin}\n${repo}\n${basic === undefined ? '-' : createHash('sha256').update(basic).digest('base64url')}`
+    const cached = tokens.get(key)
+    if (cached !== undefined && cached.until > Date.now()) return cached.credentials
+    const signal = withDeadline(options.signal, metadataTimeoutMs, 'registry authorization')
+    const ping = await send('GET', `${upstream.origin}/v2/`, {}, { signal })
+    await ping.body.dump().catch(() => {})
+    const challenge = ping.statusCode === 401 ? parseChallenge(header(ping, 'www-authenticate')) : undefined
+    let credentials: OriginCredentials = basic === undefined ? {} : { authorization: basic }
+    let ttl = 300_000
+    if (challenge?.scheme === 'bearer' && challenge.params.realm !== undefined) {
+      const realm = new URL(challenge.params.realm)
+      if (realm.protocol !== 'https:' && realm.protocol !== 'http:') throw new OriginProtocolError('token realm is not an http(s) URL')
+      if (challenge.params.service !== undefined) realm.searchParams.set('service', challenge.params.service)
+      realm.searchParams.set('scope', `repository:${repo}:pull`)
+      const res = await send('GET', realm.toString(), basic === undefined ? {} : { authorization: basic }, { signal })
+      if (res.statusCode !== 200) return failure(res, realm.toString(), { reference: 'token' })
+      const body = JSON.parse((await readBounded(res.body, 256 * 1024, true)).toString('utf8')) as { token?: string, access_token?: string, expires_in?: number }
+      const token = body.token ?? body.access_token
+      if (typeof token !== 'string' || token === '') throw new OriginProtocolError('token endpoint returned no token')
+      credentials = { authorization: `Bearer ${token}` }
+      ttl = Math.max(10, (typeof body.expires_in === 'number' ? body.expires_in : 60) - 30) * 1000
+    }
+    tokens.set(key, { credentials, until: Date.now() + ttl })
+    return credentials
+  }
+
   function authHeaders (credentials: OriginCredentials, extra: Record<string, string> = {}): Record<string, string> {
     return credentials.authorization === undefined ? extra : { ...extra, authorization: credentials.authorization }
   }
@@ -250,6 +297,8 @@ export function createOriginClient (components: OriginClientComponents, init: Or
         body
       }
     },
+
+    authorize: async (upstream, repo, identity, options = {}) => authorize(upstream, repo, identity, options),
 
     async ping (upstream, credentials, options = {}) {
       const signal = withDeadline(options.signal, metadataTimeoutMs, 'origin ping')

@@ -91,6 +91,10 @@ export class FakeOrigin implements OriginClient {
     return { status: 200, mediaType: content.mediaType, digest, size: content.data.length, body: head ? Buffer.alloc(0) : content.data }
   }
 
+  async authorize (_u: Upstream, _repo: string, identity: { username: string, password: string } | undefined): Promise<OriginCredentials> {
+    return identity === undefined ? {} : { authorization: `Basic ${Buffer.from(`${identity.username}:${identity.password}`).toString('base64')}` }
+  }
+
   async ping (_u: Upstream, credentials: OriginCredentials): Promise<{ status: number, challenge: string | undefined }> {
     if (this.down) throw new OriginUnavailableError('fake origin is down')
     return this.privateRepos.size > 0 && credentials.authorization !== this.validAuth ? { status: 401, challenge: 'Basic realm="fake"' } : { status: 200, challenge: undefined }

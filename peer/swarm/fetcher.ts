@@ -1,0 +1,297 @@
+import { LRUCache } from 'lru-cache'
+import { withDeadline, type AbortOptions } from '../../src/abort.ts'
+import { PeerUnavailableError, ProtocolError, SchedulerUnavailableError, isAbort } from '../../src/errors.ts'
+import type { Logger } from '../../src/logger.ts'
+import { Counter, type Registry } from '../../src/metrics.ts'
+import { sha256Hex } from '../../src/oci/digest.ts'
+import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
+import { PieceSet, pieceBounds } from '../../src/pieces.ts'
+import { DigestsResponse, PIECE_PROTOCOL, ParentsResponse, PieceHeader, type ParentInfo } from '../../src/protocol/messages.ts'
+import type { BlobTask, OriginDirective, PieceSourceContext, RemotePiece, RemotePieceSource } from '../blobs/index.ts'
+import type { PieceStore } from '../piece-store/index.ts'
+import type { SchedulerClient } from './scheduler-client.ts'
+
+export interface PieceFetcherComponents {
+  logger: Logger
+  node: P2PNode
+  client: SchedulerClient
+  store: PieceStore
+  metrics?: Registry | undefined
+}
+
+export interface PieceFetcherInit {
+  /** Pieces asked about per parents request. Default 64. */
+  window?: number
+  /** A plan is reused this long before the scheduler is asked again. Default 2 s. */
+  planTtlMs?: number
+  /** How long a parent may take with a piece it is still fetching from the origin. Default 60 s. */
+  inProgressWaitMs?: number
+  /** How long a parent that failed us is skipped. Default 30 s. */
+  parentBackoffMs?: number
+  /** How long a parent that sent bad bytes is never asked again. Default 1 h. */
+  barMs?: number
+}
+
+interface Parent {
+  info: ParentInfo
+  held: PieceSet | undefined
+  fetching: PieceSet | undefined
+}
+
+interface Plan {
+  first: number
+  last: number
+  at: number
+  pieceSize: number
+  parents: Parent[]
+  digests: Map<number, string>
+  assigned: Set<number>
+}
+
+export interface PieceFetcher extends RemotePieceSource {
+  /** Whether the scheduler made this node the first fetcher of a piece. */
+  isFirstFetcher: (digest: string, index: number) => boolean
+  /** Measured throughput per parent (bytes/s), for the load report. */
+  parentRates: () => Array<[string, number]>
+}
+
+/**
+ * Gets pieces from other peers. For each piece it follows the scheduler's
+ * plan: fetch it from the best parent holding it (a second parent is asked
+ * when the first is slow), wait for a parent still fetching it, or — when
+ * this node is the piece's first fetcher — let the origin run take it.
+ * Every piece is checked against the swarm's piece table before it is
+ * returned; a parent that sends bad bytes is barred and reported.
+ */
+export function createPieceFetcher (components: PieceFetcherComponents, init: PieceFetcherInit = {}): PieceFetcher {
+  const { node, client, store } = components
+  const logger = components.logger.child({ component: 'peer:fetcher' })
+  const window = init.window ?? 64
+  const planTtlMs = init.planTtlMs ?? 2_000
+  const inProgressWaitMs = init.inProgressWaitMs ?? 60_000
+  const parentBackoffMs = init.parentBackoffMs ?? 30_000
+  const barMs = init.barMs ?? 3_600_000
+  const plans = new LRUCache<string, Plan>({ max: 1024 })
+  const assigned = new LRUCache<string, Set<number>>({ max: 1024, ttl: 120_000 })
+  const failing = new LRUCache<string, true>({ max: 4096, ttl: parentBackoffMs })
+  const barred = new LRUCache<string, true>({ max: 4096, ttl: barMs })
+  const rates = new LRUCache<string, number>({ max: 1024, ttl: 60_000 })
+  let pieceMs = 200
+  const registers = components.metrics === undefined ? undefined : [components.metrics]
+  const m = registers === undefined
+    ? undefined
+    : {
+        barred: new Counter({ name: 'damselfly_parents_barred_total', help: 'Parents barred after sending a piece that failed verification', registers }),
+        bad: new Counter({ name: 'damselfly_peer_pieces_rejected_total', help: 'Pieces from parents that failed verification against the piece table', registers }),
+        hedged: new Counter({ name: 'damselfly_pieces_hedged_total', help: 'Slow pieces asked of a second parent', registers }),
+        fallbacks: new Counter({ name: 'damselfly_swarm_origin_fallbacks_total', help: 'Pieces fetched from the origin because the swarm could not deliver them', labelNames: ['reason'], registers })
+      }
+
+  function originOf (task: BlobTask): { registry: string, repo: string, kind: 'blob' | 'manifest' } {
+    return { registry: task.upstream.origin, repo: task.repo, kind: task.kind }
+  }
+
+  async function plan (ctx: PieceSourceContext, index: number, exclude: Set<string>, options: AbortOptions): Promise<Plan> {
+    const last = Math.max(index, Math.min(ctx.lastWanted, index + window - 1))
+    const res = await client.request({
+      type: 'parents',
+      digest: ctx.task.digest,
+      size: ctx.task.size,
+      origin: originOf(ctx.task),
+      first: index,
+      last,
+      ...(exclude.size > 0 ? { exclude: [...exclude].slice(0, 256) } : {})
+    }, ParentsResponse, options)
+    const p: Plan = {
+      first: index,
+      last,
+      at: Date.now(),
+      pieceSize: res.pieceSize,
+      parents: res.parents.filter(x => x.peerId !== node.peerId).map(info => ({
+        info,
+        held: info.held === undefined ? undefined : PieceSet.fromBase64(res.pieceCount, info.held),
+        fetching: info.fetching === undefined ? undefined : PieceSet.fromBase64(res.pieceCount, info.fetching)
+      })),
+      digests: new Map(res.digests),
+      assigned: new Set(res.assigned)
+    }
+    if (res.digests.length > 0) store.setPieceDigests(ctx.task.digest, res.digests)
+    if (p.assigned.size > 0) {
+      const mine = assigned.get(ctx.task.digest) ?? new Set<number>()
+      for (const i of p.assigned) mine.add(i)
+      assigned.set(ctx.task.digest, mine)
+    }
+    plans.set(ctx.task.digest, p)
+    return p
+  }
+
+  function cachedPlan (digest: string, index: number): Plan | undefined {
+    const p = plans.get(digest)
+    if (p === undefined || index < p.first || index > p.last || Date.now() - p.at > planTtlMs) return undefined
+    return p
+  }
+
+  async function expectedDigest (task: BlobTask, index: number, p: Plan, options: AbortOptions): Promise<string> {
+    const known = p.digests.get(index) ?? store.pieceDigest(task.digest, index)
+    if (known !== undefined) return known
+    // The piece was still being fetched when we planned; its first fetcher announces it as it lands.
+    const res = await client.request({ type: 'digests', digest: task.digest, pieces: [index], waitMs: 15_000 }, DigestsResponse, { ...options, waitMs: 15_000 })
+    const hex = res.digests.find(([i]) => i === index)?.[1]
+    if (hex === undefined) throw new SchedulerUnavailableError(`no piece digest for piece ${index} of ${task.digest}; its bytes cannot be verified`)
+    p.digests.set(index, hex)
+    store.setPieceDigests(task.digest, [[index, hex]])
+    return hex
+  }
+
+  async function fetchFrom (parent: Parent, task: BlobTask, index: number, p: Plan, inProgress: boolean, signal: AbortSignal): Promise<RemotePiece> {
+    const started = performance.now()
+    const { length } = pieceBounds(index, task.size, p.pieceSize)
+    const waitMs = inProgress ? inProgressWaitMs : 0
+    const deadline = withDeadline(signal, waitMs + Math.max(20_000, length / 1024), `piece ${index} from ${parent.info.peerId}`)
+    const stream = await node.openStream({ peerId: parent.info.peerId, addrs: parent.info.addrs }, PIECE_PROTOCOL, { signal: deadline })
+    let data: Buffer
+    try {
+      const io = messages(stream, 4096)
+      await io.write({ digest: task.digest, index, waitMs }, { signal: deadline })
+      const header = await io.read(PieceHeader, 'piece header', { signal: deadline })
+      if (header.status !== 'ok') throw new PeerUnavailableError(`${parent.info.peerId} answered ${header.status} for piece ${index}`)
+      if (header.length !== length) throw new ProtocolError(`${parent.info.peerId} offered ${header.length} bytes for a ${length}-byte piece`)
+      data = Buffer.allocUnsafe(length)
+      let off = 0
+      const raw = io.unwrap()
+      raw.maxReadBufferLength = Math.max(raw.maxReadBufferLength, 4 * 1024 * 1024)
+      for await (const chunk of raw) {
+        const bytes = chunk instanceof Uint8Array ? chunk : chunk.subarray()
+        if (off + bytes.length > length) throw new ProtocolError(`${parent.info.peerId} sent more than ${length} bytes`)
+        data.set(bytes, off)
+        off += bytes.length
+        if (off === length) break
+      }
+      if (off !== length) throw new PeerUnavailableError(`${parent.info.peerId} stopped after ${off} of ${length} bytes`)
+      await stream.close(sig({ signal: deadline })).catch(() => {})
+    } catch (err) {
+      stream.abort(err as Error)
+      throw err
+    }
+    const hex = sha256Hex(data)
+    const expected = await expectedDigest(task, index, p, { signal })
+    if (hex !== expected) {
+      m?.bad.inc()
+      m?.barred.inc()
+      barred.set(parent.info.peerId, true)
+      logger.warn({ parent: parent.info.peerId, digest: task.digest, piece: index }, 'a parent sent a piece that failed verification; barring it')
+      client.report({ kind: 'bad-piece', parent: parent.info.peerId, digest: task.digest, piece: index })
+      throw new PeerUnavailableError(`piece ${index} from ${parent.info.peerId} failed verification`)
+    }
+    const ms = performance.now() - started
+    if (!inProgress) {
+      pieceMs = pieceMs * 0.8 + ms * 0.2
+      const rate = length / Math.max(1, ms) * 1000
+      rates.set(parent.info.peerId, (rates.get(parent.info.peerId) ?? rate) * 0.7 + rate * 0.3)
+    }
+    return { kind: 'piece', data, sha256: hex }
+  }
+
+  /**
+   * Tries the parents in turn. While one is slow (well past the usual piece
+   * time) the next is asked too, and the first verified answer wins.
+   */
+  async function fromParents (task: BlobTask, index: number, p: Plan, holders: Parent[], fetchers: Parent[], options: AbortOptions): Promise<RemotePiece | undefined> {
+    // Spread consecutive pieces over the best few holders; fetchers (in progress) come after.
+    const spread = Math.min(holders.length, 3)
+    const order = [...holders.slice(index % Math.max(1, spread)), ...holders.slice(0, index % Math.max(1, spread)), ...fetchers]
+    const race = new AbortController()
+    const signal = AbortSignal.any([race.signal, ...(options.signal === undefined ? [] : [options.signal])])
+    const attempts: Array<Promise<RemotePiece | undefined>> = []
+    let resolveFirst!: (value: RemotePiece | undefined) => void
+    const first = new Promise<RemotePiece | undefined>(resolve => { resolveFirst = resolve })
+    let failed = 0
+    let next = 0
+    const launch = (): void => {
+      if (next >= order.length) return
+      const parent = order[next++] as Parent
+      const inProgress = !(parent.info.complete || parent.held?.has(index) === true)
+      const attempt = fetchFrom(parent, task, index, p, inProgress, signal).then(piece => {
+        resolveFirst(piece)
+        return piece
+      }, (err: unknown) => {
+        if (!isAbort(err)) {
+          logger.debug({ parent: parent.info.peerId, piece: index, err: (err as Error).message }, 'parent failed a piece')
+          if (!barred.has(parent.info.peerId)) failing.set(parent.info.peerId, true)
+        }
+        failed++
+        if (failed === order.length) resolveFirst(undefined)
+        else if (failed === next) launch()
+        return undefined
+      })
+      attempts.push(attempt)
+      // Hedge a holder that is taking too long; never hedge a wait for an in-progress piece.
+      if (!inProgress) {
+        const timer = setTimeout(() => {
+          if (next < order.length && failed < next) {
+            m?.hedged.inc()
+            launch()
+          }
+        }, Math.min(5_000, Math.max(750, pieceMs * 4)))
+        timer.unref()
+        void attempt.finally(() => { clearTimeout(timer) })
+      }
+    }
+    launch()
+    const winner = await first
+    race.abort()
+    await Promise.allSettled(attempts)
+    return winner
+  }
+
+  return {
+    isFirstFetcher (digest, index) {
+      return assigned.get(digest)?.has(index) ?? false
+    },
+    parentRates () {
+      return [...rates.entries()]
+    },
+    originFailed (task) {
+      assigned.delete(task.digest)
+      plans.delete(task.digest)
+      client.report({ kind: 'origin-failed', digest: task.digest, code: 'origin' })
+    },
+    async fetch (ctx, index, options): Promise<RemotePiece | OriginDirective> {
+      const { task } = ctx
+      if (!client.connected) {
+        m?.fallbacks.inc({ reason: 'no-scheduler' })
+        return { kind: 'origin', upTo: ctx.lastWanted }
+      }
+      const exclude = new Set<string>()
+      for (let round = 0; round < 3; round++) {
+        let p = round === 0 ? cachedPlan(task.digest, index) : undefined
+        try {
+          p ??= await plan(ctx, index, exclude, options)
+        } catch (err) {
+          if (options.signal?.aborted === true) throw err
+          logger.debug({ err: (err as Error).message, digest: task.digest }, 'no plan from the scheduler; using the origin')
+          m?.fallbacks.inc({ reason: 'no-scheduler' })
+          return { kind: 'origin', upTo: ctx.lastWanted }
+        }
+        if (p.assigned.has(index)) {
+          let upTo = index
+          while (p.assigned.has(upTo + 1)) upTo++
+          return { kind: 'origin', upTo }
+        }
+        const usable = (x: Parent): boolean => !barred.has(x.info.peerId) && !failing.has(x.info.peerId) && !exclude.has(x.info.peerId)
+        const holders = p.parents.filter(x => usable(x) && (x.info.complete || x.held?.has(index) === true))
+        const fetchers = p.parents.filter(x => usable(x) && !holders.includes(x) && x.fetching?.has(index) === true)
+        if (holders.length + fetchers.length > 0) {
+          const piece = await fromParents(task, index, p, holders, fetchers, options)
+          if (piece !== undefined) return piece
+          options.signal?.throwIfAborted()
+        }
+        for (const x of p.parents) if (!usable(x)) exclude.add(x.info.peerId)
+        for (const x of [...holders, ...fetchers]) exclude.add(x.info.peerId)
+        plans.delete(task.digest)
+      }
+      m?.fallbacks.inc({ reason: 'no-parent' })
+      return { kind: 'origin', upTo: index }
+    }
+  }
+}

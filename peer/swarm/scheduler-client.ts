@@ -1,0 +1,235 @@
+import type { Static, TSchema } from '@sinclair/typebox'
+import { backoff, sleep, withDeadline, type AbortOptions } from '../../src/abort.ts'
+import { DamselflyError, SchedulerUnavailableError } from '../../src/errors.ts'
+import type { Logger } from '../../src/logger.ts'
+import { call, type P2PNode } from '../../src/p2p/index.ts'
+import { AckResponse, ErrorResponse, RegisterResponse, SCHEDULER_PROTOCOL, type Fact, type HostInfo, type Load, type OriginRef, type Report, type SchedulerRequest, type TaskUpdate } from '../../src/protocol/messages.ts'
+import { Type } from '@sinclair/typebox'
+import type { PieceStore } from '../piece-store/index.ts'
+
+export interface SchedulerClientComponents {
+  logger: Logger
+  node: P2PNode
+  store: PieceStore
+  hostInfo: () => HostInfo
+  /** Everything this peer knows that the swarm may share (tags, public content). */
+  facts: () => Fact[]
+  /** Where each task can be fetched, as far as this peer knows. */
+  originOf: (digest: string) => OriginRef | undefined
+}
+
+export interface SchedulerClientInit {
+  /** `host:port` or a multiaddr. */
+  address: string
+  /** Piece announcements are batched this long. Default 20 ms. */
+  flushMs?: number
+  /** Deadline of one request. Default 10 s (long polls add their own wait). */
+  requestTimeoutMs?: number
+}
+
+export interface SchedulerClient {
+  start: () => void
+  stop: () => Promise<void>
+  readonly connected: boolean
+  /** The scheduler's peer id while connected. */
+  readonly peerId: string | undefined
+  /** One request; throws SchedulerUnavailableError when the scheduler cannot be asked. */
+  request: <T extends TSchema>(request: SchedulerRequest, schema: T, options?: AbortOptions & { waitMs?: number }) => Promise<Static<T>>
+  queue: (update: TaskUpdate) => void
+  queueFact: (fact: Fact) => void
+  setLoad: (load: Load) => void
+  report: (report: Report) => void
+}
+
+/** Pieces per announce message when re-sending the whole inventory. */
+const INVENTORY_CHUNK_PIECES = 50_000
+
+export function createSchedulerClient (components: SchedulerClientComponents, init: SchedulerClientInit): SchedulerClient {
+  const { node, store } = components
+  const logger = components.logger.child({ component: 'peer:scheduler-client' })
+  const flushMs = init.flushMs ?? 20
+  const requestTimeoutMs = init.requestTimeoutMs ?? 10_000
+  const stopping = new AbortController()
+  let schedulerPeer: string | undefined
+  let connected = false
+  let disconnected: (() => void) | undefined
+  let loop: Promise<void> | undefined
+  /** Pending per-task changes, merged until the next flush. */
+  const pending = new Map<string, TaskUpdate>()
+  let pendingFacts: Fact[] = []
+  let pendingLoad: Load | undefined
+  let timer: NodeJS.Timeout | undefined
+
+  node.onDisconnect((peerId) => {
+    if (peerId === schedulerPeer) disconnected?.()
+  })
+
+  async function request<T extends TSchema> (req: SchedulerRequest, schema: T, options: AbortOptions & { waitMs?: number } = {}): Promise<Static<T>> {
+    if (!connected || schedulerPeer === undefined) throw new SchedulerUnavailableError('not connected to the scheduler')
+    return rawRequest(schedulerPeer, req, schema, options)
+  }
+
+  async function rawRequest<T extends TSchema> (peerId: string, req: SchedulerRequest, schema: T, options: AbortOptions & { waitMs?: number } = {}): Promise<Static<T>> {
+    const signal = withDeadline(AbortSignal.any([stopping.signal, ...(options.signal === undefined ? [] : [options.signal])]), requestTimeoutMs + (options.waitMs ?? 0), `scheduler ${req.type}`)
+    let response: Static<T> | Static<typeof ErrorResponse>
+    try {
+      const stream = await node.openStream({ peerId, addrs: [] }, SCHEDULER_PROTOCOL, { signal })
+      response = await call(stream, req, Type.Union([schema, ErrorResponse]), `scheduler ${req.type} response`, { signal })
+    } catch (err) {
+      if (options.signal?.aborted === true) throw err
+      throw new SchedulerUnavailableError(`scheduler ${req.type} failed: ${(err as Error).message}`, { cause: err })
+    }
+    const r = response as { ok: boolean, code?: string, message?: string }
+    if (!r.ok) {
+      // The scheduler lost us (it restarted): start a new session.
+      if (r.code === 'DF_ERR_NOT_REGISTERED') disconnected?.()
+      throw new DamselflyError(r.code ?? 'DF_ERR_SCHEDULER', r.message ?? 'scheduler error')
+    }
+    return response as Static<T>
+  }
+
+  /** Register, then send everything held, in chunks. */
+  async function session (peerId: string): Promise<void> {
+    await rawRequest(peerId, { type: 'register', host: components.hostInfo() }, RegisterResponse)
+    // Snapshot and clear the queue in one go: what lands from now on is queued again.
+    pending.clear()
+    const facts = components.facts()
+    pendingFacts = []
+    let chunk: TaskUpdate[] = []
+    let pieces = 0
+    const send = async (): Promise<void> => {
+      if (chunk.length === 0) return
+      const tasks = chunk
+      chunk = []
+      pieces = 0
+      await rawRequest(peerId, { type: 'announce', tasks }, AckResponse)
+    }
+    const inventory: TaskUpdate[] = []
+    for (const blob of store.list()) {
+      const add: Array<[number, string]> = []
+      for (const i of store.heldPieces(blob.digest)) {
+        const hex = store.pieceDigest(blob.digest, i)
+        if (hex !== undefined) add.push([i, hex])
+      }
+      if (add.length === 0) continue
+      const origin = components.originOf(blob.digest)
+      inventory.push({ digest: blob.digest, size: blob.size, ...(blob.mediaType === undefined ? {} : { mediaType: blob.mediaType }), ...(origin === undefined ? {} : { origin }), add })
+    }
+    for (const update of inventory) {
+      chunk.push(update)
+      pieces += update.add?.length ?? 0
+      if (pieces >= INVENTORY_CHUNK_PIECES) await send()
+    }
+    await send()
+    for (let i = 0; i < facts.length; i += 1000) await rawRequest(peerId, { type: 'announce', tasks: [], facts: facts.slice(i, i + 1000) }, AckResponse)
+    logger.info({ blobs: inventory.length, facts: facts.length }, 'registered with the scheduler')
+  }
+
+  async function run (): Promise<void> {
+    for (let attempt = 0; !stopping.signal.aborted; attempt++) {
+      try {
+        const peerId = await node.connect({ addr: init.address }, { signal: stopping.signal })
+        const gone = new Promise<void>(resolve => { disconnected = resolve })
+        schedulerPeer = peerId
+        await session(peerId)
+        connected = true
+        attempt = 0
+        schedule()
+        await Promise.race([gone, new Promise(resolve => stopping.signal.addEventListener('abort', resolve, { once: true }))])
+        if (!stopping.signal.aborted) logger.warn('lost the scheduler; serving what we hold and falling back to the origin until it is back')
+      } catch (err) {
+        if (stopping.signal.aborted) break
+        if (attempt === 0 || attempt % 20 === 0) logger.warn({ err: (err as Error).message, address: init.address }, 'scheduler unreachable; retrying')
+      } finally {
+        connected = false
+        disconnected = undefined
+      }
+      await sleep(250 + backoff(Math.min(attempt, 6), 250, 5_000), { signal: stopping.signal }).catch(() => {})
+    }
+  }
+
+  function schedule (): void {
+    if (timer !== undefined || !connected) return
+    if (pending.size === 0 && pendingFacts.length === 0 && pendingLoad === undefined) return
+    timer = setTimeout(() => {
+      timer = undefined
+      void flush()
+    }, flushMs)
+    timer.unref()
+  }
+
+  async function flush (): Promise<void> {
+    if (!connected) return
+    const tasks = [...pending.values()]
+    const facts = pendingFacts
+    const load = pendingLoad
+    pending.clear()
+    pendingFacts = []
+    pendingLoad = undefined
+    if (tasks.length === 0 && facts.length === 0 && load === undefined) return
+    try {
+      await request({ type: 'announce', tasks, ...(facts.length > 0 ? { facts } : {}), ...(load === undefined ? {} : { load }) }, AckResponse)
+    } catch (err) {
+      // A reconnect re-sends the whole inventory, so nothing is lost by dropping this batch.
+      logger.debug({ err: (err as Error).message }, 'announce failed')
+    }
+    schedule()
+  }
+
+  return {
+    get connected () { return connected },
+    get peerId () { return connected ? schedulerPeer : undefined },
+    request,
+    start () {
+      loop ??= run()
+    },
+    async stop () {
+      if (timer !== undefined) clearTimeout(timer)
+      if (connected) {
+        await flush().catch(() => {})
+        await request({ type: 'leave' }, AckResponse, { signal: AbortSignal.timeout(1_000) }).catch(() => {})
+      }
+      stopping.abort()
+      disconnected?.()
+      await loop
+    },
+    queue (update) {
+      const existing = pending.get(update.digest)
+      if (existing === undefined) {
+        pending.set(update.digest, { ...update, ...(update.add === undefined ? {} : { add: [...update.add] }), ...(Array.isArray(update.remove) ? { remove: [...update.remove] } : {}) })
+      } else {
+        if (update.remove === true) {
+          existing.remove = true
+          existing.add = []
+        } else if (update.remove !== undefined) {
+          const removed = new Set(update.remove)
+          if (existing.add !== undefined) existing.add = existing.add.filter(([i]) => !removed.has(i))
+          if (existing.remove !== true) existing.remove = [...(existing.remove ?? []), ...update.remove]
+        }
+        if (update.add !== undefined) {
+          existing.add = [...(existing.add ?? []), ...update.add]
+          if (Array.isArray(existing.remove)) {
+            const added = new Set(update.add.map(([i]) => i))
+            existing.remove = existing.remove.filter(i => !added.has(i))
+          }
+        }
+        if (update.origin !== undefined) existing.origin = update.origin
+        if (update.mediaType !== undefined) existing.mediaType = update.mediaType
+      }
+      schedule()
+    },
+    queueFact (fact) {
+      if (pendingFacts.length < 10_000) pendingFacts.push(fact)
+      schedule()
+    },
+    setLoad (load) {
+      pendingLoad = load
+      schedule()
+    },
+    report (r) {
+      void request({ type: 'report', report: r }, AckResponse).catch((err: unknown) => {
+        logger.debug({ err: (err as Error).message }, 'report failed')
+      })
+    }
+  }
+}
