@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import type { TObject } from '@sinclair/typebox'
-import { PeerConfig, loadPeerConfig, settingsOf, type Setting } from '../config/index.ts'
+import { join } from 'node:path'
+import { PeerConfig, SchedulerConfig, loadPeerConfig, loadSchedulerConfig, settingsOf, type Setting } from '../config/index.ts'
 import { ConfigError, isDamselflyError } from '../errors.ts'
 import { createLogger, type Logger } from '../logger.ts'
 import { VERSION } from '../version.ts'
@@ -23,6 +24,16 @@ const COMMANDS: Record<string, Command> = {
     summary: 'Run a peer: the registry mirror and piece exchange of one node',
     usage: 'damselfly peer --data-dir DIR --port MIRROR_PORT --p2p-port P2P_PORT --registry URL [--scheduler HOST:PORT] [--seed] [--host ADDR]',
     run: runPeer
+  },
+  scheduler: {
+    summary: 'Run the scheduler: who holds which pieces, and where each peer should fetch from',
+    usage: 'damselfly scheduler --port P2P_PORT --http-port HTTP_PORT --data-dir DIR',
+    run: runScheduler
+  },
+  preheat: {
+    summary: 'Have the seed peers fetch every blob of an image before anyone asks',
+    usage: 'damselfly preheat IMAGE_REF --scheduler HOST:HTTP_PORT [--platform os/arch] [--username U --password-stdin]',
+    run: runPreheat
   }
 }
 
@@ -54,8 +65,94 @@ async function runPeer (argv: string[]): Promise<number> {
   const config = loadPeerConfig({ file: flags.config as string | undefined, env: process.env, flags })
   const logger = createLogger({ level: config.logLevel, base: { service: 'peer' } })
   const { createPeer } = await import('../../peer/main.ts')
-  const peer = await createPeer(config, { logger })
-  return runUntilSignal(logger, peer)
+  const faults = testFaults(logger)
+  if (config.scheduler !== '') {
+    const peer = await createPeer(config, { logger, faults })
+    return runUntilSignal(logger, peer)
+  }
+  // No scheduler named: run one in this process, on loopback, for this peer alone.
+  const { createScheduler } = await import('../../scheduler/main.ts')
+  const scheduler = await createScheduler({
+    dataDir: join(config.dataDir, 'scheduler'),
+    host: '127.0.0.1',
+    port: 0,
+    httpHost: '127.0.0.1',
+    httpPort: undefined,
+    announce: [],
+    swarm: config.swarm,
+    clusterSecret: config.clusterSecret,
+    logLevel: config.logLevel
+  }, { logger: logger.child({ embedded: 'scheduler' }) })
+  let peer: Awaited<ReturnType<typeof createPeer>> | undefined
+  return runUntilSignal(logger, {
+    async start () {
+      await scheduler.start()
+      peer = await createPeer(config, { logger, faults, scheduler: scheduler.addresses.p2p[0] })
+      await peer.start()
+    },
+    async stop () {
+      await peer?.stop()
+      await scheduler.stop()
+    }
+  })
+}
+
+async function runScheduler (argv: string[]): Promise<number> {
+  const flags = parseFlags(SchedulerConfig, argv, COMMANDS.scheduler as Command)
+  if (flags === undefined) return 0
+  const config = loadSchedulerConfig({ file: flags.config as string | undefined, env: process.env, flags })
+  const logger = createLogger({ level: config.logLevel, base: { service: 'scheduler' } })
+  const { createScheduler } = await import('../../scheduler/main.ts')
+  const scheduler = await createScheduler(config, { logger })
+  return runUntilSignal(logger, scheduler)
+}
+
+async function runPreheat (argv: string[]): Promise<number> {
+  let values: Record<string, string | boolean | undefined>
+  let positionals: string[]
+  try {
+    ({ values, positionals } = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: { scheduler: { type: 'string' }, platform: { type: 'string' }, username: { type: 'string' }, 'password-stdin': { type: 'boolean' }, timeout: { type: 'string' }, help: { type: 'boolean', short: 'h' } }
+    }))
+  } catch (err) {
+    throw new ConfigError('flags', (err as Error).message)
+  }
+  const command = COMMANDS.preheat as Command
+  if (values.help === true) {
+    process.stdout.write(`${command.summary}\n\nUsage: ${command.usage}\n\n` +
+      '  --scheduler ADDR   the scheduler\'s HTTP API (host:port or URL) [env DAMSELFLY_SCHEDULER_HTTP]\n' +
+      '  --platform P       only this platform of a multi-platform image (os/arch[/variant])\n' +
+      '  --username U       registry user for private images; the password is read from stdin with --password-stdin\n' +
+      '  --timeout SECONDS  give up waiting after this long [default 3600]\n')
+    return 0
+  }
+  const image = positionals[0]
+  if (image === undefined || positionals.length > 1) throw new ConfigError('image', 'give exactly one image reference, e.g. harbor.local/library/nginx:1.27')
+  const target = (values.scheduler as string | undefined) ?? process.env.DAMSELFLY_SCHEDULER_HTTP
+  if (target === undefined || target === '') throw new ConfigError('scheduler', 'name the scheduler HTTP API with --scheduler HOST:PORT')
+  const base = /^https?:\/\//.test(target) ? target.replace(/\/$/, '') : `http://${target}`
+  let password: string | undefined
+  if (values['password-stdin'] === true) {
+    const chunks: Buffer[] = []
+    for await (const chunk of process.stdin) chunks.push(chunk as Buffer)
+    password = Buffer.concat(chunks).toString('utf8').replace(/\r?\n$/, '')
+  }
+  const timeoutMs = Number(values.timeout ?? 3600) * 1000
+  if (!Number.isFinite(timeoutMs) || timeoutMs <= 0) throw new ConfigError('timeout', 'expected a number of seconds')
+  const { preheat } = await import('./preheat.ts')
+  const job = await preheat(base, { image, platform: values.platform as string | undefined, username: values.username as string | undefined, password }, timeoutMs, line => { process.stdout.write(`${line}\n`) })
+  return job.status === 'SUCCESS' ? 0 : 1
+}
+
+/** DAMSELFLY_TEST_FAULTS=corrupt-pieces: used by the test suite only, and loud about it. */
+function testFaults (logger: Logger): { corruptPieces?: boolean } | undefined {
+  const raw = process.env.DAMSELFLY_TEST_FAULTS
+  if (raw === undefined || raw === '') return undefined
+  const faults = new Set(raw.split(',').map(s => s.trim()))
+  logger.warn({ faults: [...faults] }, 'test fault switches are on; this node misbehaves on purpose')
+  return { corruptPieces: faults.has('corrupt-pieces') }
 }
 
 /** Starts a service, then stops it once on SIGTERM/SIGINT; a second signal exits at once. */

@@ -1,0 +1,171 @@
+import { fileURLToPath } from 'node:url'
+import path from 'node:path'
+import { request } from 'undici'
+import { freePorts } from './ports.ts'
+import { spawnProcess, waitFor, type Spawned } from './process.ts'
+import { tmpDir } from './tmp.ts'
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..')
+const CLI = path.join(ROOT, 'bin', 'damselfly.js')
+
+export interface PeerOptions {
+  /** Default upstream registry URL. */
+  registry: string
+  /** Scheduler multiaddr or host:port; none runs the embedded scheduler. */
+  scheduler?: string | undefined
+  seed?: boolean
+  dataDir?: string
+  /** Extra flags, e.g. ['--cache-size', '64MiB']. */
+  args?: string[]
+  env?: NodeJS.ProcessEnv
+  name?: string
+}
+
+export interface TestPeer {
+  readonly name: string
+  readonly url: string
+  readonly port: number
+  readonly p2pPort: number
+  readonly dataDir: string
+  /** Prometheus metrics of the peer, parsed. */
+  metrics: () => Promise<Metrics>
+  output: () => string
+  /** SIGTERM and wait. */
+  stop: () => Promise<void>
+  /** SIGKILL: a node that dies without saying goodbye. */
+  kill: () => Promise<void>
+  /** Start again with the same ports and data dir. */
+  start: () => Promise<void>
+  close: () => Promise<void>
+}
+
+export interface TestScheduler {
+  readonly address: string
+  readonly httpUrl: string
+  readonly dataDir: string
+  output: () => string
+  stop: () => Promise<void>
+  kill: () => Promise<void>
+  start: () => Promise<void>
+  close: () => Promise<void>
+}
+
+/** Runs `damselfly peer` as its own process on loopback. */
+export async function startPeer (options: PeerOptions): Promise<TestPeer> {
+  const [port, p2pPort] = await freePorts(2) as [number, number]
+  const tmp = options.dataDir === undefined ? await tmpDir('df-peer-') : undefined
+  const dataDir = options.dataDir ?? (tmp as { path: string }).path
+  const name = options.name ?? `peer-${port}`
+  const args = [
+    CLI, 'peer',
+    '--data-dir', dataDir,
+    '--host', '127.0.0.1',
+    '--port', String(port),
+    '--p2p-host', '127.0.0.1',
+    '--p2p-port', String(p2pPort),
+    '--registry', options.registry,
+    '--log-level', 'debug',
+    ...(options.scheduler === undefined ? [] : ['--scheduler', options.scheduler]),
+    ...(options.seed === true ? ['--seed'] : []),
+    ...(options.args ?? [])
+  ]
+  let proc: Spawned | undefined
+  const url = `http://127.0.0.1:${port}`
+  const start = async (): Promise<void> => {
+    const started = spawnProcess(process.execPath, args, { env: { ...process.env, ...options.env } })
+    proc = started
+    await waitFor(async () => healthy(url), {
+      timeoutMs: 30_000,
+      what: `${name} to become healthy`,
+      giveUpIf: () => started.child.exitCode !== null ? `${name} exited:\n${started.output().slice(-4000)}` : undefined
+    })
+  }
+  await start()
+  return {
+    name,
+    url,
+    port,
+    p2pPort,
+    dataDir,
+    metrics: async () => scrape(`${url}/metrics`),
+    output: () => proc?.output() ?? '',
+    stop: async () => { await proc?.stop() },
+    kill: async () => { await proc?.stop('SIGKILL') },
+    start,
+    close: async () => {
+      await proc?.stop()
+      await tmp?.cleanup()
+    }
+  }
+}
+
+/** Runs `damselfly scheduler` as its own process on loopback. */
+export async function startScheduler (options: { args?: string[], env?: NodeJS.ProcessEnv } = {}): Promise<TestScheduler> {
+  const [port, httpPort] = await freePorts(2) as [number, number]
+  const tmp = await tmpDir('df-scheduler-')
+  const args = [CLI, 'scheduler', '--data-dir', tmp.path, '--host', '127.0.0.1', '--port', String(port), '--http-host', '127.0.0.1', '--http-port', String(httpPort), '--log-level', 'debug', ...(options.args ?? [])]
+  const httpUrl = `http://127.0.0.1:${httpPort}`
+  let proc: Spawned | undefined
+  const start = async (): Promise<void> => {
+    const started = spawnProcess(process.execPath, args, { env: { ...process.env, ...options.env } })
+    proc = started
+    await waitFor(async () => healthy(httpUrl), {
+      timeoutMs: 30_000,
+      what: 'the scheduler to become healthy',
+      giveUpIf: () => started.child.exitCode !== null ? `scheduler exited:\n${started.output().slice(-4000)}` : undefined
+    })
+  }
+  await start()
+  return {
+    address: `127.0.0.1:${port}`,
+    httpUrl,
+    dataDir: tmp.path,
+    output: () => proc?.output() ?? '',
+    stop: async () => { await proc?.stop() },
+    kill: async () => { await proc?.stop('SIGKILL') },
+    start,
+    close: async () => {
+      await proc?.stop()
+      await tmp.cleanup()
+    }
+  }
+}
+
+async function healthy (url: string): Promise<boolean> {
+  try {
+    const res = await request(`${url}/healthy`, { signal: AbortSignal.timeout(1_000) })
+    await res.body.dump()
+    return res.statusCode === 200
+  } catch {
+    return false
+  }
+}
+
+/** Prometheus text, parsed into `name{labels}` → value (labels sorted as exposed). */
+export class Metrics {
+  readonly #values = new Map<string, number>()
+
+  constructor (text: string) {
+    for (const line of text.split('\n')) {
+      if (line.startsWith('#') || line.trim() === '') continue
+      const m = /^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)/.exec(line)
+      if (m === null) continue
+      this.#values.set(`${m[1] as string}${m[2] ?? ''}`, Number(m[3]))
+    }
+  }
+
+  /** Sum of a metric over every label set matching `labels`. */
+  get (name: string, labels: Record<string, string> = {}): number {
+    let sum = 0
+    for (const [key, value] of this.#values) {
+      if (key !== name && !key.startsWith(`${name}{`)) continue
+      if (Object.entries(labels).every(([k, v]) => key.includes(`${k}="${v}"`))) sum += value
+    }
+    return sum
+  }
+}
+
+async function scrape (url: string): Promise<Metrics> {
+  const res = await request(url, { signal: AbortSignal.timeout(5_000) })
+  return new Metrics(await res.body.text())
+}
