@@ -44,7 +44,9 @@ export async function createScheduler (config: Omit<ResolvedSchedulerConfig, 'ht
         listen: [`${host}/tcp/${config.port}`],
         announce: config.announce,
         clusterSecret: config.clusterSecret,
-        maxConnections: 20_000
+        maxConnections: 20_000,
+        inboundConnectionThreshold: 1_000,
+        maxIncomingPendingConnections: 1_024
       })
       service = createSchedulerService({ logger, node, state, metrics })
       await service.start()

@@ -44,11 +44,15 @@ export function createControlHandler (components: ControlComponents, init: Contr
       case 'fetch': {
         if (!init.seed) throw new DamselflyError('DF_ERR_NOT_SEED', 'only seed peers take whole tasks')
         const upstream = upstreams.parseUrl(command.origin.registry)
-        const credentials = await origin.authorize(upstream, command.origin.repo, undefined, { signal: shutdown.signal })
+        // Children may ask for pieces as soon as the scheduler names us: claim the task first.
+        seedTasks.set(command.digest, Date.now())
+        components.store.track(command.digest, command.size, { mediaType: command.mediaType })
+        const credentials = await origin.authorize(upstream, command.origin.repo, undefined, { signal: shutdown.signal }).catch((err: unknown) => {
+          seedTasks.delete(command.digest)
+          throw err
+        })
         const task = { upstream, repo: command.origin.repo, digest: command.digest, kind: command.origin.kind, size: command.size, mediaType: command.mediaType, credentials }
-        components.store.track(task.digest, task.size, { mediaType: task.mediaType })
         blobs.adopt(task)
-        seedTasks.set(task.digest, Date.now())
         logger.info({ digest: task.digest, size: task.size, repo: task.repo }, 'fetching a task into the swarm as its seed')
         void blobs.complete(task, { signal: shutdown.signal }).catch((err: unknown) => {
           if (shutdown.signal.aborted) return

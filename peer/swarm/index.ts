@@ -177,6 +177,9 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
       }, { seed: init.seed })
       await control.start()
       client.start()
+      // Serve only once we know whether the swarm is there: a peer that starts
+      // pulling before its session would send everything to the origin.
+      await Promise.race([client.settled(), new Promise(resolve => setTimeout(resolve, 5_000).unref())])
       // Upload load and measured parent speeds go to the scheduler every 2 s when they change.
       loadTimer = setInterval(() => {
         const load = { activeUploads: server?.activeUploads ?? 0, parents: fetcher.parentRates().map(([p, r]): [string, number] => [p, Math.round(r)]) }

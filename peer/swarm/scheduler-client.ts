@@ -29,6 +29,8 @@ export interface SchedulerClientInit {
 
 export interface SchedulerClient {
   start: () => void
+  /** Resolves once the first attempt to reach the scheduler has succeeded or failed. */
+  settled: () => Promise<void>
   stop: () => Promise<void>
   readonly connected: boolean
   /** The scheduler's peer id while connected. */
@@ -59,6 +61,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
   let pendingFacts: Fact[] = []
   let pendingLoad: Load | undefined
   let timer: NodeJS.Timeout | undefined
+  const firstAttempt = Promise.withResolvers<void>()
 
   node.onDisconnect((peerId) => {
     if (peerId === schedulerPeer) disconnected?.()
@@ -134,10 +137,12 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
         await session(peerId)
         connected = true
         attempt = 0
+        firstAttempt.resolve()
         schedule()
         await Promise.race([gone, new Promise(resolve => stopping.signal.addEventListener('abort', resolve, { once: true }))])
         if (!stopping.signal.aborted) logger.warn('lost the scheduler; serving what we hold and falling back to the origin until it is back')
       } catch (err) {
+        firstAttempt.resolve()
         if (stopping.signal.aborted) break
         if (attempt === 0 || attempt % 20 === 0) logger.warn({ err: (err as Error).message, address: init.address }, 'scheduler unreachable; retrying')
       } finally {
@@ -183,6 +188,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
     start () {
       loop ??= run()
     },
+    settled: async () => { await firstAttempt.promise },
     async stop () {
       if (timer !== undefined) clearTimeout(timer)
       if (connected) {
@@ -190,6 +196,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
         await request({ type: 'leave' }, AckResponse, { signal: AbortSignal.timeout(1_000) }).catch(() => {})
       }
       stopping.abort()
+      firstAttempt.resolve()
       disconnected?.()
       await loop
     },

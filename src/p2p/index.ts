@@ -40,6 +40,14 @@ export interface P2PNodeInit {
   clusterSecret?: string | undefined
   /** Connections kept open at once. Default 512. */
   maxConnections?: number
+  /**
+   * New inbound connections accepted per second from one IP. libp2p's default
+   * (5) suits a public node; a scheduler is dialled by a whole cluster at
+   * once after a restart, and nodes behind one NAT share an IP. Default 100.
+   */
+  inboundConnectionThreshold?: number
+  /** Inbound connections mid-handshake at once. Default 256. */
+  maxIncomingPendingConnections?: number
 }
 
 export interface P2PNodeComponents {
@@ -88,7 +96,11 @@ export async function createP2PNode (components: P2PNodeComponents, init: P2PNod
     transports: [tcp()],
     connectionEncrypters: [noise()],
     streamMuxers: [yamux()],
-    connectionManager: { maxConnections: init.maxConnections ?? 512 },
+    connectionManager: {
+      maxConnections: init.maxConnections ?? 512,
+      inboundConnectionThreshold: init.inboundConnectionThreshold ?? 100,
+      maxIncomingPendingConnections: init.maxIncomingPendingConnections ?? 256
+    },
     nodeInfo: { userAgent: `damselfly/${hostname()}` }
   })
 
