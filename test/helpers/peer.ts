@@ -78,6 +78,8 @@ export async function startPeer (options: PeerOptions): Promise<TestPeer> {
       timeoutMs: 30_000,
       what: `${name} to become healthy`,
       giveUpIf: () => started.child.exitCode !== null ? `${name} exited:\n${started.output().slice(-4000)}` : undefined
+    }).catch((err: unknown) => {
+      throw new Error(`${(err as Error).message}\n--- ${name} output ---\n${started.output().slice(-4000)}`, { cause: err })
     })
   }
   await start()
