@@ -2,7 +2,7 @@ import type { FastifyReply } from 'fastify'
 import { DamselflyError, OriginStatusError, RangeNotSatisfiableError, TooManyRequestsError, UnauthorizedError } from '../../src/errors.ts'
 
 /** The one table from error codes to HTTP status and OCI error code. */
-const STATUS: Record<string, [number, string]> = {
+export const STATUS: Readonly<Record<string, readonly [number, string]>> = {
   DF_ERR_NAME_INVALID: [400, 'NAME_INVALID'],
   DF_ERR_DIGEST_INVALID: [400, 'DIGEST_INVALID'],
   DF_ERR_REFERENCE_INVALID: [400, 'TAG_INVALID'],
@@ -27,7 +27,21 @@ const STATUS: Record<string, [number, string]> = {
   DF_ERR_SCHEDULER_UNAVAILABLE: [503, 'UNAVAILABLE'],
   DF_ERR_PEER_UNAVAILABLE: [503, 'UNAVAILABLE'],
   DF_ERR_STORAGE: [500, 'UNKNOWN'],
-  DF_ERR_CLOSED: [503, 'UNAVAILABLE']
+  DF_ERR_CLOSED: [503, 'UNAVAILABLE'],
+  DF_ERR_ABORTED: [503, 'UNAVAILABLE']
+}
+
+/** Codes for answers that came from (or could not come from) the origin: Dragonfly's `backend` error type. */
+const BACKEND = new Set(['DF_ERR_UNAUTHORIZED', 'DF_ERR_DENIED', 'DF_ERR_BLOB_UNKNOWN', 'DF_ERR_MANIFEST_UNKNOWN', 'DF_ERR_TOO_MANY_REQUESTS', 'DF_ERR_ORIGIN_STATUS', 'DF_ERR_ORIGIN_UNAVAILABLE', 'DF_ERR_ORIGIN_PROTOCOL'])
+
+/**
+ * `X-Dragonfly-Error-Type` as Dragonfly's proxy sets it: `backend` when the
+ * origin said no (or could not be reached), `proxy` when this peer refused the
+ * request, `dfdaemon` when this peer failed.
+ */
+export function errorTypeOf (err: unknown, status: number): 'backend' | 'proxy' | 'dfdaemon' {
+  if (err instanceof DamselflyError && BACKEND.has(err.code)) return 'backend'
+  return status < 500 ? 'proxy' : 'dfdaemon'
 }
 
 export interface OciErrorBody {
@@ -64,6 +78,7 @@ export function sendError (reply: FastifyReply, err: unknown, isHead: boolean): 
     body = ociError(status === 404 ? 'NAME_UNKNOWN' : 'UNSUPPORTED', err.message)
   }
   reply.code(status).header('content-type', 'application/json; charset=utf-8')
+  reply.header('x-dragonfly-error-type', errorTypeOf(err, status))
   if (isHead) {
     reply.header('content-length', Buffer.byteLength(typeof body === 'string' ? body : JSON.stringify(body)))
     void reply.send()
