@@ -2,4 +2,5 @@
 // Node >= 22.18 runs the TypeScript sources directly (type stripping); nothing is compiled.
 import { main } from '../src/cli/main.ts'
 
-process.exitCode = await main(process.argv.slice(2))
+// Exit explicitly: a service that failed half-way through starting may still hold sockets open.
+process.exit(await main(process.argv.slice(2)))

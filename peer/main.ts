@@ -10,6 +10,7 @@ import { createBlobService } from './blobs/index.ts'
 import { buildMirrorApp } from './mirror/app.ts'
 import { createOriginClient } from './origin/index.ts'
 import { createPieceStore } from './piece-store/index.ts'
+import { createForwardProxy, type ForwardProxy } from './proxy/index.ts'
 import { createTagCache } from './tags/index.ts'
 import { createSwarm } from './swarm/index.ts'
 import { createUpstreamSelector } from './upstream/index.ts'
@@ -44,7 +45,7 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
   const store = createPieceStore({ logger, metrics }, { dataDir, quotaBytes: config.cacheSize, memoryCacheBytes: config.memoryCacheSize })
   const tags = createTagCache({ logger }, { dataDir })
 
-  const ca = config.originCa === '' ? undefined : await readFile(config.originCa, 'utf8')
+  const ca = config.originCa === '' ? undefined : await readConfigFile(config.originCa, 'originCa')
   // One dispatcher for every origin: undici keeps a keep-alive pool per origin inside it.
   const dispatcher = new Agent({
     connections: 64,
@@ -79,9 +80,18 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
   })
   const blobs = createBlobService({ logger, store, origin, access, metrics, remote: swarm })
 
+  let proxy: ForwardProxy | undefined
+  if (config.proxy.enabled) {
+    // The X.509 code loads only when interception is configured.
+    const ca = config.proxy.caCert === ''
+      ? undefined
+      : await (await import('./proxy/certs.ts')).createCertificateAuthority({ certPem: await readConfigFile(config.proxy.caCert, 'proxy.caCert'), keyPem: await readConfigFile(config.proxy.caKey, 'proxy.caKey') })
+    proxy = createForwardProxy({ logger, upstreams, dispatcher, metrics }, { ca, intercept: config.proxy.intercept, allowedHosts: config.proxy.allowedHosts })
+  }
+
   let ready = false
   const mirrorComponents = { logger, blobs, origin, access, store, tags, upstreams, metrics, swarm, ready: () => ready }
-  const mirror = buildMirrorApp(mirrorComponents)
+  const mirror = buildMirrorApp(mirrorComponents, { serverFactory: proxy?.serverFactory })
   const extraMirrors = config.mirrors.map(m => ({ port: m.port, app: buildMirrorApp(mirrorComponents, { upstream: upstreams.parseUrl(m.registry) }) }))
   const health = config.healthPort === 0 ? undefined : buildMirrorApp(mirrorComponents)
   const addresses: Peer['addresses'] = { mirror: '', health: undefined, extra: [], p2p: [] }
@@ -104,12 +114,21 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     async stop () {
       ready = false
       // Stop taking requests first; in-flight responses finish or are cut.
+      proxy?.close()
       await Promise.allSettled(listening.map(async app => { await app.close() }))
       await swarm.stop()
       await blobs.stop()
       await tags.stop()
       await store.stop()
       await dispatcher.close().catch(() => {})
+    }
+  }
+
+  async function readConfigFile (file: string, key: string): Promise<string> {
+    try {
+      return await readFile(file, 'utf8')
+    } catch (err) {
+      throw new ConfigError(key, `cannot read ${file}: ${(err as Error).message}`)
     }
   }
 

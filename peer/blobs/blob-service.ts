@@ -13,9 +13,12 @@ import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
 import { pieceBounds, piecesCovering } from '../../src/pieces.ts'
 import type { PieceStore } from '../piece-store/index.ts'
-import type { BlobService, BlobServiceComponents, BlobServiceInit, BlobTask, OpenBlob, OpenBlobRequest, ServePieceOptions } from './index.ts'
+import { Priority, type BlobService, type BlobServiceComponents, type BlobServiceInit, type BlobTask, type OpenBlob, type OpenBlobRequest, type ReadOptions, type ServePieceOptions } from './index.ts'
 
 type Source = 'local' | 'origin' | 'peer'
+
+/** Longest origin run for work below on-demand priority: an on-demand read waits on at most this many of its pieces. */
+const LOW_PRIORITY_RUN = 4
 
 /** How a fetched piece is handed to its waiters: in memory only when the cache could not keep it. */
 interface Landed {
@@ -51,9 +54,14 @@ export class DefaultBlobService implements BlobService {
   readonly #maxRun: number
   readonly #attempts: number
   readonly #runs: Limiter
+  readonly #prefetches: Limiter
+  readonly #prefetching = new Set<string>()
+  readonly #maxPrefetchQueue: number
   readonly #inflight = new Map<string, Promise<Landed>>()
   /** Tasks this node worked on lately, with the upstream and credentials to fetch more of them. */
   readonly #tasks = new LRUCache<string, BlobTask>({ max: 4096, ttl: 10 * 60_000 })
+  /** Piece requests that arrived for a task this node was told to take but has not adopted yet. */
+  readonly #adoption = new Map<string, Set<() => void>>()
   readonly #shutdown = new AbortController()
   readonly #served: Counter | undefined
   readonly #fetched: Counter | undefined
@@ -66,6 +74,9 @@ export class DefaultBlobService implements BlobService {
     this.#maxRun = Math.max(1, init.maxRunPieces ?? 64)
     this.#attempts = Math.max(1, init.pieceAttempts ?? 3)
     this.#runs = new Limiter('origin requests', init.maxOriginRuns ?? 16, init.maxQueuedRuns ?? 1024)
+    const maxPrefetches = Math.max(1, init.maxPrefetches ?? 2)
+    this.#maxPrefetchQueue = maxPrefetches * 16
+    this.#prefetches = new Limiter('prefetch', maxPrefetches, this.#maxPrefetchQueue)
     const registers = components.metrics === undefined ? undefined : [components.metrics]
     if (registers !== undefined) {
       this.#served = new Counter({ name: 'damselfly_served_bytes_total', help: 'Bytes sent to clients, by where the piece came from (local: already cached)', labelNames: ['source'], registers })
@@ -93,6 +104,32 @@ export class DefaultBlobService implements BlobService {
 
   adopt (task: BlobTask): void {
     this.#tasks.set(task.digest, task)
+    const waiting = this.#adoption.get(task.digest)
+    this.#adoption.delete(task.digest)
+    for (const wake of waiting ?? []) wake()
+  }
+
+  /** Waits (bounded by `signal`) for a task to be adopted; the scheduler may name us before we heard of it. */
+  async #adopted (digest: string, signal: AbortSignal): Promise<BlobTask | undefined> {
+    const known = this.#tasks.get(digest)
+    if (known !== undefined) return known
+    let set = this.#adoption.get(digest)
+    if (set === undefined) {
+      if (this.#adoption.size >= 4096) return undefined
+      set = new Set()
+      this.#adoption.set(digest, set)
+    }
+    const { promise, resolve } = Promise.withResolvers<void>()
+    set.add(resolve)
+    try {
+      await raceSignal(promise, signal)
+    } catch {
+      return undefined
+    } finally {
+      set.delete(resolve)
+      if (set.size === 0 && this.#adoption.get(digest) === set) this.#adoption.delete(digest)
+    }
+    return this.#tasks.get(digest)
   }
 
   async servePiece (digest: string, index: number, options: ServePieceOptions): Promise<Buffer | undefined> {
@@ -104,13 +141,35 @@ export class DefaultBlobService implements BlobService {
       const landed = await raceSignal(pending, signal)
       return landed.data ?? await this.#store.readPiece(digest, index)
     }
-    const task = this.#tasks.get(digest)
+    if (!options.fetch || options.waitMs === 0) return undefined
+    const task = await this.#adopted(digest, signal)
     const info = this.#store.info(digest)
-    if (!options.fetch || task === undefined || info === undefined || index >= info.pieceCount || options.waitMs === 0) return undefined
-    return (await this.#acquire(task, index, Math.min(info.pieceCount - 1, index + this.#maxRun - 1), signal)).data
+    if (task === undefined || info === undefined || index >= info.pieceCount) return undefined
+    return (await this.#acquire(task, index, Math.min(info.pieceCount - 1, index + this.#maxRun - 1), signal, Priority.ON_DEMAND)).data
   }
 
-  async complete (task: BlobTask, options: AbortOptions = {}): Promise<void> {
+  prefetch (task: BlobTask): boolean {
+    if (this.#prefetching.has(task.digest) || this.#store.info(task.digest)?.complete === true) return false
+    if (this.#prefetches.queued >= this.#maxPrefetchQueue) return false
+    this.#prefetching.add(task.digest)
+    const signal = this.#shutdown.signal
+    void (async () => {
+      let release: (() => void) | undefined
+      try {
+        release = await this.#prefetches.acquire({ signal, priority: 0 })
+        await this.complete(task, { signal, priority: Priority.BACKGROUND })
+        this.#logger.debug({ digest: task.digest }, 'prefetched a whole blob')
+      } catch (err) {
+        if (!signal.aborted) this.#logger.info({ err, digest: task.digest }, 'background prefetch stopped')
+      } finally {
+        release?.()
+        this.#prefetching.delete(task.digest)
+      }
+    })()
+    return true
+  }
+
+  async complete (task: BlobTask, options: ReadOptions = {}): Promise<void> {
     this.adopt(task)
     const info = this.#store.track(task.digest, task.size, { mediaType: task.mediaType })
     const unpin = this.#store.pin(task.digest)
@@ -118,7 +177,7 @@ export class DefaultBlobService implements BlobService {
       const last = info.pieceCount - 1
       for (let i = 0; i <= last; i++) {
         if (this.#store.hasPiece(task.digest, i)) continue
-        await this.#acquire(task, i, last, options.signal)
+        await this.#acquire(task, i, last, options.signal, options.priority ?? Priority.ON_DEMAND)
       }
       if (!await this.#store.verifyBlob(task.digest)) {
         if (this.#store.info(task.digest)?.complete !== true) throw new StorageError(`blob ${task.digest} could not be kept whole in the cache`)
@@ -133,7 +192,7 @@ export class DefaultBlobService implements BlobService {
     this.#shutdown.abort()
   }
 
-  async #read (task: BlobTask, range: ByteRange | undefined, options: AbortOptions): Promise<Readable> {
+  async #read (task: BlobTask, range: ByteRange | undefined, options: ReadOptions): Promise<Readable> {
     const info = this.#store.track(task.digest, task.size, { mediaType: task.mediaType })
     if (task.size === 0) {
       if (!await this.#store.verifyBlob(task.digest)) throw new BlobDigestMismatchError(task.digest, 'the empty blob')
@@ -144,9 +203,10 @@ export class DefaultBlobService implements BlobService {
     const { first, last } = piecesCovering(start, end, info.pieceSize)
     const unpin = this.#store.pin(task.digest)
     const signal = options.signal
+    const priority = options.priority ?? Priority.ON_DEMAND
     let firstPiece: { data: Buffer, source: Source }
     try {
-      firstPiece = await this.#acquire(task, first, last, signal)
+      firstPiece = await this.#acquire(task, first, last, signal, priority)
     } catch (err) {
       unpin()
       throw err
@@ -158,7 +218,7 @@ export class DefaultBlobService implements BlobService {
       let next = first + 1
       const fill = (): void => {
         while (next <= last && ahead.length < self.#readahead) {
-          const p = self.#acquire(task, next++, last, signal)
+          const p = self.#acquire(task, next++, last, signal, priority)
           // Read-ahead may be abandoned when the client leaves; its failure is not ours to report then.
           p.catch(() => {})
           ahead.push(p)
@@ -195,14 +255,14 @@ export class DefaultBlobService implements BlobService {
   }
 
   /** One verified piece, from wherever it can be had; retried a bounded number of times. */
-  async #acquire (task: BlobTask, index: number, lastWanted: number, signal: AbortSignal | undefined): Promise<{ data: Buffer, source: Source }> {
+  async #acquire (task: BlobTask, index: number, lastWanted: number, signal: AbortSignal | undefined, priority: number): Promise<{ data: Buffer, source: Source }> {
     let lastError: unknown
     for (let attempt = 0; attempt < this.#attempts; attempt++) {
       signal?.throwIfAborted()
       const local = await this.#store.readPiece(task.digest, index)
       if (local !== undefined) return { data: local, source: 'local' }
       const key = pieceKey(task.digest, index)
-      const pending = this.#inflight.get(key) ?? this.#startFetch(task, index, lastWanted)
+      const pending = this.#inflight.get(key) ?? this.#startFetch(task, index, lastWanted, priority)
       try {
         const landed = await raceSignal(pending, signal)
         if (landed.data !== undefined) return { data: landed.data, source: landed.source }
@@ -219,9 +279,9 @@ export class DefaultBlobService implements BlobService {
     throw lastError
   }
 
-  #startFetch (task: BlobTask, index: number, lastWanted: number): Promise<Landed> {
+  #startFetch (task: BlobTask, index: number, lastWanted: number, priority: number): Promise<Landed> {
     const remote = this.#components.remote
-    if (remote === undefined) return this.#startOriginRun(task, index, lastWanted)
+    if (remote === undefined) return this.#startOriginRun(task, index, lastWanted, priority)
     const deferred = this.#register(task, index)
     void (async () => {
       try {
@@ -229,7 +289,7 @@ export class DefaultBlobService implements BlobService {
         if (got.kind === 'origin') {
           // This node is the piece's first fetcher (or the swarm cannot help): the origin it is.
           this.#unregister(task, index, deferred)
-          this.#startOriginRun(task, index, Math.max(index, Math.min(lastWanted, got.upTo))).then(deferred.resolve, deferred.reject)
+          this.#startOriginRun(task, index, Math.max(index, Math.min(lastWanted, got.upTo)), priority).then(deferred.resolve, deferred.reject)
           return
         }
         await this.#land(task, index, got.data, got.sha256, 'peer', deferred)
@@ -241,29 +301,30 @@ export class DefaultBlobService implements BlobService {
   }
 
   /** Registers pieces [index, …] that nobody is fetching yet as one origin request and starts it. */
-  #startOriginRun (task: BlobTask, index: number, lastWanted: number): Promise<Landed> {
+  #startOriginRun (task: BlobTask, index: number, lastWanted: number, priority: number): Promise<Landed> {
     const info = this.#store.info(task.digest)
     const pieceCount = info?.pieceCount ?? 1
     // Manifests have no Range support at the origin: one request covers all of it.
     const first = task.kind === 'manifest' ? 0 : index
-    const limit = task.kind === 'manifest' ? pieceCount - 1 : Math.min(lastWanted, index + this.#maxRun - 1)
+    const maxRun = priority < Priority.ON_DEMAND ? Math.min(this.#maxRun, LOW_PRIORITY_RUN) : this.#maxRun
+    const limit = task.kind === 'manifest' ? pieceCount - 1 : Math.min(lastWanted, index + maxRun - 1)
     let last = index
     while (last < limit && !this.#store.hasPiece(task.digest, last + 1) && !this.#inflight.has(pieceKey(task.digest, last + 1))) last++
     const deferreds = new Map<number, Deferred>()
     for (let i = first; i <= last; i++) {
       if (i === index || (!this.#store.hasPiece(task.digest, i) && !this.#inflight.has(pieceKey(task.digest, i)))) deferreds.set(i, this.#register(task, i))
     }
-    void this.#runOrigin(task, first, last, deferreds)
+    void this.#runOrigin(task, first, last, deferreds, priority)
     return (deferreds.get(index) as Deferred).promise
   }
 
-  async #runOrigin (task: BlobTask, first: number, last: number, deferreds: Map<number, Deferred>): Promise<void> {
+  async #runOrigin (task: BlobTask, first: number, last: number, deferreds: Map<number, Deferred>, priority: number): Promise<void> {
     const pieceSize = this.#store.info(task.digest)?.pieceSize ?? 1
     let i = first
     let release: (() => void) | undefined
     let body: Readable | undefined
     try {
-      release = await this.#runs.acquire({ signal: this.#shutdown.signal })
+      release = await this.#runs.acquire({ signal: this.#shutdown.signal, priority })
       const start = first * pieceSize
       const end = Math.min(task.size, (last + 1) * pieceSize) - 1
       if (task.kind === 'manifest') {

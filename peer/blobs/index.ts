@@ -61,6 +61,22 @@ export interface OpenBlobRequest {
   credentials: OriginCredentials
 }
 
+/**
+ * How urgent a read is; higher goes first wherever work queues (origin
+ * requests). The values are Dragonfly's, so `X-Dragonfly-Priority` maps
+ * straight onto them: nydusd sends 6 for on-demand reads, 3 for prefetch.
+ */
+export const Priority = {
+  ON_DEMAND: 6,
+  PREFETCH: 3,
+  BACKGROUND: 1
+} as const
+
+export interface ReadOptions extends AbortOptions {
+  /** Default `Priority.ON_DEMAND`. Work below it also asks the origin for shorter runs, so it never holds up an on-demand read for long. */
+  priority?: number
+}
+
 export interface OpenBlob {
   readonly task: BlobTask
   /** True when the origin could not be asked and an older decision or a swarm fact was used. */
@@ -70,7 +86,7 @@ export interface OpenBlob {
    * first piece is in hand before this resolves, so a failure to start is a
    * clean error rather than a truncated response.
    */
-  read: (range: ByteRange | undefined, options?: AbortOptions) => Promise<Readable>
+  read: (range: ByteRange | undefined, options?: ReadOptions) => Promise<Readable>
 }
 
 export interface BlobServiceComponents {
@@ -92,6 +108,8 @@ export interface BlobServiceInit {
   maxOriginRuns?: number
   /** Origin requests waiting for a slot before new ones are refused. Default 1024. */
   maxQueuedRuns?: number
+  /** Background prefetches running at once; more wait in a queue of 16× this. Default 2. */
+  maxPrefetches?: number
   /** Attempts to get one piece (each may start a new origin request from that piece on). Default 3. */
   pieceAttempts?: number
 }
@@ -118,7 +136,14 @@ export interface BlobService {
    * pace the sources allow. For seed peers and prefetch; uses `signal` for
    * cancellation, not any caller's.
    */
-  complete: (task: BlobTask, options?: AbortOptions) => Promise<void>
+  complete: (task: BlobTask, options?: ReadOptions) => Promise<void>
+  /**
+   * Starts `complete` in the background at `Priority.BACKGROUND`, once per
+   * task at a time, for a reader that asked for the whole blob to follow its
+   * range (`X-Dragonfly-Prefetch`). False when it was not started: already
+   * complete, already running, or too many prefetches queued.
+   */
+  prefetch: (task: BlobTask) => boolean
   stop: () => Promise<void>
 }
 

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import type { Readable } from 'node:stream'
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerFactory } from 'fastify'
 import { AbortError, NotFoundError, OriginUnavailableError, UnsupportedOperationError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, Histogram, type Registry } from '../../src/metrics.ts'
@@ -9,7 +9,7 @@ import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
 import { validateName, validateReference } from '../../src/oci/names.ts'
 import { formatContentRange, parseRangeSpec, resolveRange } from '../../src/oci/range.ts'
 import type { AccessChecker } from '../auth/index.ts'
-import type { BlobService, OpenBlob } from '../blobs/index.ts'
+import { Priority, type BlobService, type OpenBlob } from '../blobs/index.ts'
 import type { OriginClient, OriginCredentials } from '../origin/index.ts'
 import type { PieceStore } from '../piece-store/index.ts'
 import type { TagCache, TagRecord } from '../tags/index.ts'
@@ -44,9 +44,16 @@ export interface MirrorInit {
   headersTimeoutMs?: number
   /** Idle keep-alive connections are closed after this. Default 65 s. */
   keepAliveTimeoutMs?: number
+  /**
+   * Builds the HTTP server around the app's handler; the forward proxy uses it
+   * to take absolute-form requests and CONNECT on the same port.
+   */
+  serverFactory?: FastifyServerFactory | undefined
 }
 
 const REGISTRY_HEADER = 'x-dragonfly-registry'
+const PRIORITY_HEADER = 'x-dragonfly-priority'
+const PREFETCH_HEADER = 'x-dragonfly-prefetch'
 const API_VERSION = { 'docker-distribution-api-version': 'registry/2.0' }
 /** RFC 9111 §5.5 style marker for a tag answered from memory while the origin is down. */
 const STALE_WARNING = '110 damselfly "Response is Stale"'
@@ -77,12 +84,14 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
     connectionTimeout: 0,
     requestTimeout: 0,
     keepAliveTimeout: init.keepAliveTimeoutMs ?? 65_000,
-    return503OnClosing: true
+    return503OnClosing: true,
+    ...(init.serverFactory === undefined ? {} : { serverFactory: init.serverFactory })
   })
   app.server.headersTimeout = init.headersTimeoutMs ?? 30_000
 
-  const requests = new Counter({ name: 'damselfly_mirror_requests_total', help: 'Mirror requests, by route kind, method and status', labelNames: ['route', 'method', 'status'], registers: [components.metrics] })
-  const durations = new Histogram({ name: 'damselfly_mirror_request_duration_seconds', help: 'Time to first byte of mirror responses', labelNames: ['route'], buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [components.metrics] })
+  // One peer runs several listeners (extra mirror ports, a health port); they share the instruments.
+  const requests = (components.metrics.getSingleMetric('damselfly_mirror_requests_total') as Counter | undefined) ?? new Counter({ name: 'damselfly_mirror_requests_total', help: 'Mirror requests, by route kind, method and status', labelNames: ['route', 'method', 'status'], registers: [components.metrics] })
+  const durations = (components.metrics.getSingleMetric('damselfly_mirror_request_duration_seconds') as Histogram | undefined) ?? new Histogram({ name: 'damselfly_mirror_request_duration_seconds', help: 'Time to first byte of mirror responses', labelNames: ['route'], buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [components.metrics] })
 
   app.addHook('onSend', async (request, reply) => {
     // Headers are about to leave: this is the time to first byte the caller sees.
@@ -96,6 +105,11 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
 
   // Probes and metrics: outside the OCI error handling.
   app.get('/healthy', async (_request, reply) => {
+    if (!components.ready()) return reply.code(503).send({ status: 'starting' })
+    return { status: 'ok' }
+  })
+  // nydus's own configs use the mirror's root as ping_url; the snapshotter wants a 2xx within 3 s.
+  app.get('/', async (_request, reply) => {
     if (!components.ready()) return reply.code(503).send({ status: 'starting' })
     return { status: 'ok' }
   })
@@ -168,8 +182,12 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
     const rangeHeader = request.headers.range
     const spec = parseRangeSpec(rangeHeader)
     const signal = clientSignal(reply)
+    const priority = priorityOf(request)
     const opened = await blobs.open({ upstream, repo: name, digest, kind: 'blob', credentials }, { signal })
-    await sendContent(reply, opened, spec === undefined || isHead ? undefined : resolveRange(spec, opened.task.size, rangeHeader as string), 'application/octet-stream', isHead, signal)
+    const range = spec === undefined || isHead ? undefined : resolveRange(spec, opened.task.size, rangeHeader as string)
+    // nydusd (proxy mode) asks for the whole blob to follow a range read into the cache and the swarm.
+    if (range !== undefined && headerValue(request, PREFETCH_HEADER)?.toLowerCase() === 'true') blobs.prefetch(opened.task)
+    await sendContent(reply, opened, range, 'application/octet-stream', isHead, signal, priority)
   }
 
   async function manifest (request: FastifyRequest, reply: FastifyReply, upstream: Upstream, name: string, reference: string, credentials: OriginCredentials, isHead: boolean): Promise<void> {
@@ -228,7 +246,7 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
     }
   }
 
-  async function sendContent (reply: FastifyReply, opened: OpenBlob, range: { start: number, end: number } | undefined, contentType: string, isHead: boolean, signal: AbortSignal): Promise<void> {
+  async function sendContent (reply: FastifyReply, opened: OpenBlob, range: { start: number, end: number } | undefined, contentType: string, isHead: boolean, signal: AbortSignal, priority: number = Priority.ON_DEMAND): Promise<void> {
     const { task } = opened
     reply.header('docker-content-digest', task.digest)
     reply.header('accept-ranges', 'bytes')
@@ -244,7 +262,7 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
       reply.header('content-length', task.size)
     }
     if (isHead) return reply.send()
-    const body: Readable = await opened.read(range, { signal })
+    const body: Readable = await opened.read(range, { signal, priority })
     return reply.send(body)
   }
 
@@ -267,6 +285,18 @@ export function parseRoute (rest: string | undefined): Route {
     if (kind === 'manifests') return { kind: 'manifest', name, reference: last }
   }
   throw new NotFoundError(`/v2/${path.slice(0, 256)}`)
+}
+
+function headerValue (request: FastifyRequest, name: string): string | undefined {
+  const value = request.headers[name]
+  return Array.isArray(value) ? value[0] : value
+}
+
+/** `X-Dragonfly-Priority` (Dragonfly's levels 0–6; nydusd: 6 on demand, 3 prefetch). Anything else means on demand. */
+function priorityOf (request: FastifyRequest): number {
+  const raw = headerValue(request, PRIORITY_HEADER)
+  if (raw === undefined || !/^\d{1,2}$/.test(raw.trim())) return Priority.ON_DEMAND
+  return Math.min(Number(raw.trim()), Priority.ON_DEMAND)
 }
 
 function credentialsOf (request: FastifyRequest): OriginCredentials {

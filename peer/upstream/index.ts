@@ -36,6 +36,8 @@ export interface UpstreamSelector {
   parseUrl: (value: string) => Upstream
   /** Resolves a bare host (containerd's `ns`). */
   fromHost: (host: string) => Upstream
+  /** The configured registry for host[:port] (default or `registries`), if any. */
+  known: (host: string) => Upstream | undefined
 }
 
 export function createUpstreamSelector (init: UpstreamInit): UpstreamSelector {
@@ -64,6 +66,7 @@ export function createUpstreamSelector (init: UpstreamInit): UpstreamSelector {
   return {
     default: defaultUpstream,
     parseUrl,
+    known: (host) => known.get(canonicalHost(host.trim().toLowerCase())),
     fromHost,
     select (header, ns) {
       if (header !== undefined && header.trim() !== '') return parseUrl(header)

@@ -31,6 +31,14 @@ export const PeerMirror = Type.Object({
   registry: RegistryUrl
 }, { additionalProperties: false })
 
+export const PeerProxy = Type.Object({
+  enabled: Type.Boolean({ default: true, description: 'Also answer as a forward HTTP proxy on the mirror port (absolute-form requests and CONNECT), as nydusd\'s proxy.url and HTTP_PROXY clients expect' }),
+  caCert: Type.String({ default: '', description: 'PEM certificate of the CA that signs certificates for intercepted hosts (clients trust it, or skip verification)' }),
+  caKey: Type.String({ default: '', description: 'PEM private key of that CA (RSA or EC)' }),
+  intercept: Type.Array(Type.String({ minLength: 1, maxLength: 260 }), { default: [], description: 'Registries (host or host:port) whose CONNECT tunnels are opened here and their blob reads served through the swarm; other hosts are tunnelled untouched' }),
+  allowedHosts: Type.Array(Type.String({ minLength: 1, maxLength: 260 }), { default: [], description: 'If set, the only hosts the proxy forwards to or tunnels to' })
+}, { additionalProperties: false, default: {} })
+
 export const PeerConfig = Type.Object({
   dataDir: Type.String({ minLength: 1, default: '/var/lib/damselfly', description: 'Directory for the piece cache, metadata and keys; nothing is written outside it' }),
   host: Host('127.0.0.1', 'Address the mirror listens on'),
@@ -53,6 +61,7 @@ export const PeerConfig = Type.Object({
   uploadConcurrency: Type.Integer({ minimum: 1, maximum: 1024, default: 32, description: 'Pieces this peer sends to other peers at once' }),
   uploadRateLimit: Size('0', 'Bytes per second this peer sends to other peers (0: unlimited)'),
   originCa: Type.String({ default: '', description: 'PEM file of extra CAs trusted for origin registries' }),
+  proxy: PeerProxy,
   labels: Labels,
   swarm: Swarm,
   logLevel: LogLevel

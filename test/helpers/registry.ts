@@ -48,6 +48,23 @@ export async function makeTestCert (dir: string): Promise<{ cert: string, key: s
   return { cert, key }
 }
 
+/**
+ * A CA of its own (EC P-256, openssl) for the peer to sign intercepted hosts'
+ * certificates with; clients that trust it accept the peer's answers.
+ */
+export async function makeTestCa (dir: string, name: string): Promise<{ cert: string, key: string }> {
+  await mkdir(dir, { recursive: true })
+  const cert = path.join(dir, `${name}.crt`)
+  const key = path.join(dir, `${name}.key`)
+  await run('openssl', [
+    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-sha256', '-days', '2',
+    '-keyout', key, '-out', cert, '-subj', `/CN=${name}`,
+    '-addext', 'basicConstraints=critical,CA:TRUE',
+    '-addext', 'keyUsage=critical,keyCertSign,cRLSign'
+  ], { timeoutMs: 30_000 })
+  return { cert, key }
+}
+
 function registryConfig (o: { port: number, dataDir: string, tls: RegistryOptions['tls'], htpasswd: string | undefined }): string {
   const lines = [
     'version: 0.1',

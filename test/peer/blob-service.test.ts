@@ -17,14 +17,14 @@ import { FakeOrigin } from '../fakes/origin.ts'
 
 const upstream = parseRegistryUrl('http://registry.test:5000')
 
-async function setup (t: TestContext, init: { ttlMs?: number } = {}): Promise<{ origin: FakeOrigin, store: PieceStore, blobs: BlobService }> {
+async function setup (t: TestContext, init: { ttlMs?: number, maxOriginRuns?: number } = {}): Promise<{ origin: FakeOrigin, store: PieceStore, blobs: BlobService }> {
   const dir = await mkdtemp(join(tmpdir(), 'df-blobs-'))
   const logger = silentLogger()
   const origin = new FakeOrigin()
   const store = createPieceStore({ logger }, { dataDir: dir, flushDelayMs: 5 })
   await store.start()
   const access = createAccessChecker({ logger, origin }, { ttlMs: init.ttlMs ?? 60_000 })
-  const blobs = createBlobService({ logger, store, origin, access, metrics: createMetricsRegistry() })
+  const blobs = createBlobService({ logger, store, origin, access, metrics: createMetricsRegistry() }, { maxOriginRuns: init.maxOriginRuns })
   t.after(async () => {
     await blobs.stop()
     await store.stop()
@@ -133,4 +133,27 @@ test('with the origin down, a recent yes still serves the cache; an unknown call
   assert.ok((await buffer(await opened.read(undefined))).equals(data))
   await assert.rejects(blobs.open(req(digest, { credentials: { authorization: 'Bearer other' } })), OriginUnavailableError)
   await assert.rejects(blobs.open(req(digest)), OriginUnavailableError)
+})
+
+test('a background prefetch completes the blob without holding up on-demand reads', async (t) => {
+  const { origin, blobs, store } = await setup(t, { maxOriginRuns: 1 })
+  const big = randomBytes(16 * MIB)
+  const small = randomBytes(3 * MIB)
+  const bigDigest = origin.addBlob('team/app', big)
+  const smallDigest = origin.addBlob('team/app', small)
+  const opened = await blobs.open(req(bigDigest))
+  assert.equal(blobs.prefetch(opened.task), true)
+  assert.equal(blobs.prefetch(opened.task), false, 'one prefetch per blob at a time')
+  // Wait for the prefetch to hold the only origin slot, then read another blob on demand.
+  while (!origin.requests.some(r => r.method === 'GET' && r.what === bigDigest)) await new Promise(resolve => setImmediate(resolve))
+  assert.ok((await readAll(blobs, smallDigest, { start: 10, end: MIB + 10 })).equals(small.subarray(10, MIB + 11)))
+  while (store.info(bigDigest)?.complete !== true) await new Promise(resolve => setTimeout(resolve, 5))
+  const gets = origin.requests.filter(r => r.method === 'GET')
+  const bigGets = gets.filter(r => r.what === bigDigest)
+  assert.ok(bigGets.length >= 4, `prefetch asks for short runs (${bigGets.length} requests)`)
+  assert.ok(bigGets.every(r => r.range !== undefined && r.range.end - r.range.start + 1 <= 4 * MIB))
+  const onDemandAt = gets.findIndex(r => r.what === smallDigest)
+  assert.ok(onDemandAt < gets.indexOf(bigGets[bigGets.length - 1] as typeof gets[number]), 'the on-demand read went ahead of the rest of the prefetch')
+  assert.equal(store.info(bigDigest)?.verified, true)
+  assert.equal(blobs.prefetch(opened.task), false, 'nothing to prefetch once complete')
 })
