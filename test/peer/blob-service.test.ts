@@ -24,7 +24,7 @@ async function setup (t: TestContext, init: { ttlMs?: number, maxOriginRuns?: nu
   const store = createPieceStore({ logger }, { dataDir: dir, flushDelayMs: 5 })
   await store.start()
   const access = createAccessChecker({ logger, origin }, { ttlMs: init.ttlMs ?? 60_000 })
-  const blobs = createBlobService({ logger, store, origin, access, metrics: createMetricsRegistry() }, { maxOriginRuns: init.maxOriginRuns })
+  const blobs = createBlobService({ logger, store, origin, access, metrics: createMetricsRegistry() }, init.maxOriginRuns === undefined ? {} : { maxOriginRuns: init.maxOriginRuns })
   t.after(async () => {
     await blobs.stop()
     await store.stop()
