@@ -141,10 +141,11 @@ export class DefaultBlobService implements BlobService {
       const landed = await raceSignal(pending, signal)
       return landed.data ?? await this.#store.readPiece(digest, index)
     }
-    if (!options.fetch || options.waitMs === 0) return undefined
+    if (options.fetch === false || options.waitMs === 0) return undefined
     const task = await this.#adopted(digest, signal)
+    const fetch = typeof options.fetch === 'function' ? options.fetch() : options.fetch
     const info = this.#store.info(digest)
-    if (task === undefined || info === undefined || index >= info.pieceCount) return undefined
+    if (!fetch || task === undefined || info === undefined || index >= info.pieceCount) return undefined
     return (await this.#acquire(task, index, Math.min(info.pieceCount - 1, index + this.#maxRun - 1), signal, Priority.ON_DEMAND)).data
   }
 

@@ -117,8 +117,13 @@ export interface BlobServiceInit {
 export interface ServePieceOptions extends AbortOptions {
   /** How long to wait for a piece this node is fetching (or was asked to fetch). */
   waitMs: number
-  /** Start fetching the piece if it is neither held nor in flight (this node is its first fetcher). */
-  fetch: boolean
+  /**
+   * Start fetching the piece if it is neither held nor in flight (this node
+   * is its first fetcher). A function is asked only once the task is known
+   * here: the scheduler may name this node before its command to take the
+   * task has arrived.
+   */
+  fetch: boolean | (() => boolean)
 }
 
 export interface BlobService {

@@ -76,7 +76,7 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
       try {
         data = await components.blobs.servePiece(request.digest, request.index, {
           waitMs: request.waitMs,
-          fetch: components.firstFetcherOf(request.digest, request.index),
+          fetch: () => components.firstFetcherOf(request.digest, request.index),
           signal
         })
       } catch (err) {
