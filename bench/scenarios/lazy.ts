@@ -1,0 +1,87 @@
+import { randomInt } from 'node:crypto'
+import path from 'node:path'
+import { performance } from 'node:perf_hooks'
+import { request } from 'undici'
+import { buildImage, pushImage, readBlob } from '../../test/helpers/image.ts'
+import { startPeer, startScheduler } from '../../test/helpers/peer.ts'
+import { startRegistry } from '../../test/helpers/registry.ts'
+import { tmpDir } from '../../test/helpers/tmp.ts'
+import { MIB, percentile, round, type Row, type Scenario } from '../lib.ts'
+
+interface Read { start: number, end: number }
+
+/**
+ * nydusd's pattern: unaligned ~1 MiB Range GETs with X-Dragonfly-Registry,
+ * random offsets then a sequential prefetch pass, 8 at once. Replayed
+ * against the origin itself, a cold peer whose neighbour holds the blob, and
+ * a warm peer; latencies are reported as ratios to the origin's.
+ */
+export const lazy: Scenario = {
+  name: 'lazy-reads',
+  async run ({ quick, log }) {
+    const blobSize = quick ? 48 * MIB : 256 * MIB
+    const randomReads = quick ? 48 : 256
+    const work = await tmpDir('df-bench-lazy-')
+    const registry = await startRegistry()
+    const scheduler = await startScheduler()
+    const peers = []
+    try {
+      const image = await buildImage(path.join(work.path, 'image'), { layers: [blobSize], seed: 'bench-lazy', tag: 'v1' })
+      await pushImage(image, `${registry.host}/bench/lazy:v1`)
+      const layer = image.layers[0] as { digest: string, size: number }
+      const bytes = readBlob(image, layer.digest)
+      const reads: Read[] = []
+      for (let i = 0; i < randomReads; i++) {
+        const len = MIB - 4096 + randomInt(8192)
+        const start = randomInt(layer.size - len)
+        reads.push({ start, end: start + len - 1 })
+      }
+      // The prefetch pass: consecutive merged ranges from an unaligned start, as nydusd's prefetch workers send.
+      for (let start = 12345; start < layer.size; start += MIB + 777) reads.push({ start, end: Math.min(layer.size, start + MIB + 777) - 1 })
+
+      const neighbour = await startPeer({ registry: registry.url, scheduler: scheduler.address, name: 'neighbour', args: ['--log-level', 'warn'] })
+      peers.push(neighbour)
+      await replay(neighbour.url, registry.url, layer.digest, [{ start: 0, end: layer.size - 1 }], bytes, 1)
+      const cold = await startPeer({ registry: registry.url, scheduler: scheduler.address, name: 'cold', args: ['--log-level', 'warn'] })
+      peers.push(cold)
+
+      const originLat = await replay(registry.url, undefined, layer.digest, reads, bytes, 8)
+      const coldLat = await replay(cold.url, registry.url, layer.digest, reads, bytes, 8)
+      const warmLat = await replay(neighbour.url, registry.url, layer.digest, reads, bytes, 8)
+      const o50 = percentile(originLat, 50)
+      const o99 = percentile(originLat, 99)
+      const figures = (l: number[]): Record<string, number> => ({ p50ms: round(percentile(l, 50), 2), p99ms: round(percentile(l, 99), 2) })
+      const detail = { blobBytes: layer.size, reads: reads.length, concurrency: 8, origin: figures(originLat), coldNeighbour: figures(coldLat), warm: figures(warmLat) }
+      log(`lazy reads: ${JSON.stringify(detail)}`)
+      return [
+        { scenario: 'lazy-reads', metric: 'p50 from a neighbour ÷ origin p50', value: round(percentile(coldLat, 50) / o50), unit: 'x', detail },
+        { scenario: 'lazy-reads', metric: 'p99 from a neighbour ÷ origin p99', value: round(percentile(coldLat, 99) / o99), unit: 'x', target: { op: '<=', value: 1 }, detail },
+        { scenario: 'lazy-reads', metric: 'p50 warm peer ÷ origin p50', value: round(percentile(warmLat, 50) / o50), unit: 'x', detail },
+        { scenario: 'lazy-reads', metric: 'p99 warm peer ÷ origin p99', value: round(percentile(warmLat, 99) / o99), unit: 'x', target: { op: '<=', value: 0.5 }, detail }
+      ] satisfies Row[]
+    } finally {
+      for (const p of peers) await p.close()
+      await scheduler.close()
+      await registry.close()
+      await work.cleanup()
+    }
+  }
+}
+
+/** Sends the reads `concurrency` at a time; checks every byte; returns each read's latency (ms, to the last byte). */
+async function replay (base: string, registryHeader: string | undefined, digest: string, reads: Read[], bytes: Buffer, concurrency: number): Promise<number[]> {
+  const latencies: number[] = []
+  let next = 0
+  await Promise.all(Array.from({ length: concurrency }, async () => {
+    for (let i = next++; i < reads.length; i = next++) {
+      const { start, end } = reads[i] as Read
+      const started = performance.now()
+      const res = await request(`${base}/v2/bench/lazy/blobs/${digest}`, { headers: { range: `bytes=${start}-${end}`, ...(registryHeader === undefined ? {} : { 'x-dragonfly-registry': registryHeader }) } })
+      const body = Buffer.from(await res.body.arrayBuffer())
+      latencies.push(performance.now() - started)
+      if (res.statusCode !== 206 && !(res.statusCode === 200 && start === 0 && end === bytes.length - 1)) throw new Error(`${base}: ${res.statusCode}`)
+      if (!body.equals(bytes.subarray(start, end + 1))) throw new Error(`${base}: wrong bytes for ${start}-${end}`)
+    }
+  }))
+  return latencies
+}
