@@ -104,15 +104,13 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
   })
 
   // Probes and metrics: outside the OCI error handling.
-  app.get('/healthy', async (_request, reply) => {
+  const health = async (_request: FastifyRequest, reply: FastifyReply): Promise<{ status: string }> => {
     if (!components.ready()) return reply.code(503).send({ status: 'starting' })
     return { status: 'ok' }
-  })
+  }
+  app.get('/healthy', health)
   // nydus's own configs use the mirror's root as ping_url; the snapshotter wants a 2xx within 3 s.
-  app.get('/', async (_request, reply) => {
-    if (!components.ready()) return reply.code(503).send({ status: 'starting' })
-    return { status: 'ok' }
-  })
+  app.get('/', health)
   app.get('/metrics', async (_request, reply) => {
     reply.header('content-type', components.metrics.contentType)
     return components.metrics.metrics()
@@ -150,12 +148,11 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
   })
 
   function selectUpstream (request: FastifyRequest): Upstream {
-    const header = request.headers[REGISTRY_HEADER]
+    const header = headerValue(request, REGISTRY_HEADER)
     const ns = (request.query as Record<string, unknown>).ns
-    const headerValue = Array.isArray(header) ? header[0] : header
     const nsValue = typeof ns === 'string' ? ns : undefined
-    if (init.upstream !== undefined && (headerValue === undefined || headerValue === '') && (nsValue === undefined || nsValue === '')) return init.upstream
-    return upstreams.select(headerValue, nsValue)
+    if (init.upstream !== undefined && (header === undefined || header === '') && (nsValue === undefined || nsValue === '')) return init.upstream
+    return upstreams.select(header, nsValue)
   }
 
   /**

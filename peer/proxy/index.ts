@@ -7,7 +7,7 @@ import type { FastifyServerFactory } from 'fastify'
 import type { Dispatcher } from 'undici'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
-import type { UpstreamSelector } from '../upstream/index.ts'
+import { canonicalHost, type UpstreamSelector } from '../upstream/index.ts'
 import type { CertificateAuthority } from './certs.ts'
 
 export interface ForwardProxyComponents {
@@ -47,7 +47,6 @@ export interface ForwardProxy {
 /** Hop-by-hop headers (RFC 9110 §7.6.1) and the proxy's own: never passed on. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authorization', 'proxy-authenticate', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'host'])
 const BLOB_PATH = /^\/v2\/(.+)\/blobs\/([A-Za-z0-9_+.-]+:[A-Za-z0-9=_-]+)$/
-const DOCKER_HUB_ALIASES = new Set(['docker.io', 'index.docker.io', 'registry-1.docker.io', 'registry.hub.docker.com'])
 
 interface Target {
   scheme: 'http' | 'https'
@@ -280,7 +279,7 @@ function parseAuthority (value: string): { hostname: string, port: number } | un
 function normaliseAuthority (value: string): string {
   let v = value.trim().toLowerCase()
   if (v.endsWith(':443')) v = v.slice(0, -4)
-  return DOCKER_HUB_ALIASES.has(v) ? 'registry-1.docker.io' : v
+  return canonicalHost(v)
 }
 
 function passOn (headers: IncomingHttpHeaders | Record<string, string | string[] | undefined>): Record<string, string | string[]> {

@@ -99,7 +99,8 @@ function makeUpstream (scheme: 'http' | 'https', host: string): Upstream {
   return { origin: `${scheme}://${h}`, scheme, host: h }
 }
 
-function canonicalHost (host: string): string {
+/** Docker Hub's aliases made one host; every other host as it is. */
+export function canonicalHost (host: string): string {
   return DOCKER_HUB_ALIASES.has(host) ? DOCKER_HUB_API : host
 }
 
