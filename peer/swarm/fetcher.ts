@@ -9,6 +9,7 @@ import { PieceSet, pieceBounds } from '../../src/pieces.ts'
 import { DigestsResponse, PIECE_PROTOCOL, ParentsResponse, PieceHeader, type ParentInfo } from '../../src/protocol/messages.ts'
 import type { BlobTask, OriginDirective, PieceSourceContext, RemotePiece, RemotePieceSource } from '../blobs/index.ts'
 import type { PieceStore } from '../piece-store/index.ts'
+import type { PieceHttpClient } from './piece-http.ts'
 import type { SchedulerClient } from './scheduler-client.ts'
 
 export interface PieceFetcherComponents {
@@ -17,6 +18,8 @@ export interface PieceFetcherComponents {
   client: SchedulerClient
   store: PieceStore
   metrics?: Registry | undefined
+  /** The HTTP data plane; without it every piece goes over libp2p streams. */
+  http?: PieceHttpClient | undefined
 }
 
 export interface PieceFetcherInit {
@@ -143,36 +146,45 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     return hex
   }
 
+  /** The libp2p transport, for parents without an upload port (or when it is turned off). */
+  async function viaStream (parent: Parent, task: BlobTask, index: number, length: number, waitMs: number, signal: AbortSignal): Promise<Buffer> {
+    const stream = await node.openStream({ peerId: parent.info.peerId, addrs: parent.info.addrs }, PIECE_PROTOCOL, { signal })
+    try {
+      // The parent may send the whole piece before we read its header.
+      const io = messages(stream, 4096, 2 * length + 8192)
+      await io.write({ digest: task.digest, index, waitMs }, { signal })
+      const header = await io.read(PieceHeader, 'piece header', { signal })
+      if (header.status !== 'ok') throw new PeerUnavailableError(`${parent.info.peerId} answered ${header.status} for piece ${index}`)
+      if (header.length !== length) throw new ProtocolError(`${parent.info.peerId} offered ${header.length} bytes for a ${length}-byte piece`)
+      const data = Buffer.allocUnsafe(length)
+      let off = 0
+      for await (const chunk of io.unwrap()) {
+        // A list is walked buffer by buffer: flattening it first would copy every byte twice.
+        for (const bytes of chunk instanceof Uint8Array ? [chunk] : chunk) {
+          if (off + bytes.length > length) throw new ProtocolError(`${parent.info.peerId} sent more than ${length} bytes`)
+          data.set(bytes, off)
+          off += bytes.length
+        }
+        if (off === length) break
+      }
+      if (off !== length) throw new PeerUnavailableError(`${parent.info.peerId} stopped after ${off} of ${length} bytes`)
+      await stream.close(sig({ signal })).catch(() => {})
+      return data
+    } catch (err) {
+      stream.abort(err as Error)
+      throw err
+    }
+  }
+
   async function fetchFrom (parent: Parent, task: BlobTask, index: number, p: Plan, inProgress: boolean, signal: AbortSignal): Promise<RemotePiece> {
     const started = performance.now()
     const { length } = pieceBounds(index, task.size, p.pieceSize)
     const waitMs = inProgress ? inProgressWaitMs : 0
     const deadline = withDeadline(signal, waitMs + Math.max(20_000, length / 1024), `piece ${index} from ${parent.info.peerId}`)
-    const stream = await node.openStream({ peerId: parent.info.peerId, addrs: parent.info.addrs }, PIECE_PROTOCOL, { signal: deadline })
-    let data: Buffer
-    try {
-      const io = messages(stream, 4096)
-      await io.write({ digest: task.digest, index, waitMs }, { signal: deadline })
-      const header = await io.read(PieceHeader, 'piece header', { signal: deadline })
-      if (header.status !== 'ok') throw new PeerUnavailableError(`${parent.info.peerId} answered ${header.status} for piece ${index}`)
-      if (header.length !== length) throw new ProtocolError(`${parent.info.peerId} offered ${header.length} bytes for a ${length}-byte piece`)
-      data = Buffer.allocUnsafe(length)
-      let off = 0
-      const raw = io.unwrap()
-      raw.maxReadBufferLength = Math.max(raw.maxReadBufferLength, 4 * 1024 * 1024)
-      for await (const chunk of raw) {
-        const bytes = chunk instanceof Uint8Array ? chunk : chunk.subarray()
-        if (off + bytes.length > length) throw new ProtocolError(`${parent.info.peerId} sent more than ${length} bytes`)
-        data.set(bytes, off)
-        off += bytes.length
-        if (off === length) break
-      }
-      if (off !== length) throw new PeerUnavailableError(`${parent.info.peerId} stopped after ${off} of ${length} bytes`)
-      await stream.close(sig({ signal: deadline })).catch(() => {})
-    } catch (err) {
-      stream.abort(err as Error)
-      throw err
-    }
+    const upload = components.http === undefined ? undefined : parent.info.upload
+    const data = upload !== undefined && upload.length > 0
+      ? await (components.http as PieceHttpClient).fetch({ peerId: parent.info.peerId, upload }, { digest: task.digest, index, waitMs }, length, { signal: deadline })
+      : await viaStream(parent, task, index, length, waitMs, deadline)
     const hex = sha256Hex(data)
     const expected = await expectedDigest(task, index, p, { signal })
     if (hex !== expected) {

@@ -14,6 +14,7 @@ import type { TagCache, TagRecord } from '../tags/index.ts'
 import type { UpstreamSelector } from '../upstream/index.ts'
 import { createControlHandler, type ControlHandler } from './control.ts'
 import { createPieceFetcher, type PieceFetcher } from './fetcher.ts'
+import { createPieceHttpClient } from './piece-http.ts'
 import { createPieceServer, type PieceServer } from './piece-server.ts'
 import { createSchedulerClient, type SchedulerClient } from './scheduler-client.ts'
 
@@ -37,6 +38,8 @@ export interface SwarmInit {
   uploadConcurrency: number
   /** Bytes/s across all uploads; 0 for no limit. */
   uploadRateLimit: number
+  /** The HTTP upload port (the piece data plane); absent to send pieces over libp2p streams. */
+  upload?: { host: string, port: number } | undefined
   clusterSecret?: string | undefined
   /** Test-only fault switches (see PieceServerInit.corruptPieces). */
   faults?: { corruptPieces?: boolean } | undefined
@@ -95,7 +98,8 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
       location: init.location,
       idc: init.idc,
       uploadCapacity: init.uploadConcurrency,
-      version: VERSION
+      version: VERSION,
+      ...(server === undefined || server.uploadUrls.length === 0 ? {} : { upload: server.uploadUrls })
     }),
     facts: () => [
       ...tags.entries().map(({ origin, repo, tag, record }): Fact => ({ kind: 'tag', registry: origin, repo, tag, digest: record.digest, size: record.size, seenAt: record.seenAt, ...(record.mediaType === undefined ? {} : { mediaType: record.mediaType }) })),
@@ -104,7 +108,9 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
     originOf: (digest) => origins.get(digest)
   }, { address: init.scheduler })
 
-  const fetcher: PieceFetcher = createPieceFetcher({ logger, node, client, store, metrics: components.metrics })
+  // Children fetch over HTTP from parents that offer an upload port, unless this peer keeps pieces on libp2p.
+  const http = init.upload === undefined ? undefined : createPieceHttpClient({ self: node.peerId, secret: init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8') })
+  const fetcher: PieceFetcher = createPieceFetcher({ logger, node, client, store, metrics: components.metrics, http })
 
   // Every piece that lands (or leaves) is news for the scheduler.
   store.on('piece', (digest, index, sha256) => {
@@ -163,7 +169,7 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
         blobs: services.blobs,
         metrics: components.metrics,
         firstFetcherOf: (digest, index) => fetcher.isFirstFetcher(digest, index) || (control?.isSeedTask(digest) ?? false)
-      }, { concurrency: init.uploadConcurrency, rateLimit: init.uploadRateLimit, corruptPieces: init.faults?.corruptPieces === true })
+      }, { concurrency: init.uploadConcurrency, rateLimit: init.uploadRateLimit, corruptPieces: init.faults?.corruptPieces === true, http: init.upload, clusterSecret: init.clusterSecret })
       await server.start()
       control = createControlHandler({
         logger,
@@ -197,6 +203,7 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
       control?.stop()
       server?.stop()
       await client.stop()
+      await http?.close()
       await node.stop()
     }
   }

@@ -1,10 +1,13 @@
+import { once } from 'node:events'
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { QueueFullError, isAbort } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
-import { PIECE_PROTOCOL, PieceRequest, type PieceHeader } from '../../src/protocol/messages.ts'
+import { PIECE_HTTP_PEER_HEADER, PIECE_PROTOCOL, PieceRequest } from '../../src/protocol/messages.ts'
 import type { BlobService } from '../blobs/index.ts'
+import { readPieceRequest, uploadUrls } from './piece-http.ts'
 import { TokenBucket } from './rate.ts'
 
 export interface PieceServerComponents {
@@ -29,12 +32,18 @@ export interface PieceServerInit {
    * never reach a client.
    */
   corruptPieces?: boolean
+  /** Where the HTTP upload port listens; absent for libp2p streams only. */
+  http?: { host: string, port: number } | undefined
+  /** The cluster secret children prove on the upload port. */
+  clusterSecret?: string | undefined
 }
 
 export interface PieceServer {
   start: () => Promise<void>
   stop: () => void
   readonly activeUploads: number
+  /** Base URLs of the upload port, best first; empty when it is off. */
+  readonly uploadUrls: string[]
 }
 
 const SEND_CHUNK = 256 * 1024
@@ -48,74 +57,141 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
   const bucket = new TokenBucket(init.rateLimit ?? 0)
   const shutdown = new AbortController()
   const registers = components.metrics === undefined ? undefined : [components.metrics]
-  const sent = registers === undefined ? undefined : new Counter({ name: 'damselfly_uploaded_bytes_total', help: 'Piece bytes sent to other peers', registers })
+  const sent = registers === undefined ? undefined : new Counter({ name: 'damselfly_uploaded_bytes_total', help: 'Piece bytes sent to other peers, by transport (http: the upload port; libp2p: streams)', labelNames: ['transport'], registers })
   const requests = registers === undefined ? undefined : new Counter({ name: 'damselfly_piece_requests_total', help: 'Piece requests from other peers, by answer', labelNames: ['status'], registers })
+  const secret = init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8')
+  let http: Server | undefined
   if (init.corruptPieces === true) logger.warn('TEST FAULT ACTIVE: every piece this peer uploads is corrupted')
 
-  async function serve (stream: Parameters<Parameters<P2PNode['handle']>[1]>[0], remotePeer: string): Promise<void> {
-    const signal = AbortSignal.any([shutdown.signal, AbortSignal.timeout(UPLOAD_DEADLINE_MS)])
-    const io = messages(stream, 4096)
-    const request = await io.read(PieceRequest, 'piece request', { signal: AbortSignal.any([signal, AbortSignal.timeout(10_000)]) })
-    const answer = async (header: PieceHeader): Promise<void> => {
-      requests?.inc({ status: header.status })
-      await io.write(header, { signal })
-    }
-    let release: (() => void) | undefined
+  type Produced = { status: 'ok', data: Buffer, release: () => void } | { status: 'not-found' | 'busy' | 'error', message?: string }
+
+  /**
+   * One request, whichever transport brought it: take an upload slot (or say
+   * busy), then get the piece. An ok answer holds its slot until the caller
+   * has sent the bytes and calls release.
+   */
+  async function produce (request: PieceRequest, remotePeer: string, signal: AbortSignal): Promise<Produced> {
+    let release: () => void
     try {
       release = await uploads.acquire({ signal })
     } catch (err) {
-      if (err instanceof QueueFullError) {
-        await answer({ status: 'busy' })
-        await stream.close(sig({ signal })).catch(() => {})
-        return
-      }
+      if (err instanceof QueueFullError) return { status: 'busy' }
       throw err
     }
     try {
-      let data: Buffer | undefined
-      try {
-        data = await components.blobs.servePiece(request.digest, request.index, {
-          waitMs: request.waitMs,
-          fetch: () => components.firstFetcherOf(request.digest, request.index),
-          signal
-        })
-      } catch (err) {
-        if (isAbort(err) && shutdown.signal.aborted) throw err
-        logger.debug({ err: (err as Error).message, digest: request.digest, piece: request.index, peer: remotePeer }, 'could not produce a piece')
-        await answer({ status: 'error', message: String((err as { code?: string }).code ?? 'error') })
-        await stream.close(sig({ signal })).catch(() => {})
-        return
-      }
+      let data = await components.blobs.servePiece(request.digest, request.index, {
+        waitMs: request.waitMs,
+        fetch: () => components.firstFetcherOf(request.digest, request.index),
+        signal
+      })
       if (data === undefined) {
-        await answer({ status: 'not-found' })
-        await stream.close(sig({ signal })).catch(() => {})
-        return
+        release()
+        return { status: 'not-found' }
       }
       if (init.corruptPieces === true) {
         data = Buffer.from(data)
         data[Math.floor(data.length / 2)] = (data[Math.floor(data.length / 2)] as number) ^ 0x5a
       }
-      await answer({ status: 'ok', length: data.length })
+      return { status: 'ok', data, release }
+    } catch (err) {
+      release()
+      if (isAbort(err) && shutdown.signal.aborted) throw err
+      logger.debug({ err: (err as Error).message, digest: request.digest, piece: request.index, peer: remotePeer }, 'could not produce a piece')
+      return { status: 'error', message: String((err as { code?: string }).code ?? 'error') }
+    }
+  }
+
+  /** The libp2p transport: a JSON request, a JSON header, then the bytes. */
+  async function serveStream (stream: Parameters<Parameters<P2PNode['handle']>[1]>[0], remotePeer: string): Promise<void> {
+    const signal = AbortSignal.any([shutdown.signal, AbortSignal.timeout(UPLOAD_DEADLINE_MS)])
+    const io = messages(stream, 4096)
+    const request = await io.read(PieceRequest, 'piece request', { signal: AbortSignal.any([signal, AbortSignal.timeout(10_000)]) })
+    const produced = await produce(request, remotePeer, signal)
+    requests?.inc({ status: produced.status })
+    if (produced.status !== 'ok') {
+      await io.write(produced, { signal })
+      await stream.close(sig({ signal })).catch(() => {})
+      return
+    }
+    try {
+      const { data } = produced
+      await io.write({ status: 'ok', length: data.length }, { signal })
       const raw = io.unwrap()
       for (let off = 0; off < data.length; off += SEND_CHUNK) {
         const chunk = data.subarray(off, Math.min(data.length, off + SEND_CHUNK))
         await bucket.take(chunk.length, { signal })
         if (!raw.send(chunk)) await raw.onDrain({ signal })
       }
-      sent?.inc(data.length)
+      sent?.inc({ transport: 'libp2p' }, data.length)
       await raw.close({ signal })
     } finally {
-      release()
+      produced.release()
+    }
+  }
+
+  /** The HTTP transport (the upload port): `GET /damselfly/v1/pieces/<digest>/<index>?wait=<ms>`. */
+  async function serveHttp (req: IncomingMessage, res: ServerResponse): Promise<void> {
+    res.setHeader(PIECE_HTTP_PEER_HEADER, components.node.peerId)
+    const asked = readPieceRequest(req, components.node.peerId, secret)
+    if ('status' in asked) {
+      res.writeHead(asked.status, { 'content-type': 'application/json' }).end(JSON.stringify({ status: 'refused', message: asked.message }))
+      return
+    }
+    const gone = new AbortController()
+    res.once('close', () => { if (!res.writableFinished) gone.abort() })
+    const signal = AbortSignal.any([shutdown.signal, gone.signal, AbortSignal.timeout(UPLOAD_DEADLINE_MS)])
+    const produced = await produce(asked.request, asked.child, signal)
+    requests?.inc({ status: produced.status })
+    if (produced.status !== 'ok') {
+      const code = produced.status === 'not-found' ? 404 : produced.status === 'busy' ? 503 : 502
+      res.writeHead(code, { 'content-type': 'application/json' }).end(JSON.stringify(produced))
+      return
+    }
+    try {
+      const { data } = produced
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': data.length })
+      for (let off = 0; off < data.length; off += SEND_CHUNK) {
+        const chunk = data.subarray(off, Math.min(data.length, off + SEND_CHUNK))
+        await bucket.take(chunk.length, { signal })
+        if (!res.write(chunk)) await once(res, 'drain', { signal })
+      }
+      res.end()
+      sent?.inc({ transport: 'http' }, data.length)
+    } finally {
+      produced.release()
     }
   }
 
   return {
     get activeUploads () { return uploads.active },
+    get uploadUrls () {
+      const address = http?.address()
+      return address === undefined || address === null || typeof address === 'string' ? [] : uploadUrls(components.node.addrs(), address.port)
+    },
     async start () {
-      await components.node.handle(PIECE_PROTOCOL, serve, { maxInboundStreams: concurrency * 8, maxOutboundStreams: 256 })
+      await components.node.handle(PIECE_PROTOCOL, serveStream, { maxInboundStreams: concurrency * 8, maxOutboundStreams: 256 })
+      if (init.http === undefined) return
+      const server = createServer({ keepAliveTimeout: 65_000, requestTimeout: UPLOAD_DEADLINE_MS }, (req, res) => {
+        serveHttp(req, res).catch((err: unknown) => {
+          if (!isAbort(err)) logger.debug({ err: (err as Error).message }, 'upload failed')
+          res.destroy()
+        })
+      })
+      // Children keep connections open; bound them like the libp2p side bounds streams.
+      server.maxConnections = concurrency * 16
+      http = server
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject)
+        server.listen(init.http?.port, init.http?.host, () => {
+          server.off('error', reject)
+          resolve()
+        })
+      })
     },
     stop () {
       shutdown.abort()
+      http?.close()
+      http?.closeAllConnections()
     }
   }
 }

@@ -171,6 +171,7 @@ function parentInfo (host: HostRecord, complete: boolean, held: PieceSet | undef
   return {
     peerId: host.info.peerId,
     addrs: host.info.addrs,
+    ...(host.info.upload === undefined ? {} : { upload: host.info.upload }),
     seed: host.info.seed,
     complete,
     ...(complete || held === undefined ? {} : { held: held.toBase64() }),

@@ -14,8 +14,16 @@ import { ProtocolError } from '../errors.ts'
 export const SCHEDULER_PROTOCOL = '/damselfly/scheduler/1.0.0'
 /** Scheduler → peer commands (fetch a task, run a preheat, evict a blob). */
 export const CONTROL_PROTOCOL = '/damselfly/control/1.0.0'
-/** Peer ↔ peer: one piece per stream, a JSON header then the raw bytes. */
+/** Peer ↔ peer over libp2p: one piece per stream, a JSON header then the raw bytes. */
 export const PIECE_PROTOCOL = '/damselfly/piece/1.0.0'
+/**
+ * Peer ↔ peer over HTTP (the default data plane): `GET PIECE_HTTP_PATH/<digest>/<index>?wait=<ms>`
+ * on the parent's upload port. The body is the piece; the child checks it
+ * against the piece table like any other.
+ */
+export const PIECE_HTTP_PATH = '/damselfly/v1/pieces'
+/** Names the parent on every upload-port answer, so a child that reached the wrong node knows. */
+export const PIECE_HTTP_PEER_HEADER = 'x-damselfly-peer'
 /** Proof of the cluster secret, run once per connection before any other protocol. */
 export const JOIN_PROTOCOL = '/damselfly/join/1.0.0'
 
@@ -49,7 +57,9 @@ export const HostInfo = Type.Object({
   idc: Type.String({ maxLength: 128 }),
   /** Pieces this peer uploads at once. */
   uploadCapacity: Type.Integer({ minimum: 1, maximum: 100_000 }),
-  version: Type.String({ maxLength: 64 })
+  version: Type.String({ maxLength: 64 }),
+  /** Base URLs of this peer's HTTP upload port, best first; absent when pieces go over libp2p only. */
+  upload: Type.Optional(Type.Array(Type.String({ pattern: '^http://[^/?#@\\s]+$', maxLength: 256 }), { maxItems: 16 }))
 })
 export type HostInfo = Static<typeof HostInfo>
 
@@ -107,6 +117,7 @@ export type SchedulerRequest = Static<typeof SchedulerRequest>
 export const ParentInfo = Type.Object({
   peerId: PeerId,
   addrs: Type.Array(Type.String({ maxLength: 256 })),
+  upload: Type.Optional(Type.Array(Type.String({ maxLength: 256 }), { maxItems: 16 })),
   seed: Type.Boolean(),
   /** Holds every piece. */
   complete: Type.Boolean(),

@@ -26,6 +26,8 @@ export interface TestPeer {
   readonly url: string
   readonly port: number
   readonly p2pPort: number
+  /** The HTTP upload port other peers fetch pieces from. */
+  readonly uploadPort: number
   readonly dataDir: string
   /** Prometheus metrics of the peer, parsed. */
   metrics: () => Promise<Metrics>
@@ -52,7 +54,7 @@ export interface TestScheduler {
 
 /** Runs `damselfly peer` as its own process on loopback. */
 export async function startPeer (options: PeerOptions): Promise<TestPeer> {
-  const [port, p2pPort] = await freePorts(2) as [number, number]
+  const [port, p2pPort, uploadPort] = await freePorts(3) as [number, number, number]
   const tmp = options.dataDir === undefined ? await tmpDir('df-peer-') : undefined
   const dataDir = options.dataDir ?? (tmp as { path: string }).path
   const name = options.name ?? `peer-${port}`
@@ -63,6 +65,7 @@ export async function startPeer (options: PeerOptions): Promise<TestPeer> {
     '--port', String(port),
     '--p2p-host', '127.0.0.1',
     '--p2p-port', String(p2pPort),
+    '--upload-port', String(uploadPort),
     '--registry', options.registry,
     '--log-level', 'debug',
     ...(options.scheduler === undefined ? [] : ['--scheduler', options.scheduler]),
@@ -88,6 +91,7 @@ export async function startPeer (options: PeerOptions): Promise<TestPeer> {
     url,
     port,
     p2pPort,
+    uploadPort,
     dataDir,
     metrics: async () => scrape(`${url}/metrics`),
     output: () => proc?.output() ?? '',

@@ -98,12 +98,16 @@ describe('a swarm of peers', () => {
     assert.ok(sent <= img.totalBytes * 1.1, `origin sent ${sent} bytes for a ${img.totalBytes}-byte image pulled 6 times (${(sent / img.totalBytes).toFixed(2)}×)`)
     let fromPeers = 0
     let fromOrigin = 0
+    let overHttp = 0
     for (const p of six) {
       const m = await p.metrics()
       fromPeers += m.get('damselfly_fetched_bytes_total', { source: 'peer' })
       fromOrigin += m.get('damselfly_fetched_bytes_total', { source: 'origin' })
+      overHttp += m.get('damselfly_uploaded_bytes_total', { transport: 'http' })
     }
     assert.ok(fromPeers > 4 * fromOrigin, `peers supplied ${fromPeers} bytes, the origin ${fromOrigin}`)
+    // Hedged duplicates may be sent and dropped, so uploads can exceed what children kept.
+    assert.ok(overHttp >= fromPeers, `${overHttp} bytes went over upload ports for ${fromPeers} bytes children took from peers`)
   })
 
   test('with a seed up, the seed is the one that goes to the origin', async () => {
@@ -121,6 +125,21 @@ describe('a swarm of peers', () => {
     let peersFromOrigin = 0
     for (const p of four) peersFromOrigin += (await p.metrics()).get('damselfly_fetched_bytes_total', { source: 'origin' })
     assert.ok(peersFromOrigin <= 2 * MIB, `ordinary peers fetched ${peersFromOrigin} bytes from the origin`)
+  })
+
+  test('with pieces on libp2p streams instead of the upload port, peers still share every byte', async () => {
+    const img = await image('streams', [9 * MIB + 123])
+    const [a, b] = await newPeers(2, { args: ['--piece-transport', 'libp2p'], prefix: 'streams' })
+    origin.reset()
+    assertIntact(await pull(a as TestPeer, origin, 'swarm/streams', img), img, 'a')
+    assertIntact(await pull(b as TestPeer, origin, 'swarm/streams', img), img, 'b')
+    const bm = await (b as TestPeer).metrics()
+    const blobBytes = img.config.size + (img.layers[0]?.size ?? 0)
+    assert.equal(bm.get('damselfly_fetched_bytes_total', { source: 'peer' }), blobBytes, 'b got config and layer from a')
+    assert.equal(bm.get('damselfly_fetched_bytes_total', { source: 'origin' }), 0)
+    const am = await (a as TestPeer).metrics()
+    assert.equal(am.get('damselfly_uploaded_bytes_total', { transport: 'libp2p' }), blobBytes)
+    assert.equal(am.get('damselfly_uploaded_bytes_total', { transport: 'http' }), 0)
   })
 
   test('a parent killed in the middle of serving: the pull still succeeds with correct bytes', async () => {
@@ -236,6 +255,23 @@ describe('cluster membership and credentials', () => {
     assert.equal((await stranger.metrics()).get('damselfly_fetched_bytes_total', { source: 'peer' }), 0)
     const hosts = await (await request(`${scheduler.httpUrl}/api/v1/hosts`)).body.json() as unknown[]
     assert.equal(hosts.length, 2, 'only the two members joined')
+    // The upload port answers only requests signed with the secret, whoever can reach it.
+    const piecePath = `/damselfly/v1/pieces/${layer}/0?wait=0`
+    const unsigned = await request(`http://127.0.0.1:${a.uploadPort}${piecePath}`)
+    assert.equal(unsigned.statusCode, 401)
+    await unsigned.body.dump()
+    const { authorizationFor } = await import('../../peer/swarm/piece-http.ts')
+    const aId = String(unsigned.headers['x-damselfly-peer'])
+    const forged = await request(`http://127.0.0.1:${a.uploadPort}${piecePath}`, {
+      headers: { authorization: authorizationFor(Buffer.from('not the right secret at all'), 'someone', aId, { digest: layer, index: 0, waitMs: 0 }) }
+    })
+    assert.equal(forged.statusCode, 401)
+    await forged.body.dump()
+    const signed = await request(`http://127.0.0.1:${a.uploadPort}${piecePath}`, {
+      headers: { authorization: authorizationFor(Buffer.from(secret), 'someone', aId, { digest: layer, index: 0, waitMs: 0 }) }
+    })
+    assert.equal(signed.statusCode, 200)
+    assert.ok(Buffer.from(await signed.body.arrayBuffer()).equals(readBlob(img, layer).subarray(0, MIB)))
     for (const text of [scheduler.output(), a.output(), b.output()]) {
       assert.equal(text.includes('p4ss-word-bob') || text.includes(auth.authorization.slice(6)), false, 'no credential in any log')
     }

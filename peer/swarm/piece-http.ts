@@ -1,0 +1,150 @@
+import { createHmac, timingSafeEqual } from 'node:crypto'
+import type { IncomingMessage } from 'node:http'
+import { Agent, type Dispatcher } from 'undici'
+import type { AbortOptions } from '../../src/abort.ts'
+import { PeerUnavailableError, ProtocolError, isAbort } from '../../src/errors.ts'
+import { PIECE_HTTP_PATH, PIECE_HTTP_PEER_HEADER, type PieceRequest } from '../../src/protocol/messages.ts'
+
+/**
+ * The HTTP data plane between peers. libp2p carries the control plane
+ * (scheduler sessions, commands, membership); piece bytes go over plain
+ * keep-alive HTTP to the parent's upload port, as Dragonfly's upload server
+ * does, because every byte through libp2p crosses three JavaScript stream
+ * layers (TCP wrapper, encryption, yamux) and that capped a peer at a fraction
+ * of what the same process serves over HTTP. Bytes need no channel
+ * integrity: each piece is checked against the swarm's piece table. Who may
+ * ask is: with a cluster secret, every request carries an HMAC of the
+ * request, the child's id and a timestamp under that secret.
+ */
+
+const AUTH_SCHEME = 'Damselfly-Piece'
+/** How far a request's timestamp may be from the parent's clock. */
+const MAX_SKEW_MS = 5 * 60_000
+
+export function pieceUrlPath (digest: string, index: number, waitMs: number): string {
+  return `${PIECE_HTTP_PATH}/${digest}/${index}?wait=${waitMs}`
+}
+
+/** The request a path names, or undefined for anything else. */
+export function parsePiecePath (url: string): PieceRequest | undefined {
+  const m = /^\/damselfly\/v1\/pieces\/(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})\/(\d{1,8})(?:\?wait=(\d{1,6}))?$/.exec(url)
+  if (m === null) return undefined
+  const waitMs = Number(m[3] ?? 0)
+  if (waitMs > 120_000) return undefined
+  return { digest: m[1] as string, index: Number(m[2]), waitMs }
+}
+
+function mac (secret: Buffer, child: string, parent: string, request: PieceRequest, at: number): string {
+  return createHmac('sha256', secret)
+    .update(`damselfly-piece/1 ${child} ${parent} ${request.digest} ${request.index} ${request.waitMs} ${at}`)
+    .digest('hex')
+}
+
+export function authorizationFor (secret: Buffer, child: string, parent: string, request: PieceRequest, now = Date.now()): string {
+  return `${AUTH_SCHEME} ${child} ${now} ${mac(secret, child, parent, request, now)}`
+}
+
+/** The child's peer id when the request proves the secret; undefined otherwise. */
+export function checkAuthorization (secret: Buffer, self: string, request: PieceRequest, header: string | undefined, now = Date.now()): string | undefined {
+  const parts = header?.split(' ')
+  if (parts?.length !== 4 || parts[0] !== AUTH_SCHEME) return undefined
+  const [, child, atText, given] = parts as [string, string, string, string]
+  const at = Number(atText)
+  if (!Number.isSafeInteger(at) || Math.abs(now - at) > MAX_SKEW_MS || !/^[0-9a-f]{64}$/.test(given)) return undefined
+  const expected = Buffer.from(mac(secret, child, self, request, at), 'hex')
+  return timingSafeEqual(expected, Buffer.from(given, 'hex')) ? child : undefined
+}
+
+/** Base URLs of an upload port, from the multiaddrs a node listens on or announces; loopback last. */
+export function uploadUrls (addrs: string[], port: number): string[] {
+  const out: string[] = []
+  for (const a of addrs) {
+    const m = /^\/(ip4|ip6|dns4|dns6|dns)\/([^/]+)\/tcp\/\d+/.exec(a)
+    if (m === null) continue
+    const host = m[1] === 'ip6' ? `[${m[2] as string}]` : m[2] as string
+    if (host === '0.0.0.0' || host === '[::]') continue
+    const url = `http://${host}:${port}`
+    if (!out.includes(url)) out.push(url)
+  }
+  const loopback = (u: string): boolean => /^http:\/\/(127\.|\[::1\]|localhost)/.test(u)
+  return [...out.filter(u => !loopback(u)), ...out.filter(loopback)].slice(0, 16)
+}
+
+/** Client side: one keep-alive pool per parent address, bounded. */
+export interface PieceHttpClient {
+  fetch: (parent: { peerId: string, upload: string[] }, request: PieceRequest, length: number, options: AbortOptions & { signal: AbortSignal }) => Promise<Buffer>
+  close: () => Promise<void>
+}
+
+export function createPieceHttpClient (init: { self: string, secret?: Buffer | undefined, dispatcher?: Dispatcher }): PieceHttpClient {
+  const dispatcher = init.dispatcher ?? new Agent({ connections: 16, keepAliveTimeout: 30_000, headersTimeout: 0, bodyTimeout: 30_000 })
+  /** The address that answered as the right peer last time, per peer. */
+  const working = new Map<string, string>()
+
+  async function attempt (base: string, parentId: string, request: PieceRequest, length: number, signal: AbortSignal): Promise<Buffer | 'wrong-peer'> {
+    const headers: Record<string, string> = {}
+    if (init.secret !== undefined) headers.authorization = authorizationFor(init.secret, init.self, parentId, request)
+    const res = await dispatcher.request({ origin: base, path: pieceUrlPath(request.digest, request.index, request.waitMs), method: 'GET', headers, signal })
+    try {
+      if (res.headers[PIECE_HTTP_PEER_HEADER] !== parentId) return 'wrong-peer'
+      if (res.statusCode !== 200) {
+        const text = (await res.body.text().catch(() => '')).slice(0, 200)
+        throw new PeerUnavailableError(`${parentId} answered ${res.statusCode} for piece ${request.index}: ${text}`)
+      }
+      const declared = Number(res.headers['content-length'])
+      if (declared !== length) throw new ProtocolError(`${parentId} offered ${declared} bytes for a ${length}-byte piece`)
+      const data = Buffer.allocUnsafe(length)
+      let off = 0
+      for await (const chunk of res.body as AsyncIterable<Buffer>) {
+        if (off + chunk.length > length) throw new ProtocolError(`${parentId} sent more than ${length} bytes`)
+        chunk.copy(data, off)
+        off += chunk.length
+      }
+      if (off !== length) throw new PeerUnavailableError(`${parentId} stopped after ${off} of ${length} bytes`)
+      return data
+    } finally {
+      if (!res.body.destroyed) res.body.destroy()
+    }
+  }
+
+  return {
+    async fetch (parent, request, length, options) {
+      const known = working.get(parent.peerId)
+      const order = known !== undefined && parent.upload.includes(known) ? [known, ...parent.upload.filter(u => u !== known)] : parent.upload
+      let lastError: unknown
+      for (const base of order) {
+        try {
+          const got = await attempt(base, parent.peerId, request, length, options.signal)
+          if (got === 'wrong-peer') {
+            lastError = new PeerUnavailableError(`${base} is not ${parent.peerId}`)
+            continue
+          }
+          working.set(parent.peerId, base)
+          if (working.size > 4096) working.delete(working.keys().next().value as string)
+          return got
+        } catch (err) {
+          if (isAbort(err) || options.signal.aborted) throw err
+          // Only an address that cannot be reached is worth trying the next one for.
+          const code = (err as { code?: string }).code
+          if (code !== 'ECONNREFUSED' && code !== 'EHOSTUNREACH' && code !== 'ENETUNREACH' && code !== 'UND_ERR_CONNECT_TIMEOUT') throw err
+          lastError = err
+        }
+      }
+      throw lastError instanceof PeerUnavailableError ? lastError : new PeerUnavailableError(`cannot reach the upload port of ${parent.peerId}: ${(lastError as Error | undefined)?.message ?? 'no address'}`, { cause: lastError })
+    },
+    async close () {
+      await dispatcher.close()
+    }
+  }
+}
+
+/** Server side helpers: the request a child made, or the HTTP status to refuse it with. */
+export function readPieceRequest (req: IncomingMessage, self: string, secret: Buffer | undefined): { request: PieceRequest, child: string } | { status: number, message: string } {
+  if (req.method !== 'GET') return { status: 405, message: 'only GET' }
+  const request = parsePiecePath(req.url ?? '')
+  if (request === undefined) return { status: 404, message: 'not a piece path' }
+  if (secret === undefined) return { request, child: req.socket.remoteAddress ?? 'unknown' }
+  const child = checkAuthorization(secret, self, request, req.headers.authorization)
+  if (child === undefined) return { status: 401, message: 'prove membership of the cluster' }
+  return { request, child }
+}
