@@ -12,7 +12,8 @@ import { throughput } from './scenarios/throughput.ts'
 /**
  * `npm run bench [-- --quick] [-- --only name,name]`: runs each scenario,
  * prints a table of ratios (each against a baseline measured in the same
- * run) and writes bench/results/latest.json.
+ * run) and writes bench/results/latest.json (partial.json, not kept in git,
+ * when --only picks scenarios).
  */
 const SCENARIOS: Scenario[] = [distribution, lazy, throughput, memory, scheduler]
 
@@ -49,5 +50,7 @@ const result = {
   rows: rows.map(r => ({ ...r, result: pass(r) })),
   failures
 }
-await writeFile(`${dir}/latest.json`, JSON.stringify(result, null, 2) + '\n')
+// A run of some scenarios only must not replace the record of a whole run.
+const file = only === undefined ? 'latest.json' : 'partial.json'
+await writeFile(`${dir}/${file}`, JSON.stringify(result, null, 2) + '\n')
 process.exitCode = failures.length > 0 ? 1 : 0
