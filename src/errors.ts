@@ -213,6 +213,17 @@ export class NotAuthorizedPeerError extends DamselflyError {
   }
 }
 
+/* Clients of the peer */
+
+/** The peer answered `damselfly get` with a status it has no use for (a 5xx, an unexpected 4xx). */
+export class MirrorStatusError extends DamselflyError {
+  readonly status: number
+  constructor (status: number, url: string, why: string | undefined) {
+    super('DF_ERR_MIRROR_STATUS', `the peer answered ${status} for ${redactUrl(url)}${why === undefined || why === '' ? '' : `: ${truncate(why, 300)}`}`)
+    this.status = status
+  }
+}
+
 /* Configuration */
 
 export class ConfigError extends DamselflyError {

@@ -34,6 +34,16 @@ const COMMANDS: Record<string, Command> = {
     summary: 'Have the seed peers fetch every blob of an image before anyone asks',
     usage: 'damselfly preheat IMAGE_REF --scheduler HOST:HTTP_PORT [--platform os/arch] [--username U --password-stdin]',
     run: runPreheat
+  },
+  config: {
+    summary: 'Point containerd, nydusd, skopeo/podman/CRI-O or Docker at the peer',
+    usage: 'damselfly config containerd|nydusd|registries-conf|docker [options]',
+    run: async (argv) => (await import('./config.ts')).runConfig(argv)
+  },
+  get: {
+    summary: 'Fetch a blob, or a whole image into an OCI layout, through the peer, verified',
+    usage: 'damselfly get REGISTRY/REPO@DIGEST [-o FILE] | damselfly get REGISTRY/REPO:TAG --oci DIR [--platform os/arch]',
+    run: async (argv) => (await import('./get.ts')).runGet(argv)
   }
 }
 

@@ -1,0 +1,101 @@
+import { isIP } from 'node:net'
+import { ConfigError } from '../errors.ts'
+
+/**
+ * A registry as a client configuration names it. Clients key their settings
+ * by the host written in image references (`docker.io`), while the registry
+ * API may answer elsewhere (`https://registry-1.docker.io`).
+ */
+export interface ClientRegistry {
+  /** host[:port] as image references write it, lowercase; Docker Hub is `docker.io`. */
+  readonly name: string
+  /** scheme://host[:port] of the registry API. */
+  readonly server: string
+  readonly scheme: 'http' | 'https'
+  readonly dockerHub: boolean
+}
+
+/** A mirror endpoint: the peer, as clients reach it. */
+export interface Endpoint {
+  /** scheme://host[:port], no trailing slash. */
+  readonly url: string
+  readonly scheme: 'http' | 'https'
+  /** host[:port] */
+  readonly host: string
+  /** The hostname alone (IPv6 without brackets). */
+  readonly hostname: string
+}
+
+const DOCKER_HUB_NAMES = new Set(['docker.io', 'index.docker.io', 'registry-1.docker.io', 'registry.hub.docker.com'])
+export const DOCKER_HUB_SERVER = 'https://registry-1.docker.io'
+const LABEL = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/
+
+/**
+ * `host[:port]` (https) or `http(s)://host[:port]`. Everything else is refused
+ * with the flag's name: the result names directories and goes into files, so
+ * a path, a query or `..` must never get through.
+ */
+export function parseClientRegistry (value: string, flag = '--registry'): ClientRegistry {
+  const { scheme, host } = parseAuthority(value, flag, 'https')
+  if (DOCKER_HUB_NAMES.has(host)) return { name: 'docker.io', server: DOCKER_HUB_SERVER, scheme: 'https', dockerHub: true }
+  return { name: host, server: `${scheme}://${host}`, scheme, dockerHub: false }
+}
+
+/** A mirror address; `defaultScheme` applies when none is written. */
+export function parseEndpoint (value: string, flag: string, defaultScheme: 'http' | 'https' = 'http'): Endpoint {
+  const { scheme, host, hostname } = parseAuthority(value, flag, defaultScheme)
+  return { url: `${scheme}://${host}`, scheme, host, hostname }
+}
+
+/** Loopback addresses: a plain-http peer there needs no TLS to be trusted. */
+export function isLoopback (hostname: string): boolean {
+  if (hostname === 'localhost') return true
+  if (isIP(hostname) === 4) return hostname.startsWith('127.')
+  return hostname === '::1'
+}
+
+function parseAuthority (raw: string, flag: string, defaultScheme: 'http' | 'https'): { scheme: 'http' | 'https', host: string, hostname: string } {
+  const fail = (why: string): never => {
+    throw new ConfigError(flag, `${JSON.stringify(raw.length > 80 ? `${raw.slice(0, 80)}…` : raw)} is not host[:port] or http(s)://host[:port]: ${why}`)
+  }
+  const value = raw.trim()
+  if (value === '') fail('empty')
+  if (value.length > 300) fail('too long')
+  let scheme = defaultScheme
+  let rest = value
+  const m = /^([a-zA-Z][a-zA-Z0-9+.-]*):\/\/(.*)$/.exec(value)
+  if (m !== null) {
+    const s = (m[1] as string).toLowerCase()
+    if (s !== 'http' && s !== 'https') fail(`scheme ${JSON.stringify(s)} is not http or https`)
+    scheme = s as 'http' | 'https'
+    rest = (m[2] as string).replace(/\/$/, '')
+  }
+  if (/[/\\?#]/.test(rest)) fail('a registry is a host, without a path, query or fragment')
+  if (rest.includes('@')) fail('credentials do not belong in the address')
+  const authority = rest.toLowerCase()
+  let hostname = authority
+  let port: string | undefined
+  if (authority.startsWith('[')) {
+    const close = authority.indexOf(']')
+    if (close === -1) fail('unterminated IPv6 literal')
+    hostname = authority.slice(1, close)
+    const after = authority.slice(close + 1)
+    if (after !== '') {
+      if (!after.startsWith(':')) fail('malformed host')
+      port = after.slice(1)
+    }
+    if (isIP(hostname) !== 6) fail('malformed IPv6 address')
+  } else {
+    const colon = authority.lastIndexOf(':')
+    if (colon !== -1) {
+      hostname = authority.slice(0, colon)
+      port = authority.slice(colon + 1)
+    }
+    if (hostname === '' || hostname.length > 253) fail('malformed host')
+    if (isIP(hostname) === 0 && !hostname.split('.').every(label => LABEL.test(label))) fail('malformed host name')
+  }
+  if (port !== undefined && (!/^\d{1,5}$/.test(port) || Number(port) < 1 || Number(port) > 65535)) fail('port must be 1-65535')
+  const defaultPort = scheme === 'https' ? '443' : '80'
+  const host = port === undefined || port === defaultPort ? authority.replace(/:\d+$/, '') : authority
+  return { scheme, host, hostname }
+}
