@@ -93,6 +93,10 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
   const requests = (components.metrics.getSingleMetric('damselfly_mirror_requests_total') as Counter | undefined) ?? new Counter({ name: 'damselfly_mirror_requests_total', help: 'Mirror requests, by route kind, method and status', labelNames: ['route', 'method', 'status'], registers: [components.metrics] })
   const durations = (components.metrics.getSingleMetric('damselfly_mirror_request_duration_seconds') as Histogram | undefined) ?? new Histogram({ name: 'damselfly_mirror_request_duration_seconds', help: 'Time to first byte of mirror responses', labelNames: ['route'], buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [components.metrics] })
 
+  // The id names this request in every log line; the caller gets it back to quote.
+  app.addHook('onRequest', async (request, reply) => {
+    reply.header('x-request-id', request.id)
+  })
   app.addHook('onSend', async (request, reply) => {
     // Headers are about to leave: this is the time to first byte the caller sees.
     durations.observe({ route: (request as FastifyRequest & { routeKind?: string }).routeKind ?? 'other' }, reply.elapsedTime / 1000)

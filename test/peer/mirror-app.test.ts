@@ -5,7 +5,8 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { test, type TestContext } from 'node:test'
 import type { FastifyInstance } from 'fastify'
-import { silentLogger } from '../../src/logger.ts'
+import { Writable } from 'node:stream'
+import { createLogger, silentLogger } from '../../src/logger.ts'
 import { createMetricsRegistry } from '../../src/metrics.ts'
 import { MIB } from '../../src/pieces.ts'
 import { createAccessChecker } from '../../peer/auth/index.ts'
@@ -16,9 +17,8 @@ import { createTagCache } from '../../peer/tags/index.ts'
 import { createUpstreamSelector } from '../../peer/upstream/index.ts'
 import { FakeOrigin } from '../fakes/origin.ts'
 
-async function setup (t: TestContext): Promise<{ app: FastifyInstance, origin: FakeOrigin, dir: string }> {
+async function setup (t: TestContext, logger = silentLogger()): Promise<{ app: FastifyInstance, origin: FakeOrigin, dir: string }> {
   const dir = await mkdtemp(join(tmpdir(), 'df-mirror-'))
-  const logger = silentLogger()
   const origin = new FakeOrigin()
   const metrics = createMetricsRegistry()
   const store = createPieceStore({ logger }, { dataDir: dir })
@@ -181,4 +181,23 @@ test('health and metrics answer outside the registry API', async (t) => {
   const metrics = await app.inject({ method: 'GET', url: '/metrics' })
   assert.equal(metrics.statusCode, 200)
   assert.match(metrics.body, /damselfly_mirror_requests_total/)
+})
+
+test('every answer carries a request id (the caller\'s when it sent one) and the log lines name it, never the credentials', async (t) => {
+  const lines: string[] = []
+  const sink = new Writable({ write (chunk, _enc, done) { lines.push(String(chunk)); done() } })
+  const { app, origin } = await setup(t, createLogger({ level: 'debug', destination: sink }))
+  const digest = origin.addBlob('team/app', randomBytes(1000))
+  const secret = Buffer.from('alice:s3cret-pass').toString('base64')
+  const given = await app.inject({ method: 'GET', url: `/v2/team/app/blobs/${digest}`, headers: { 'x-request-id': 'pull-42.a', authorization: `Basic ${secret}` } })
+  assert.equal(given.statusCode, 200)
+  assert.equal(given.headers['x-request-id'], 'pull-42.a')
+  const made = await app.inject({ method: 'GET', url: '/v2/team/app/blobs/sha256:nothex', headers: { 'x-request-id': 'not ok; injected' } })
+  assert.match(String(made.headers['x-request-id']), /^[0-9a-f-]{36}$/, 'an unusable id is replaced')
+  const mine = lines.filter(l => l.includes('"reqId":"pull-42.a"'))
+  assert.ok(mine.length > 0, 'the request is logged under its id')
+  for (const l of lines) {
+    JSON.parse(l)
+    assert.equal(l.includes(secret) || l.includes('s3cret-pass'), false, `no credential in ${l}`)
+  }
 })
