@@ -11,7 +11,7 @@ test('piece paths round-trip and anything else is refused', () => {
   for (const bad of [
     `/damselfly/v1/pieces/${digest}/-1`,
     `/damselfly/v1/pieces/${digest}/1?wait=999999`,
-    `/damselfly/v1/pieces/sha256:zz/1`,
+    '/damselfly/v1/pieces/sha256:zz/1',
     `/damselfly/v1/pieces/${digest}/../../etc/passwd`,
     `/v2/x/blobs/${digest}`
   ]) assert.equal(parsePiecePath(bad), undefined, bad)
