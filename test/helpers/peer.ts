@@ -54,7 +54,18 @@ export interface TestScheduler {
 
 /** Runs `damselfly peer` as its own process on loopback. */
 export async function startPeer (options: PeerOptions): Promise<TestPeer> {
-  const [port, p2pPort, uploadPort] = await freePorts(3) as [number, number, number]
+  // A free port can be taken by another process between our probe and the
+  // peer's bind (test files and benchmarks run beside each other): try again with others.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startPeerOnce(options, await freePorts(3) as [number, number, number])
+    } catch (err) {
+      if (attempt >= 3 || !String((err as Error).message).includes('EADDRINUSE')) throw err
+    }
+  }
+}
+
+async function startPeerOnce (options: PeerOptions, [port, p2pPort, uploadPort]: [number, number, number]): Promise<TestPeer> {
   const tmp = options.dataDir === undefined ? await tmpDir('df-peer-') : undefined
   const dataDir = options.dataDir ?? (tmp as { path: string }).path
   const name = options.name ?? `peer-${port}`
@@ -85,7 +96,13 @@ export async function startPeer (options: PeerOptions): Promise<TestPeer> {
       throw new Error(`${(err as Error).message}\n--- ${name} output ---\n${started.output().slice(-4000)}`, { cause: err })
     })
   }
-  await start()
+  try {
+    await start()
+  } catch (err) {
+    await proc?.stop()
+    await tmp?.cleanup()
+    throw err
+  }
   return {
     name,
     url,
