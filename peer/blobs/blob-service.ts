@@ -58,6 +58,11 @@ export class DefaultBlobService implements BlobService {
   readonly #prefetching = new Set<string>()
   readonly #maxPrefetchQueue: number
   readonly #inflight = new Map<string, Promise<Landed>>()
+  /**
+   * Verified pieces whose disk write has not finished. Readers take them from
+   * here: on a busy disk a write can take longer than the network did.
+   */
+  readonly #landing = new Map<string, { data: Buffer, source: Source, written: Promise<unknown> }>()
   /** Tasks this node worked on lately, with the upstream and credentials to fetch more of them. */
   readonly #tasks = new LRUCache<string, BlobTask>({ max: 4096, ttl: 10 * 60_000 })
   /** Piece requests that arrived for a task this node was told to take but has not adopted yet. */
@@ -133,7 +138,7 @@ export class DefaultBlobService implements BlobService {
   }
 
   async servePiece (digest: string, index: number, options: ServePieceOptions): Promise<Buffer | undefined> {
-    const held = await this.#store.readPiece(digest, index)
+    const held = await this.#store.readPiece(digest, index) ?? this.#landing.get(pieceKey(digest, index))?.data
     if (held !== undefined) return held
     const signal = withDeadline(options.signal, Math.max(1, options.waitMs), 'waiting for a piece')
     const pending = this.#inflight.get(pieceKey(digest, index))
@@ -180,6 +185,7 @@ export class DefaultBlobService implements BlobService {
         if (this.#store.hasPiece(task.digest, i)) continue
         await this.#acquire(task, i, last, options.signal, options.priority ?? Priority.ON_DEMAND)
       }
+      await this.#written(task.digest)
       if (!await this.#store.verifyBlob(task.digest)) {
         if (this.#store.info(task.digest)?.complete !== true) throw new StorageError(`blob ${task.digest} could not be kept whole in the cache`)
         throw new BlobDigestMismatchError(task.digest, 'unknown')
@@ -229,7 +235,10 @@ export class DefaultBlobService implements BlobService {
         for (let i = first; i <= last; i++) {
           fill()
           const piece = i === first ? firstPiece : await (ahead.shift() as Promise<{ data: Buffer, source: Source }>)
-          if (i === info.pieceCount - 1) await self.#checkWhole(task)
+          if (i === info.pieceCount - 1) {
+            await self.#written(task.digest)
+            await self.#checkWhole(task)
+          }
           const { offset } = pieceBounds(i, task.size, info.pieceSize)
           const from = Math.max(start - offset, 0)
           const to = Math.min(end - offset + 1, piece.data.length)
@@ -263,6 +272,8 @@ export class DefaultBlobService implements BlobService {
       const local = await this.#store.readPiece(task.digest, index)
       if (local !== undefined) return { data: local, source: 'local' }
       const key = pieceKey(task.digest, index)
+      const landing = this.#landing.get(key)
+      if (landing !== undefined) return { data: landing.data, source: landing.source }
       const pending = this.#inflight.get(key) ?? this.#startFetch(task, index, lastWanted, priority)
       try {
         const landed = await raceSignal(pending, signal)
@@ -310,10 +321,10 @@ export class DefaultBlobService implements BlobService {
     const maxRun = priority < Priority.ON_DEMAND ? Math.min(this.#maxRun, LOW_PRIORITY_RUN) : this.#maxRun
     const limit = task.kind === 'manifest' ? pieceCount - 1 : Math.min(lastWanted, index + maxRun - 1)
     let last = index
-    while (last < limit && !this.#store.hasPiece(task.digest, last + 1) && !this.#inflight.has(pieceKey(task.digest, last + 1))) last++
+    while (last < limit && !this.#store.hasPiece(task.digest, last + 1) && !this.#busy(pieceKey(task.digest, last + 1))) last++
     const deferreds = new Map<number, Deferred>()
     for (let i = first; i <= last; i++) {
-      if (i === index || (!this.#store.hasPiece(task.digest, i) && !this.#inflight.has(pieceKey(task.digest, i)))) deferreds.set(i, this.#register(task, i))
+      if (i === index || (!this.#store.hasPiece(task.digest, i) && !this.#busy(pieceKey(task.digest, i)))) deferreds.set(i, this.#register(task, i))
     }
     void this.#runOrigin(task, first, last, deferreds, priority)
     return (deferreds.get(index) as Deferred).promise
@@ -369,19 +380,47 @@ export class DefaultBlobService implements BlobService {
     }
   }
 
-  /** Writes a fetched piece and wakes its waiters; the store checks it against any known piece digest. */
+  #busy (key: string): boolean {
+    return this.#inflight.has(key) || this.#landing.has(key)
+  }
+
+  /** Resolves once every piece of a blob handed to readers is on disk (or failed to get there). */
+  async #written (digest: string): Promise<void> {
+    const prefix = pieceKey(digest, 0).slice(0, -1)
+    await Promise.all([...this.#landing].filter(([k]) => k.startsWith(prefix)).map(async ([, l]) => l.written))
+  }
+
+  /**
+   * Writes a fetched piece and wakes its waiters. A piece that matches the
+   * piece table (or that has no entry in it yet) wakes them at once and is
+   * written behind their backs; the store checks it against the table
+   * either way, and a mismatch fails the waiters instead.
+   */
   async #land (task: BlobTask, index: number, data: Buffer, sha256: string, source: 'origin' | 'peer', deferred: Deferred): Promise<void> {
+    const key = pieceKey(task.digest, index)
+    const write = this.#store.writePiece(task.digest, index, data, { sha256, source })
+    // The store compared the piece with the table before its first await: whatever it knows now, it knew then.
+    const known = this.#store.pieceDigest(task.digest, index)
+    const early = known === undefined || known === sha256
+    if (early) {
+      this.#landing.set(key, { data, source, written: write.catch(() => {}) })
+      this.#fetched?.inc({ source }, data.length)
+      deferred.resolve({ data, source })
+    }
     let stored: boolean
     try {
-      stored = await this.#store.writePiece(task.digest, index, data, { sha256, source })
+      stored = await write
     } catch (err) {
       if (err instanceof PieceDigestMismatchError || err instanceof BlobDigestMismatchError) {
-        deferred.reject(err)
+        if (!early) deferred.reject(err)
         throw err
       }
       this.#logger.warn({ err, digest: task.digest, piece: index }, 'could not cache a piece; serving it from memory')
       stored = false
+    } finally {
+      this.#landing.delete(key)
     }
+    if (early) return
     this.#fetched?.inc({ source }, data.length)
     deferred.resolve({ data: stored ? undefined : data, source })
   }
