@@ -1,6 +1,6 @@
 import path from 'node:path'
 import { buildImage, pushImage } from '../../test/helpers/image.ts'
-import { startPeer, type TestPeer } from '../../test/helpers/peer.ts'
+import { startPeer, startScheduler, type TestPeer, type TestScheduler } from '../../test/helpers/peer.ts'
 import { startRegistry } from '../../test/helpers/registry.ts'
 import { tmpDir } from '../../test/helpers/tmp.ts'
 import { MIB, fetchVerified, type Row, type Scenario } from '../lib.ts'
@@ -12,12 +12,15 @@ export const memory: Scenario = {
     const size = quick ? 256 * MIB : 2048 * MIB
     const work = await tmpDir('df-bench-mem-')
     const registry = await startRegistry()
+    // As deployed: the scheduler is its own process, so the figure is the peer's alone.
+    let scheduler: TestScheduler | undefined
     let peer: TestPeer | undefined
     try {
       const image = await buildImage(path.join(work.path, 'image'), { layers: [size], seed: 'bench-memory', tag: 'v1' })
       await pushImage(image, `${registry.host}/bench/mem:v1`)
       const digest = (image.layers[0] as { digest: string }).digest
-      peer = await startPeer({ registry: registry.url, name: 'memory', args: ['--log-level', 'warn', '--cache-size', `${Math.ceil(size / MIB) * 2}MiB`] })
+      scheduler = await startScheduler()
+      peer = await startPeer({ registry: registry.url, scheduler: scheduler.address, name: 'memory', args: ['--log-level', 'warn', '--cache-size', `${Math.ceil(size / MIB) * 2}MiB`] })
       const url = `${peer.url}/v2/bench/mem/blobs/${digest}`
       const idle = await rss(peer)
       const takingIn = await peakWhile(peer, async () => { await fetchVerified(url, digest) })
@@ -30,6 +33,7 @@ export const memory: Scenario = {
       ] satisfies Row[]
     } finally {
       await peer?.close()
+      await scheduler?.close()
       await registry.close()
       await work.cleanup()
     }

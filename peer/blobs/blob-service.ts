@@ -75,7 +75,7 @@ export class DefaultBlobService implements BlobService {
     this.#components = components
     this.#logger = components.logger.child({ component: 'peer:blobs' })
     this.#store = components.store
-    this.#readahead = Math.max(1, init.readahead ?? 8)
+    this.#readahead = Math.max(1, init.readahead ?? 4)
     this.#maxRun = Math.max(1, init.maxRunPieces ?? 64)
     this.#attempts = Math.max(1, init.pieceAttempts ?? 3)
     this.#runs = new Limiter('origin requests', init.maxOriginRuns ?? 16, init.maxQueuedRuns ?? 1024)
