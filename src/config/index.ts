@@ -87,7 +87,7 @@ export function loadPeerConfig (sources: ConfigSources): Readonly<ResolvedPeerCo
     uploadRateLimit: parseSize(raw.uploadRateLimit, 'uploadRateLimit'),
     clusterSecret: clusterSecret(raw.swarm)
   }
-  const ports = [['port', resolved.port], ['healthPort', resolved.healthPort], ['p2pPort', resolved.p2pPort], ...resolved.mirrors.map((m, i) => [`mirrors.${i}.port`, m.port])] as Array<[string, number]>
+  const ports = [['port', resolved.port], ['healthPort', resolved.healthPort], ['p2pPort', resolved.p2pPort], ...(resolved.pieceTransport === 'http' ? [['uploadPort', resolved.uploadPort]] : []), ...resolved.mirrors.map((m, i) => [`mirrors.${i}.port`, m.port])] as Array<[string, number]>
   if (resolved.proxy.intercept.length > 0 && (resolved.proxy.caCert === '' || resolved.proxy.caKey === '')) {
     throw new ConfigError(resolved.proxy.caCert === '' ? 'proxy.caCert' : 'proxy.caKey', 'intercepting CONNECT for proxy.intercept needs a CA certificate and key')
   }
