@@ -13,7 +13,7 @@ import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
 import { pieceBounds, piecesCovering } from '../../src/pieces.ts'
 import type { PieceStore } from '../piece-store/index.ts'
-import { Priority, type BlobService, type BlobServiceComponents, type BlobServiceInit, type BlobTask, type OpenBlob, type OpenBlobRequest, type ReadOptions, type ServePieceOptions } from './index.ts'
+import { Priority, type BlobByteCounts, type BlobService, type BlobServiceComponents, type BlobServiceInit, type BlobTask, type OpenBlob, type OpenBlobRequest, type ReadOptions, type ServePieceOptions } from './index.ts'
 
 type Source = 'local' | 'origin' | 'peer'
 
@@ -70,6 +70,7 @@ export class DefaultBlobService implements BlobService {
   readonly #shutdown = new AbortController()
   readonly #served: Counter | undefined
   readonly #fetched: Counter | undefined
+  readonly #bytes: BlobByteCounts = { served: { local: 0, peer: 0, origin: 0 }, fetched: { peer: 0, origin: 0 } }
 
   constructor (components: BlobServiceComponents, init: BlobServiceInit) {
     this.#components = components
@@ -105,6 +106,11 @@ export class DefaultBlobService implements BlobService {
       stale: access.stale,
       read: async (range, readOptions = {}) => this.#read(task, range, readOptions)
     }
+  }
+
+  byteCounts (): BlobByteCounts {
+    const { served, fetched } = this.#bytes
+    return { served: { ...served }, fetched: { ...fetched } }
   }
 
   adopt (task: BlobTask): void {
@@ -244,6 +250,7 @@ export class DefaultBlobService implements BlobService {
           const to = Math.min(end - offset + 1, piece.data.length)
           const slice = from === 0 && to === piece.data.length ? piece.data : piece.data.subarray(from, to)
           self.#served?.inc({ source: piece.source }, slice.length)
+          self.#bytes.served[piece.source] += slice.length
           yield slice
         }
       } finally {
@@ -405,6 +412,7 @@ export class DefaultBlobService implements BlobService {
     if (early) {
       this.#landing.set(key, { data, source, written: write.catch(() => {}) })
       this.#fetched?.inc({ source }, data.length)
+      this.#bytes.fetched[source] += data.length
       deferred.resolve({ data, source })
     }
     let stored: boolean
@@ -422,6 +430,7 @@ export class DefaultBlobService implements BlobService {
     }
     if (early) return
     this.#fetched?.inc({ source }, data.length)
+    this.#bytes.fetched[source] += data.length
     deferred.resolve({ data: stored ? undefined : data, source })
   }
 

@@ -149,7 +149,16 @@ export interface BlobService {
    * complete, already running, or too many prefetches queued.
    */
   prefetch: (task: BlobTask) => boolean
+  /** Bytes moved since start (the same numbers as the byte metrics, without a registry). */
+  byteCounts: () => BlobByteCounts
   stop: () => Promise<void>
+}
+
+export interface BlobByteCounts {
+  /** Bytes sent to clients, by where each piece came from (local: already cached). */
+  served: { local: number, peer: number, origin: number }
+  /** Piece bytes fetched into this node, by source. */
+  fetched: { peer: number, origin: number }
 }
 
 export function createBlobService (components: BlobServiceComponents, init: BlobServiceInit = {}): BlobService {

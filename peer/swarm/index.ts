@@ -4,7 +4,7 @@ import type { AbortOptions } from '../../src/abort.ts'
 import type { Logger } from '../../src/logger.ts'
 import type { Registry } from '../../src/metrics.ts'
 import { createP2PNode, type P2PNode } from '../../src/p2p/index.ts'
-import { LookupTagResponse, type Fact, type OriginRef } from '../../src/protocol/messages.ts'
+import { LookupTagResponse, type Fact, type Load, type OriginRef } from '../../src/protocol/messages.ts'
 import { VERSION } from '../../src/version.ts'
 import type { PublicFacts } from '../auth/index.ts'
 import type { BlobService, BlobTask, OriginDirective, PieceSourceContext, RemotePiece, RemotePieceSource } from '../blobs/index.ts'
@@ -186,9 +186,13 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
       // Serve only once we know whether the swarm is there: a peer that starts
       // pulling before its session would send everything to the origin.
       await Promise.race([client.settled(), new Promise(resolve => setTimeout(resolve, 5_000).unref())])
-      // Upload load and measured parent speeds go to the scheduler every 2 s when they change.
+      // Upload load, measured parent speeds and byte counts go to the scheduler every 2 s when they change.
       loadTimer = setInterval(() => {
-        const load = { activeUploads: server?.activeUploads ?? 0, parents: fetcher.parentRates().map(([p, r]): [string, number] => [p, Math.round(r)]) }
+        const load: Load = {
+          activeUploads: server?.activeUploads ?? 0,
+          parents: fetcher.parentRates().map(([p, r]): [string, number] => [p, Math.round(r)]),
+          bytes: { ...services.blobs.byteCounts(), uploaded: server?.uploadedBytes ?? 0 }
+        }
         const key = JSON.stringify(load)
         if (key !== lastLoad) {
           lastLoad = key

@@ -42,6 +42,8 @@ export interface PieceServer {
   start: () => Promise<void>
   stop: () => void
   readonly activeUploads: number
+  /** Piece bytes sent to other peers since start, over either transport. */
+  readonly uploadedBytes: number
   /** Base URLs of the upload port, best first; empty when it is off. */
   readonly uploadUrls: string[]
 }
@@ -61,6 +63,7 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
   const requests = registers === undefined ? undefined : new Counter({ name: 'damselfly_piece_requests_total', help: 'Piece requests from other peers, by answer', labelNames: ['status'], registers })
   const secret = init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8')
   let http: Server | undefined
+  let uploaded = 0
   if (init.corruptPieces === true) logger.warn('TEST FAULT ACTIVE: every piece this peer uploads is corrupted')
 
   type Produced = { status: 'ok', data: Buffer, release: () => void } | { status: 'not-found' | 'busy' | 'error', message?: string }
@@ -123,6 +126,7 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
         if (!raw.send(chunk)) await raw.onDrain({ signal })
       }
       sent?.inc({ transport: 'libp2p' }, data.length)
+      uploaded += data.length
       await raw.close({ signal })
     } finally {
       produced.release()
@@ -157,6 +161,7 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
       }
       res.end()
       sent?.inc({ transport: 'http' }, data.length)
+      uploaded += data.length
     } finally {
       produced.release()
     }
@@ -164,6 +169,7 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
 
   return {
     get activeUploads () { return uploads.active },
+    get uploadedBytes () { return uploaded },
     get uploadUrls () {
       const address = http?.address()
       return address === undefined || address === null || typeof address === 'string' ? [] : uploadUrls(components.node.addrs(), address.port)

@@ -60,6 +60,8 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
   const pending = new Map<string, TaskUpdate>()
   let pendingFacts: Fact[] = []
   let pendingLoad: Load | undefined
+  /** The last load set, sent again to a scheduler that (re)registers us: the peer sends only changes. */
+  let latestLoad: Load | undefined
   let timer: NodeJS.Timeout | undefined
   const firstAttempt = Promise.withResolvers<void>()
 
@@ -125,6 +127,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
     }
     await send()
     for (let i = 0; i < facts.length; i += 1000) await rawRequest(peerId, { type: 'announce', tasks: [], facts: facts.slice(i, i + 1000) }, AckResponse)
+    pendingLoad ??= latestLoad
     logger.info({ blobs: inventory.length, facts: facts.length }, 'registered with the scheduler')
   }
 
@@ -231,6 +234,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
     },
     setLoad (load) {
       pendingLoad = load
+      latestLoad = load
       schedule()
     },
     report (r) {

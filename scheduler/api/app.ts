@@ -3,6 +3,7 @@ import type { Logger } from '../../src/logger.ts'
 import type { Registry } from '../../src/metrics.ts'
 import type { PreheatJob, PreheatJobs } from '../preheat/index.ts'
 import type { SwarmState } from '../state/index.ts'
+import { swarmPage } from './swarm-page.ts'
 
 export interface SchedulerApiComponents {
   logger: Logger
@@ -41,6 +42,8 @@ export function buildSchedulerApi (components: SchedulerApiComponents): FastifyI
     return components.metrics.metrics()
   })
 
+  app.register(swarmPage, { state })
+
   app.get('/api/v1/hosts', async () => {
     return [...state.hosts()].map(h => ({
       peerId: h.info.peerId,
@@ -54,7 +57,8 @@ export function buildSchedulerApi (components: SchedulerApiComponents): FastifyI
       throughput: Math.round(h.throughput),
       barred: h.barredUntil > Date.now(),
       tasks: h.tasks.size,
-      connectedAt: new Date(h.connectedAt).toISOString()
+      connectedAt: new Date(h.connectedAt).toISOString(),
+      bytes: h.bytes
     }))
   })
 

@@ -160,6 +160,7 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
         for (const fact of request.facts ?? []) state.recordFact(fact)
         if (request.load !== undefined) {
           host.activeUploads = request.load.activeUploads
+          if (request.load.bytes !== undefined) host.bytes = request.load.bytes
           for (const [parentId, rate] of request.load.parents ?? []) {
             const parent = state.hostByPeer(parentId)
             if (parent !== undefined) parent.throughput = parent.throughput === 0 ? rate : parent.throughput * 0.7 + rate * 0.3

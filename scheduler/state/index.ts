@@ -1,6 +1,6 @@
 import { LRUCache } from 'lru-cache'
 import { PieceSet, choosePieceSize, pieceCount } from '../../src/pieces.ts'
-import type { Fact, HostInfo, OriginRef, TaskUpdate } from '../../src/protocol/messages.ts'
+import type { ByteCounts, Fact, HostInfo, OriginRef, TaskUpdate } from '../../src/protocol/messages.ts'
 import { HostSet } from './host-set.ts'
 
 /** One connected peer. `slot` is a small integer used in per-task bitsets. */
@@ -16,6 +16,8 @@ export interface HostRecord {
   recentSelections: number
   recentAt: number
   barredUntil: number
+  /** Bytes the host reported moving since it started; undefined until it reports (older peers never do). */
+  bytes: ByteCounts | undefined
   /** Tasks this host holds pieces of or is fetching, for cleanup. */
   readonly tasks: Set<string>
 }
@@ -125,6 +127,7 @@ class MemorySwarmState implements SwarmState {
       recentSelections: 0,
       recentAt: now,
       barredUntil: 0,
+      bytes: undefined,
       tasks: new Set()
     }
     this.#byPeer.set(info.peerId, host)

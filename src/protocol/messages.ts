@@ -83,11 +83,27 @@ export const Fact = Type.Union([
 ])
 export type Fact = Static<typeof Fact>
 
+/**
+ * Bytes a peer moved since it started, cumulative, for the scheduler's status
+ * page. Counts only; they steer nothing.
+ */
+export const ByteCounts = Type.Object({
+  /** Bytes sent to this peer's clients, by where each piece came from (local: already cached). */
+  served: Type.Object({ local: Size, peer: Size, origin: Size }),
+  /** Piece bytes fetched into this peer, by source. */
+  fetched: Type.Object({ peer: Size, origin: Size }),
+  /** Piece bytes sent to other peers. */
+  uploaded: Size
+})
+export type ByteCounts = Static<typeof ByteCounts>
+
 /** Upload load, so the scheduler can send children to parents with free slots. */
 export const Load = Type.Object({
   activeUploads: Type.Integer({ minimum: 0 }),
   /** Throughput children measured from parents, bytes per second. */
-  parents: Type.Optional(Type.Array(Type.Tuple([PeerId, Type.Number({ minimum: 0 })]), { maxItems: 256 }))
+  parents: Type.Optional(Type.Array(Type.Tuple([PeerId, Type.Number({ minimum: 0 })]), { maxItems: 256 })),
+  /** Absent from peers older than the field; the scheduler then shows no counts for them. */
+  bytes: Type.Optional(ByteCounts)
 })
 export type Load = Static<typeof Load>
 
