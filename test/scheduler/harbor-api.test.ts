@@ -32,7 +32,7 @@ async function setup (t: { after: (fn: () => Promise<void>) => void }, token = '
     state,
     control: async (_peer, command) => {
       commands.push(command)
-      return await new Promise<ControlResponse>(resolve => { waiting.push(resolve) })
+      return new Promise<ControlResponse>(resolve => { waiting.push(resolve) })
     }
   })
   const app = buildSchedulerApi({ logger: silentLogger(), state, jobs, metrics: createMetricsRegistry(), ready: () => true, apiToken: token })
