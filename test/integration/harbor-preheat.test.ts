@@ -4,6 +4,7 @@ import path from 'node:path'
 import { after, before, describe, test } from 'node:test'
 import { setTimeout as delay } from 'node:timers/promises'
 import { request } from 'undici'
+import { runCli } from '../helpers/cli.ts'
 import { buildImage, pushImage, type BuiltImage } from '../helpers/image.ts'
 import { startPeer, startScheduler, type TestPeer, type TestScheduler } from '../helpers/peer.ts'
 import { waitFor } from '../helpers/process.ts'
@@ -200,6 +201,16 @@ describe('Harbor preheats a private image through the scheduler API', () => {
       await ours.body.dump()
     }
     assert.equal((await harborCall('GET', `${scheduler.httpUrl}/healthy`, undefined, '')).status, 200, 'health stays open')
+  })
+
+  test('damselfly preheat sends the API token from DAMSELFLY_API_TOKEN, and is refused without it', async () => {
+    const args = ['preheat', `${origin.url}/library/private:v1`, '--scheduler', scheduler.httpUrl, '--username', USER, '--password-stdin', '--timeout', '120']
+    const refused = await runCli(args, { input: `${PASSWORD}\n`, env: { DAMSELFLY_API_TOKEN: '' } })
+    assert.notEqual(refused.code, 0)
+    assert.match(refused.stderr + refused.stdout, /401/)
+    const ok = await runCli(args, { input: `${PASSWORD}\n`, env: { DAMSELFLY_API_TOKEN: API_TOKEN }, timeoutMs: 150_000 })
+    assert.equal(ok.code, 0, ok.stderr + ok.stdout)
+    assert.match(ok.stdout, /SUCCESS/)
   })
 
   test('the registry credential is in no answer and no log line', async () => {
