@@ -22,8 +22,9 @@
  *           description} with scheduler_cluster_id); FAILURE → FAIL with
  *           result.job_states[].error joined; any other state → FAIL "unknown state".
  *           So a running job must say PENDING, never STARTED.
- *   auth    every call carries the instance's credential (auth/*_handler.go): NONE; BASIC;
- *           OAUTH → `Authorization: Bearer <token>`; CUSTOM → <header_key>: <value>.
+ *   auth    every call carries the instance's credential (auth/cred.go, auth/token_handler.go):
+ *           NONE; BASIC; OAUTH → `Authorization: Bearer <token>`; CUSTOM (a header of the
+ *           instance's choosing). Our API token is checked as OAUTH sends it.
  *           A non-2xx answer is an error whose text includes our body.
  *
  * The registry credential is made by `src/controller/p2p/preheat/enforcer.go`
