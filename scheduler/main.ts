@@ -21,8 +21,11 @@ export interface Scheduler {
   readonly addresses: { p2p: string[], http: string | undefined }
 }
 
-/** The scheduler's composition root. `httpPort` undefined runs without the HTTP API (the embedded scheduler). */
-export async function createScheduler (config: Omit<ResolvedSchedulerConfig, 'httpPort'> & { httpPort: number | undefined }, deps: SchedulerDeps): Promise<Scheduler> {
+/**
+ * The scheduler's composition root. `httpPort` undefined runs without the HTTP
+ * API (the embedded scheduler), which then needs no API token either.
+ */
+export async function createScheduler (config: Omit<ResolvedSchedulerConfig, 'httpPort' | 'api' | 'apiToken'> & { httpPort: number | undefined, apiToken?: string | undefined }, deps: SchedulerDeps): Promise<Scheduler> {
   const logger = deps.logger
   const dataDir = resolve(config.dataDir)
   await mkdir(dataDir, { recursive: true })
@@ -53,7 +56,7 @@ export async function createScheduler (config: Omit<ResolvedSchedulerConfig, 'ht
       const jobs = createPreheatJobs({ logger, state, control: async (peerId, command) => (service as NonNullable<typeof service>).control(peerId, command) })
       addresses.p2p = node.addrs()
       if (config.httpPort !== undefined) {
-        api = buildSchedulerApi({ logger, state, jobs, metrics, ready: () => ready })
+        api = buildSchedulerApi({ logger, state, jobs, metrics, ready: () => ready, apiToken: config.apiToken ?? '' })
         addresses.http = await api.listen({ host: config.httpHost, port: config.httpPort })
       }
       ready = true

@@ -224,6 +224,22 @@ export class MirrorStatusError extends DamselflyError {
   }
 }
 
+/* The scheduler's HTTP API */
+
+/** A preheat endpoint was called without the API token (`api.token`), or with another one. */
+export class ApiUnauthorizedError extends DamselflyError {
+  constructor (message: string) {
+    super('DF_ERR_API_UNAUTHORIZED', message)
+  }
+}
+
+/** A preheat request the scheduler cannot turn into a job (a Harbor or Dragonfly body with no usable image URL). */
+export class InvalidPreheatRequestError extends DamselflyError {
+  constructor (message: string) {
+    super('DF_ERR_PREHEAT_INVALID', message)
+  }
+}
+
 /* Configuration */
 
 export class ConfigError extends DamselflyError {

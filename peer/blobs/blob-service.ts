@@ -13,6 +13,7 @@ import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
 import { pieceBounds, piecesCovering } from '../../src/pieces.ts'
 import type { PieceStore } from '../piece-store/index.ts'
+import type { OriginCredentials } from '../origin/index.ts'
 import { Priority, type BlobByteCounts, type BlobService, type BlobServiceComponents, type BlobServiceInit, type BlobTask, type OpenBlob, type OpenBlobRequest, type ReadOptions, type ServePieceOptions } from './index.ts'
 
 type Source = 'local' | 'origin' | 'peer'
@@ -118,6 +119,12 @@ export class DefaultBlobService implements BlobService {
     const waiting = this.#adoption.get(task.digest)
     this.#adoption.delete(task.digest)
     for (const wake of waiting ?? []) wake()
+  }
+
+  forget (credentials: OriginCredentials): void {
+    for (const [digest, task] of this.#tasks.entries()) {
+      if (task.credentials === credentials) this.#tasks.delete(digest)
+    }
   }
 
   /** Waits (bounded by `signal`) for a task to be adopted; the scheduler may name us before we heard of it. */

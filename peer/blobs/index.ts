@@ -137,6 +137,13 @@ export interface BlobService {
   /** Remembers a task (with its upstream) so pieces of it can be fetched for other peers. */
   adopt: (task: BlobTask) => void
   /**
+   * Forgets every remembered task that carries exactly this credentials
+   * object (a finished preheat job's), so they are not kept past their job.
+   * Pieces already held are still served; missing ones are no longer fetched
+   * with them.
+   */
+  forget: (credentials: OriginCredentials) => void
+  /**
    * Fetches every missing piece of a task into the cache, in order, at the
    * pace the sources allow. For seed peers and prefetch; uses `signal` for
    * cancellation, not any caller's.

@@ -65,10 +65,17 @@ export function createControlHandler (components: ControlComponents, init: Contr
         if (!init.seed) throw new DamselflyError('DF_ERR_NOT_SEED', 'only seed peers run preheat jobs')
         const upstream = /^https?:\/\//.test(command.registry) ? upstreams.parseUrl(command.registry) : upstreams.fromHost(command.registry)
         // Job credentials live only in this call's scope: used for the origin, then dropped.
-        const credentials = await origin.authorize(upstream, command.repo, command.credentials, { signal: shutdown.signal })
+        // A header value from the job (Harbor's pull token) goes to the origin exactly as given.
+        const credentials = command.authorization !== undefined
+          ? { authorization: command.authorization }
+          : await origin.authorize(upstream, command.repo, command.credentials, { signal: shutdown.signal })
         logger.info({ job: command.jobId, origin: upstream.origin, repo: command.repo, reference: command.reference }, 'preheat started')
-        const results = await fetchImage({ logger, origin, blobs }, { upstream, repo: command.repo, reference: command.reference, platform: command.platform }, credentials, { signal: shutdown.signal })
-        return { ok: true, results }
+        try {
+          const results = await fetchImage({ logger, origin, blobs }, { upstream, repo: command.repo, reference: command.reference, platform: command.platform }, credentials, { signal: shutdown.signal })
+          return { ok: true, results }
+        } finally {
+          blobs.forget(credentials)
+        }
       }
       case 'evict': {
         await components.store.remove(command.digest, 'evicted by the scheduler')

@@ -4,6 +4,7 @@ import type { Registry } from '../../src/metrics.ts'
 import type { PreheatJob, PreheatJobs } from '../preheat/index.ts'
 import type { SwarmState } from '../state/index.ts'
 import { swarmPage } from './swarm-page.ts'
+import { registerHarborApi } from './harbor.ts'
 
 export interface SchedulerApiComponents {
   logger: Logger
@@ -11,6 +12,8 @@ export interface SchedulerApiComponents {
   jobs: PreheatJobs
   metrics: Registry
   ready: () => boolean
+  /** `api.token`: required on preheat endpoints when set (see harbor.ts). */
+  apiToken?: string
 }
 
 /** Image references as `damselfly preheat` and people write them: `[scheme://]host[:port]/repo(:tag|@digest)`. */
@@ -32,6 +35,8 @@ export function buildSchedulerApi (components: SchedulerApiComponents): FastifyI
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: 64 * 1024
   })
+
+  registerHarborApi(app, { jobs, state, token: components.apiToken ?? '' })
 
   app.get('/healthy', async (_req, reply) => {
     if (!components.ready()) return reply.code(503).send({ status: 'starting' })

@@ -17,11 +17,17 @@ export interface PreheatRequest {
   platform?: string | undefined
   /** Registry credentials for the seed; kept in memory until the job ends, never stored or returned. */
   credentials?: { username: string, password: string } | undefined
+  /**
+   * The origin's `Authorization` header value, sent by the seed exactly as
+   * given (Harbor passes a pull token it minted). Wins over `credentials`;
+   * kept like them: in memory until the job ends.
+   */
+  authorization?: string | undefined
 }
 
 export interface PreheatJob {
   readonly id: string
-  readonly request: Omit<PreheatRequest, 'credentials'>
+  readonly request: Omit<PreheatRequest, 'credentials' | 'authorization'>
   status: JobStatus
   /** The seed peer that ran it. */
   seed: string | undefined
@@ -80,7 +86,8 @@ export function createPreheatJobs (components: PreheatJobsComponents, init: { ma
         repo: request.repo,
         reference: request.reference,
         ...(request.platform === undefined ? {} : { platform: request.platform }),
-        ...(request.credentials === undefined ? {} : { credentials: request.credentials })
+        ...(request.credentials === undefined ? {} : { credentials: request.credentials }),
+        ...(request.authorization === undefined ? {} : { authorization: request.authorization })
       })
       if (!res.ok) throw new DamselflyError(res.code, res.message)
       job.results = res.results ?? []
@@ -102,7 +109,7 @@ export function createPreheatJobs (components: PreheatJobsComponents, init: { ma
 
   return {
     create (request) {
-      const { credentials: _kept, ...shown } = request
+      const { credentials: _kept, authorization: _alsoKept, ...shown } = request
       const job: PreheatJob = { id: randomUUID(), request: shown, status: 'PENDING', seed: undefined, createdAt: Date.now(), finishedAt: undefined, error: undefined, results: [] }
       jobs.set(job.id, job)
       logger.info({ job: job.id, registry: request.registry, repo: request.repo, reference: request.reference }, 'preheat requested')

@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { readFileSync } from 'node:fs'
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import type { TObject } from '@sinclair/typebox'
 import { join } from 'node:path'
@@ -124,7 +125,7 @@ async function runPreheat (argv: string[]): Promise<number> {
     ({ values, positionals } = parseArgs({
       args: argv,
       allowPositionals: true,
-      options: { scheduler: { type: 'string' }, platform: { type: 'string' }, username: { type: 'string' }, 'password-stdin': { type: 'boolean' }, timeout: { type: 'string' }, help: { type: 'boolean', short: 'h' } }
+      options: { scheduler: { type: 'string' }, platform: { type: 'string' }, username: { type: 'string' }, 'password-stdin': { type: 'boolean' }, 'api-token-file': { type: 'string' }, timeout: { type: 'string' }, help: { type: 'boolean', short: 'h' } }
     }))
   } catch (err) {
     throw new ConfigError('flags', (err as Error).message)
@@ -135,6 +136,7 @@ async function runPreheat (argv: string[]): Promise<number> {
       '  --scheduler ADDR   the scheduler\'s HTTP API (host:port or URL) [env DAMSELFLY_SCHEDULER_HTTP]\n' +
       '  --platform P       only this platform of a multi-platform image (os/arch[/variant])\n' +
       '  --username U       registry user for private images; the password is read from stdin with --password-stdin\n' +
+      '  --api-token-file F the scheduler\'s API token (api.token), when it has one [env DAMSELFLY_API_TOKEN]\n' +
       '  --timeout SECONDS  give up waiting after this long [default 3600]\n')
     return 0
   }
@@ -151,8 +153,17 @@ async function runPreheat (argv: string[]): Promise<number> {
   }
   const timeoutMs = Number(values.timeout ?? 3600) * 1000
   if (!Number.isFinite(timeoutMs) || timeoutMs <= 0) throw new ConfigError('timeout', 'expected a number of seconds')
+  const tokenFile = values['api-token-file'] as string | undefined
+  let token = process.env.DAMSELFLY_API_TOKEN
+  if (tokenFile !== undefined) {
+    try {
+      token = readFileSync(tokenFile, 'utf8').trim()
+    } catch (err) {
+      throw new ConfigError('api-token-file', `cannot read ${tokenFile}: ${(err as Error).message}`)
+    }
+  }
   const { preheat } = await import('./preheat.ts')
-  const job = await preheat(base, { image, platform: values.platform as string | undefined, username: values.username as string | undefined, password }, timeoutMs, line => { process.stdout.write(`${line}\n`) })
+  const job = await preheat(base, { image, platform: values.platform as string | undefined, username: values.username as string | undefined, password }, timeoutMs, line => { process.stdout.write(`${line}\n`) }, token)
   return job.status === 'SUCCESS' ? 0 : 1
 }
 

@@ -74,6 +74,8 @@ export interface ResolvedPeerConfig extends Omit<PeerConfigInput, 'cacheSize' | 
 
 export interface ResolvedSchedulerConfig extends SchedulerConfigInput {
   clusterSecret: string
+  /** The API token itself (read from `api.tokenFile` when that is set); empty when the API is open. */
+  apiToken: string
 }
 
 export function loadPeerConfig (sources: ConfigSources): Readonly<ResolvedPeerConfig> {
@@ -104,7 +106,7 @@ export function loadPeerConfig (sources: ConfigSources): Readonly<ResolvedPeerCo
 export function loadSchedulerConfig (sources: ConfigSources): Readonly<ResolvedSchedulerConfig> {
   const raw = load(SchedulerConfig, sources) as SchedulerConfigInput
   if (raw.port !== 0 && raw.port === raw.httpPort) throw new ConfigError('httpPort', `port ${raw.port} is already used by port`)
-  return deepFreeze({ ...raw, clusterSecret: clusterSecret(raw.swarm) })
+  return deepFreeze({ ...raw, clusterSecret: clusterSecret(raw.swarm), apiToken: apiToken(raw.api) })
 }
 
 function load (schema: TObject, sources: ConfigSources): unknown {
@@ -226,6 +228,22 @@ function clusterSecret (swarm: { clusterSecret: string, clusterSecretFile: strin
   }
   if (secret !== '' && secret.length < 16) throw new ConfigError(swarm.clusterSecretFile !== '' ? 'swarm.clusterSecretFile' : 'swarm.clusterSecret', 'must be at least 16 characters')
   return secret
+}
+
+function apiToken (api: { token: string, tokenFile: string }): string {
+  let token = api.token
+  if (api.tokenFile !== '') {
+    if (token !== '') throw new ConfigError('api.tokenFile', 'set either api.token or api.tokenFile, not both')
+    try {
+      token = readFileSync(api.tokenFile, 'utf8').trim()
+    } catch (err) {
+      throw new ConfigError('api.tokenFile', `cannot read ${api.tokenFile}: ${(err as Error).message}`)
+    }
+  }
+  const key = api.tokenFile !== '' ? 'api.tokenFile' : 'api.token'
+  if (token !== '' && token.length < 16) throw new ConfigError(key, 'must be at least 16 characters')
+  if (!/^[\x21-\x7e]*$/.test(token)) throw new ConfigError(key, 'must be printable ASCII without spaces (it travels in an Authorization header)')
+  return token
 }
 
 function splitWords (camel: string): string[] {

@@ -26,6 +26,11 @@ export const Swarm = Type.Object({
   clusterSecretFile: Type.String({ default: '', description: 'File holding the cluster secret (a Kubernetes Secret mounted as a file)' })
 }, { additionalProperties: false, default: {} })
 
+export const SchedulerApi = Type.Object({
+  token: Type.String({ default: '', description: 'Bearer token the HTTP API requires on preheat endpoints (/api/v1/preheat, and Harbor\'s /oapi/v1/jobs and /preheats); empty leaves them open. Min 16 characters when set' }),
+  tokenFile: Type.String({ default: '', description: 'File holding the API token (a Kubernetes Secret mounted as a file)' })
+}, { additionalProperties: false, default: {} })
+
 export const PeerMirror = Type.Object({
   port: Port(0, 'Port of this extra mirror listener'),
   registry: RegistryUrl
@@ -76,6 +81,7 @@ export const SchedulerConfig = Type.Object({
   httpHost: Host('0.0.0.0', 'Address of the HTTP API (status, preheat, swarm page, metrics)'),
   httpPort: Port(8080, 'HTTP API port'),
   announce: Type.Array(Type.String(), { default: [], description: 'Multiaddrs peers should dial (default: the listen addresses)' }),
+  api: SchedulerApi,
   swarm: Swarm,
   logLevel: LogLevel
 }, { additionalProperties: false })

@@ -176,12 +176,19 @@ export type ErrorResponse = Static<typeof ErrorResponse>
 
 /** Registry credentials a preheat job carries to the seed that runs it; held in memory for the job only. */
 export const JobCredentials = Type.Object({ username: Type.String({ maxLength: 512 }), password: Type.String({ maxLength: 4096 }) })
+/** An `Authorization` header value for the origin (`Basic …`, `Bearer <token>`); visible ASCII and spaces only. */
+export const JobAuthorization = Type.String({ minLength: 1, maxLength: 8192, pattern: '^[\\x20-\\x7e]+$' })
 
 export const ControlCommand = Type.Union([
   /** Fetch a whole task into the swarm (the scheduler made this seed its first fetcher). */
   Type.Object({ type: Type.Literal('fetch'), digest: Digest, size: Size, mediaType: Type.Optional(Type.String({ maxLength: 256 })), origin: OriginRef }),
-  /** Resolve an image and fetch every blob of it. */
-  Type.Object({ type: Type.Literal('preheat'), jobId: Type.String({ maxLength: 128 }), registry: Type.String({ minLength: 1, maxLength: 300 }), repo: Repo, reference: Type.String({ maxLength: 200 }), platform: Type.Optional(Type.String({ maxLength: 64 })), credentials: Type.Optional(JobCredentials) }),
+  /**
+   * Resolve an image and fetch every blob of it. `authorization`, when set, is
+   * the origin's `Authorization` header value exactly as the job's creator gave
+   * it (Harbor hands out a pull token); it wins over `credentials`. Both are
+   * held in memory for the job only.
+   */
+  Type.Object({ type: Type.Literal('preheat'), jobId: Type.String({ maxLength: 128 }), registry: Type.String({ minLength: 1, maxLength: 300 }), repo: Repo, reference: Type.String({ maxLength: 200 }), platform: Type.Optional(Type.String({ maxLength: 64 })), credentials: Type.Optional(JobCredentials), authorization: Type.Optional(JobAuthorization) }),
   /** The blob failed its whole-digest check elsewhere: drop it. */
   Type.Object({ type: Type.Literal('evict'), digest: Digest })
 ])
