@@ -1,0 +1,334 @@
+import assert from 'node:assert/strict'
+import { readFile, writeFile, access } from 'node:fs/promises'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { parseArgs, type ParseArgsConfig } from 'node:util'
+import { before, describe, test } from 'node:test'
+import { parse as parseYaml, stringify as stringifyYaml } from 'yaml'
+import pkg from '../../package.json' with { type: 'json' }
+import { PeerConfig, SchedulerConfig, loadPeerConfig, loadSchedulerConfig, settingsOf } from '../../src/config/index.ts'
+import { ConfigError } from '../../src/errors.ts'
+import { runCli } from '../helpers/cli.ts'
+import {
+  allContainers, crossObjectProblems, isService, isWorkload, renderKustomization, validateObject,
+  type Container, type K8sObject, type Service, type Workload
+} from '../helpers/kubernetes.ts'
+import { tmpDir } from '../helpers/tmp.ts'
+
+// Renders deploy/kubernetes with real kustomize (kubectl's), validates every
+// object against the Kubernetes API schemas from the kubernetes-models package,
+// then checks what those schemas cannot see: that the objects fit together and
+// that the damselfly configuration each pod would run with is one the real
+// config loaders accept.
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..')
+const BASE = path.join(ROOT, 'deploy', 'kubernetes', 'base')
+const HARBOR = path.join(ROOT, 'deploy', 'kubernetes', 'overlays', 'harbor')
+
+/** What the committed cluster-secret.txt holds; deploy/README-section.md tells to replace it. */
+const PLACEHOLDER_SECRET = 'REPLACE-ME'
+const IMAGE = `registry.example.com/damselfly/damselfly:${pkg.version}`
+/** Downward API values a node would fill in. */
+const FIELDS: Record<string, string> = { 'status.hostIP': '10.0.3.7', 'status.podIP': '10.244.5.9', 'spec.nodeName': 'node-a' }
+const TEST_SECRET = 'a-test-cluster-secret-that-is-long-enough'
+
+function find<T extends K8sObject> (objects: K8sObject[], kind: string, name: string): T {
+  const obj = objects.find(o => o.kind === kind && o.metadata.name === name)
+  assert.ok(obj !== undefined, `${kind}/${name} is rendered`)
+  return obj as T
+}
+
+/** A generated object, whose name kustomize suffixes with a content hash. */
+function generated (objects: K8sObject[], kind: string, prefix: string): K8sObject & { data: Record<string, string> } {
+  const found = objects.filter(o => o.kind === kind && new RegExp(`^${prefix}-[a-z0-9]{10}$`).test(o.metadata.name))
+  assert.equal(found.length, 1, `one ${kind} generated as ${prefix}-<hash>`)
+  return found[0] as K8sObject & { data: Record<string, string> }
+}
+
+function container (w: Workload, name: string): Container {
+  const c = allContainers(w.spec.template.spec).find(c => c.name === name)
+  assert.ok(c !== undefined, `${w.kind}/${w.metadata.name} has a container ${name}`)
+  return c
+}
+
+/** The container's environment as the kubelet would set it: fieldRefs filled in, $(VAR) expanded. */
+function containerEnv (c: Container): Record<string, string> {
+  const env: Record<string, string> = {}
+  for (const e of c.env ?? []) {
+    if (e.valueFrom?.fieldRef !== undefined) {
+      const value = FIELDS[e.valueFrom.fieldRef.fieldPath]
+      assert.ok(value !== undefined, `env ${e.name}: no test value for ${e.valueFrom.fieldRef.fieldPath}`)
+      env[e.name] = value
+      continue
+    }
+    assert.ok(e.valueFrom === undefined, `env ${e.name}: only fieldRefs are expected here`)
+    env[e.name] = (e.value ?? '').replace(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g, (all, name: string) => {
+      assert.ok(name in env, `env ${e.name} refers to $(${name}), which is not defined before it`)
+      return env[name] ?? all
+    })
+  }
+  return env
+}
+
+/** Content of the file at `file` inside the container: a key of a mounted ConfigMap or Secret. */
+function mountedFile (objects: K8sObject[], w: Workload, c: Container, file: string): string {
+  const mount = (c.volumeMounts ?? []).find(m => path.dirname(file) === m.mountPath)
+  assert.ok(mount !== undefined, `${c.name}: nothing is mounted at ${path.dirname(file)} (for ${file})`)
+  const volume = (w.spec.template.spec.volumes ?? []).find(v => v.name === mount.name)
+  const key = path.basename(file)
+  if (volume?.configMap !== undefined) {
+    const map = find<K8sObject & { data: Record<string, string> }>(objects, 'ConfigMap', volume.configMap.name)
+    assert.ok(key in map.data, `ConfigMap ${map.metadata.name} has a key ${key}`)
+    return map.data[key] as string
+  }
+  if (volume?.secret !== undefined) {
+    const secret = find<K8sObject & { data: Record<string, string> }>(objects, 'Secret', volume.secret.secretName)
+    assert.ok(key in secret.data, `Secret ${secret.metadata.name} has a key ${key}`)
+    return Buffer.from(secret.data[key] as string, 'base64').toString('utf8')
+  }
+  throw new assert.AssertionError({ message: `${file} is on volume ${mount.name}, which is not a ConfigMap or Secret` })
+}
+
+interface Invocation {
+  command: string
+  file: string
+  env: Record<string, string>
+  flags: Record<string, string | boolean | string[] | undefined>
+}
+
+/**
+ * What `damselfly` would be started with in this container: the subcommand, its
+ * flags (parsed as strictly as the CLI parses them), the environment, and the
+ * --config file written to `dir` with the cluster secret file pointed at a copy
+ * holding `secret` (the mounted one when undefined).
+ */
+async function invocation (objects: K8sObject[], w: Workload, c: Container, dir: string, secret?: string): Promise<Invocation> {
+  assert.equal(c.command, undefined, `${c.name} runs the image's entrypoint`)
+  const [command, ...argv] = c.args ?? []
+  assert.ok(command === 'peer' || command === 'scheduler', `${c.name} runs damselfly peer or scheduler, not ${String(command)}`)
+  const options: NonNullable<ParseArgsConfig['options']> = { config: { type: 'string' } }
+  for (const s of settingsOf(command === 'peer' ? PeerConfig : SchedulerConfig)) {
+    options[s.flag] = s.schema.type === 'boolean' ? { type: 'boolean' } : s.schema.type === 'array' ? { type: 'string', multiple: true } : { type: 'string' }
+  }
+  const { values } = parseArgs({ args: argv, options, strict: true, allowPositionals: false })
+  const flags = values as Invocation['flags']
+  assert.equal(typeof flags.config, 'string', `${c.name} passes --config`)
+  const yaml = parseYaml(mountedFile(objects, w, c, flags.config as string)) as { swarm?: { clusterSecretFile?: string } }
+  const secretFile = yaml.swarm?.clusterSecretFile
+  assert.ok(secretFile !== undefined, `${c.name}: the config names swarm.clusterSecretFile`)
+  const secretCopy = path.join(dir, `${w.metadata.name}-${c.name}-secret`)
+  await writeFile(secretCopy, secret ?? mountedFile(objects, w, c, secretFile))
+  yaml.swarm = { ...yaml.swarm, clusterSecretFile: secretCopy }
+  const file = path.join(dir, `${w.metadata.name}-${c.name}.yaml`)
+  await writeFile(file, stringifyYaml(yaml))
+  return { command, file, env: containerEnv(c), flags }
+}
+
+for (const [label, dir] of [['base', BASE], ['overlay harbor', HARBOR]] as const) {
+  describe(`deploy/kubernetes ${label}`, () => {
+    let objects: K8sObject[] = []
+    before(async () => { objects = await renderKustomization(dir) })
+
+    test('every object conforms to the Kubernetes API schema', () => {
+      assert.ok(objects.length >= 10, `rendered ${objects.length} objects`)
+      for (const obj of objects) validateObject(obj)
+      const kinds = objects.map(o => `${o.kind}/${o.metadata.name.replace(/-[a-z0-9]{10}$/, '')}`).sort()
+      assert.deepEqual(kinds, [
+        'ConfigMap/damselfly-config', 'DaemonSet/damselfly-peer', 'Deployment/damselfly-scheduler', 'Namespace/damselfly',
+        'Secret/damselfly-cluster-secret', 'Service/damselfly-scheduler', 'Service/damselfly-seed-peer',
+        'ServiceAccount/damselfly-peer', 'ServiceAccount/damselfly-scheduler', 'ServiceAccount/damselfly-seed-peer',
+        'StatefulSet/damselfly-seed-peer'
+      ])
+    })
+
+    test('objects refer only to what exists, and every Service reaches a port of its pods', () => {
+      assert.deepEqual(crossObjectProblems(objects), [])
+      for (const obj of objects) {
+        if (obj.kind === 'Namespace') assert.equal(obj.metadata.name, 'damselfly')
+        else assert.equal(obj.metadata.namespace, 'damselfly', `${obj.kind}/${obj.metadata.name} is in the damselfly namespace`)
+      }
+    })
+
+    test('every container runs the one pinned image, unprivileged, within limits', () => {
+      for (const w of objects.filter(isWorkload)) {
+        const pod = w.spec.template.spec
+        assert.equal(pod.securityContext?.runAsNonRoot, true, `${w.metadata.name}: pod runs as non-root`)
+        assert.ok((pod.securityContext?.runAsUser ?? 0) > 0, `${w.metadata.name}: pod uid is not 0`)
+        for (const c of allContainers(pod)) {
+          const id = `${w.metadata.name}/${c.name}`
+          assert.equal(c.image, IMAGE, `${id} runs ${IMAGE}`)
+          assert.equal(c.securityContext?.allowPrivilegeEscalation, false, `${id}: no privilege escalation`)
+          assert.equal(c.securityContext?.readOnlyRootFilesystem, true, `${id}: read-only root`)
+          assert.deepEqual(c.securityContext?.capabilities?.drop, ['ALL'], `${id}: drops every capability`)
+          assert.ok(c.resources?.requests?.cpu !== undefined && c.resources.requests.memory !== undefined, `${id}: has requests`)
+          assert.ok(c.resources.limits?.cpu !== undefined && c.resources.limits.memory !== undefined, `${id}: has limits`)
+          // Only the init containers that write root-owned host directories run as root.
+          if (c.securityContext?.runAsUser === 0) assert.ok(pod.initContainers?.includes(c), `${id}: only init containers run as root`)
+        }
+        for (const c of pod.containers) {
+          for (const probe of [c.readinessProbe, c.livenessProbe]) assert.equal(probe?.httpGet?.path, '/healthy', `${w.metadata.name}/${c.name}: probes GET /healthy`)
+        }
+      }
+    })
+
+    test('the cluster secret is the documented placeholder, which peers and the scheduler refuse', async (t) => {
+      const secret = generated(objects, 'Secret', 'damselfly-cluster-secret')
+      assert.deepEqual(Object.keys(secret.data), ['cluster-secret'])
+      const value = Buffer.from(secret.data['cluster-secret'] as string, 'base64').toString('utf8').trim()
+      assert.equal(value, PLACEHOLDER_SECRET, 'no real secret is committed in deploy/kubernetes/base/cluster-secret.txt')
+      const tmp = await tmpDir('df-deploy-')
+      t.after(() => tmp.cleanup())
+      const peer = find<Workload>(objects, 'DaemonSet', 'damselfly-peer')
+      const scheduler = find<Workload>(objects, 'Deployment', 'damselfly-scheduler')
+      const p = await invocation(objects, peer, container(peer, 'peer'), tmp.path)
+      assert.throws(() => loadPeerConfig(p), (err: unknown) => err instanceof ConfigError && /at least 16 characters/.test(err.message))
+      const s = await invocation(objects, scheduler, container(scheduler, 'scheduler'), tmp.path)
+      assert.throws(() => loadSchedulerConfig(s), (err: unknown) => err instanceof ConfigError && /at least 16 characters/.test(err.message))
+    })
+
+    test('the peer on every node: host network, mirror on loopback, node IP announced, cache on the host', async (t) => {
+      const tmp = await tmpDir('df-deploy-')
+      t.after(() => tmp.cleanup())
+      const ds = find<Workload>(objects, 'DaemonSet', 'damselfly-peer')
+      const pod = ds.spec.template.spec
+      assert.equal(pod.hostNetwork, true)
+      assert.equal(pod.dnsPolicy, 'ClusterFirstWithHostNet', 'cluster DNS (the scheduler Service) resolves from the host network')
+      assert.ok(pod.tolerations?.some(t => t.operator === 'Exists' && t.key === undefined), 'tolerates every taint')
+      const c = container(ds, 'peer')
+      const config = loadPeerConfig(await invocation(objects, ds, c, tmp.path, TEST_SECRET))
+      assert.equal(config.clusterSecret, TEST_SECRET)
+      assert.equal(config.host, '127.0.0.1', 'the mirror (also a forward proxy) is reachable only from the node')
+      assert.equal(config.p2pHost, FIELDS['status.hostIP'])
+      assert.deepEqual(config.announce, [`/ip4/${FIELDS['status.hostIP'] as string}/tcp/${config.p2pPort}`])
+      assert.equal(config.seed, false)
+      assert.equal(config.registry, label === 'base' ? 'https://registry-1.docker.io' : 'https://harbor.example.com')
+      for (const probe of [c.readinessProbe, c.livenessProbe]) {
+        assert.deepEqual(probe?.httpGet, { host: config.host, path: '/healthy', port: config.port })
+      }
+      const ports = new Map((c.ports ?? []).map(p => [p.name, p]))
+      for (const [name, port] of [['p2p', config.p2pPort], ['mirror', config.port], ['upload', config.uploadPort]] as const) {
+        assert.equal(ports.get(name)?.containerPort, port, `container port ${name} is the configured ${port}`)
+        assert.equal(ports.get(name)?.hostPort, port)
+      }
+      const data = c.volumeMounts?.find(m => m.mountPath === config.dataDir)
+      assert.ok(data !== undefined, `the data dir ${config.dataDir} is a mount`)
+      assert.equal(pod.volumes?.find(v => v.name === data.name)?.hostPath?.path, '/var/lib/damselfly')
+      assertSchedulerAddress(objects, config.scheduler)
+    })
+
+    test('the init container writes hosts.toml for every registry, pointing containerd at the peer', async (t) => {
+      const tmp = await tmpDir('df-deploy-')
+      t.after(() => tmp.cleanup())
+      const ds = find<Workload>(objects, 'DaemonSet', 'damselfly-peer')
+      const init = container(ds, 'containerd-hosts')
+      assert.ok(ds.spec.template.spec.initContainers?.includes(init))
+      const args = init.args ?? []
+      assert.deepEqual(args.slice(0, 2), ['config', 'containerd'])
+      const hostsDir = args[args.indexOf('--hosts-dir') + 1]
+      assert.equal(hostsDir, '/etc/containerd/certs.d')
+      const mount = init.volumeMounts?.find(m => m.mountPath === hostsDir)
+      assert.equal(ds.spec.template.spec.volumes?.find(v => v.name === mount?.name)?.hostPath?.path, '/etc/containerd/certs.d', 'the host directory is mounted')
+      const peer = loadPeerConfig(await invocation(objects, ds, container(ds, 'peer'), tmp.path, TEST_SECRET))
+      const mirror = `http://${peer.host}:${peer.port}`
+      assert.equal(args[args.indexOf('--mirror') + 1], mirror)
+      // The real command, with the host directory swapped for a temporary one.
+      const run = await runCli(args.map(a => a === hostsDir ? tmp.path : a))
+      assert.equal(run.code, 0, run.stderr)
+      const registries = label === 'base' ? ['docker.io'] : ['docker.io', 'harbor.example.com']
+      for (const registry of registries) {
+        const toml = await readFile(path.join(tmp.path, registry, 'hosts.toml'), 'utf8')
+        assert.match(toml, new RegExp(`\\[host\\."${mirror.replaceAll('.', '\\.')}"\\]`))
+      }
+    })
+
+    test('seed peers: a StatefulSet with --seed, a cache claim and a headless Service', async (t) => {
+      const tmp = await tmpDir('df-deploy-')
+      t.after(() => tmp.cleanup())
+      const sts = find<Workload>(objects, 'StatefulSet', 'damselfly-seed-peer')
+      const svc = find<Service>(objects, 'Service', sts.spec.serviceName ?? '')
+      assert.equal(svc.spec.clusterIP, 'None')
+      const c = container(sts, 'seed-peer')
+      assert.ok(c.args?.includes('--seed'))
+      const config = loadPeerConfig(await invocation(objects, sts, c, tmp.path, TEST_SECRET))
+      assert.equal(config.seed, true)
+      assert.deepEqual(config.announce, [`/ip4/${FIELDS['status.podIP'] as string}/tcp/${config.p2pPort}`], 'other peers dial the pod IP')
+      assert.equal(config.proxy.enabled, false, 'a mirror on the pod network is not an open proxy')
+      assert.equal(config.registry, label === 'base' ? 'https://registry-1.docker.io' : 'https://harbor.example.com')
+      const cache = c.volumeMounts?.find(m => m.mountPath === config.dataDir)
+      assert.ok(sts.spec.volumeClaimTemplates?.some(v => v.metadata.name === cache?.name), 'the data dir is a volume claim')
+      const ports = new Map((c.ports ?? []).map(p => [p.name, p.containerPort]))
+      assert.deepEqual([ports.get('p2p'), ports.get('mirror'), ports.get('upload')], [config.p2pPort, config.port, config.uploadPort])
+      assertSchedulerAddress(objects, config.scheduler)
+    })
+
+    test('the scheduler: one replica, ports and probes as configured', async (t) => {
+      const tmp = await tmpDir('df-deploy-')
+      t.after(() => tmp.cleanup())
+      const deploy = find<Workload & { spec: { replicas?: number } }>(objects, 'Deployment', 'damselfly-scheduler')
+      assert.equal(deploy.spec.replicas, 1, 'the swarm state is in memory: one scheduler')
+      const c = container(deploy, 'scheduler')
+      const config = loadSchedulerConfig(await invocation(objects, deploy, c, tmp.path, TEST_SECRET))
+      const ports = new Map((c.ports ?? []).map(p => [p.name, p.containerPort]))
+      assert.equal(ports.get('p2p'), config.port)
+      assert.equal(ports.get('http'), config.httpPort)
+      for (const probe of [c.readinessProbe, c.livenessProbe]) assert.equal(probe?.httpGet?.port, 'http')
+      const svc = find<Service>(objects, 'Service', 'damselfly-scheduler')
+      assert.deepEqual(svc.spec.ports.map(p => [p.name, p.port]), [['p2p', 8002], ['http', 8080]])
+    })
+  })
+}
+
+/** The peers' scheduler address is the scheduler Service's DNS name and p2p port. */
+function assertSchedulerAddress (objects: K8sObject[], address: string): void {
+  const svc = find<Service>(objects, 'Service', 'damselfly-scheduler')
+  const p2p = svc.spec.ports.find(p => p.name === 'p2p')
+  assert.equal(address, `${svc.metadata.name}.${svc.metadata.namespace ?? ''}.svc:${p2p?.port ?? ''}`)
+}
+
+describe('the checks can fail', () => {
+  const daemonSet = (containers: unknown): unknown => ({
+    apiVersion: 'apps/v1',
+    kind: 'DaemonSet',
+    metadata: { name: 'broken' },
+    spec: { selector: { matchLabels: { app: 'x' } }, template: { metadata: { labels: { app: 'x' } }, spec: { containers } } }
+  })
+
+  test('the schema validator rejects malformed objects and unknown kinds', () => {
+    validateObject(daemonSet([{ name: 'c', image: 'i' }]))
+    assert.throws(() => validateObject(daemonSet('x')), /DaemonSet\/broken does not conform .*containers must be array/)
+    assert.throws(() => validateObject(daemonSet([{ image: 'i' }])), /containers\/0 must have required property name/)
+    assert.throws(() => validateObject(daemonSet([{ name: 'c', ports: [{ containerPort: 'http' }] }])), /containerPort must be integer/)
+    assert.throws(() => validateObject({ apiVersion: 'v1', kind: 'Service', metadata: { name: 's' }, spec: { ports: [{ port: 80, protocol: 'ICMP' }] } }), /does not conform/)
+    assert.throws(() => validateObject({ apiVersion: 'apps/v1', kind: 'Daemonset', metadata: { name: 'typo' } }), /is not a Kubernetes API type/)
+  })
+
+  test('cross-object checks find dangling references, stray selectors and missing probe ports', async () => {
+    const objects = await renderKustomization(BASE)
+    const broken = structuredClone(objects)
+    const svc = broken.find(o => isService(o) && o.metadata.name === 'damselfly-scheduler') as Service
+    svc.spec.selector = { 'app.kubernetes.io/component': 'nothing' }
+    const ds = broken.find(o => o.kind === 'DaemonSet') as Workload
+    const peer = ds.spec.template.spec.containers[0] as Container
+    peer.readinessProbe = { httpGet: { path: '/healthy', port: 4999 } }
+    const configVolume = ds.spec.template.spec.volumes?.find(v => v.configMap !== undefined)
+    if (configVolume?.configMap !== undefined) configVolume.configMap.name = 'damselfly-config'
+    ds.spec.template.spec.serviceAccountName = 'nobody'
+    const seedSvc = broken.find(o => isService(o) && o.metadata.name === 'damselfly-seed-peer') as Service
+    seedSvc.spec.ports.push({ name: 'extra', port: 9999, targetPort: 'metrics' })
+    const problems = crossObjectProblems(broken).join('\n')
+    assert.match(problems, /Service\/damselfly-scheduler: its selector matches no pod template/)
+    assert.match(problems, /DaemonSet\/damselfly-peer\/peer: readiness probe port 4999 is not one of the container's ports/)
+    assert.match(problems, /volume config names ConfigMap damselfly-config, which does not exist/, 'the unhashed name is not the generated one')
+    assert.match(problems, /ServiceAccount nobody does not exist/)
+    assert.match(problems, /Service\/damselfly-seed-peer: port extra targets metrics, which StatefulSet\/damselfly-seed-peer does not expose/)
+  })
+})
+
+test('the committed placeholder is what the README tells operators to replace', async () => {
+  const committed = (await readFile(path.join(BASE, 'cluster-secret.txt'), 'utf8')).trim()
+  assert.equal(committed, PLACEHOLDER_SECRET)
+  assert.ok(committed.length < 16, 'too short to be accepted as a cluster secret')
+  const readme = await readFile(path.join(ROOT, 'deploy', 'README-section.md'), 'utf8')
+  assert.ok(readme.includes('cluster-secret.txt'), 'the README says where the secret goes')
+  await access(path.join(HARBOR, 'kustomization.yaml'))
+})
