@@ -25,7 +25,7 @@ const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '.
 const BASE = path.join(ROOT, 'deploy', 'kubernetes', 'base')
 const HARBOR = path.join(ROOT, 'deploy', 'kubernetes', 'overlays', 'harbor')
 
-/** What the committed cluster-secret.txt holds; deploy/README-section.md tells to replace it. */
+/** What the committed cluster-secret.txt holds; README.md tells to replace it. */
 const PLACEHOLDER_SECRET = 'REPLACE-ME'
 const IMAGE = `registry.example.com/damselfly/damselfly:${pkg.version}`
 /** Downward API values a node would fill in. */
@@ -328,7 +328,7 @@ test('the committed placeholder is what the README tells operators to replace', 
   const committed = (await readFile(path.join(BASE, 'cluster-secret.txt'), 'utf8')).trim()
   assert.equal(committed, PLACEHOLDER_SECRET)
   assert.ok(committed.length < 16, 'too short to be accepted as a cluster secret')
-  const readme = await readFile(path.join(ROOT, 'deploy', 'README-section.md'), 'utf8')
+  const readme = await readFile(path.join(ROOT, 'README.md'), 'utf8')
   assert.ok(readme.includes('cluster-secret.txt'), 'the README says where the secret goes')
   await access(path.join(HARBOR, 'kustomization.yaml'))
 })
