@@ -77,6 +77,7 @@ export class DiskPieceStore implements PieceStore {
   /** Insertion order is recency order: the first entry is the least recently used. */
   readonly #entries = new Map<string, Entry>()
   readonly #hot: LRUCache<string, Buffer>
+  readonly #writes = new Set<Promise<void>>()
   readonly #events = new EventEmitter()
   /** Directories being deleted; a blob tracked again under the same digest waits for them. */
   readonly #removing = new Map<string, Promise<void>>()
@@ -135,6 +136,7 @@ export class DiskPieceStore implements PieceStore {
   }
 
   async stop (): Promise<void> {
+    await Promise.all(this.#writes)
     const flushes: Array<Promise<void>> = []
     for (const entry of this.#entries.values()) {
       if (entry.flushTimer !== undefined) clearTimeout(entry.flushTimer)
@@ -219,6 +221,15 @@ export class DiskPieceStore implements PieceStore {
   }
 
   async writePiece (digest: string, index: number, data: Buffer, options: WritePieceOptions = {}): Promise<boolean> {
+    // stop() waits for writes under way, so nothing touches the data dir after it returns.
+    const write = this.#writePiece(digest, index, data, options)
+    const settled = write.then(() => {}, () => {})
+    this.#writes.add(settled)
+    void settled.then(() => this.#writes.delete(settled))
+    return await write
+  }
+
+  async #writePiece (digest: string, index: number, data: Buffer, options: WritePieceOptions): Promise<boolean> {
     options.signal?.throwIfAborted()
     const entry = this.#entries.get(digest)
     if (entry === undefined) throw new StorageError(`blob ${digest} is not tracked`)
