@@ -13,7 +13,7 @@ import type { BlobInfo, PieceStore, PieceStoreComponents, PieceStoreInit, StoreE
 
 const GIB = 1024 ** 3
 const DEFAULT_QUOTA = 10 * GIB
-const DEFAULT_MEMORY_CACHE = 64 * 1024 * 1024
+const DEFAULT_MEMORY_CACHE = 32 * 1024 * 1024
 const DEFAULT_FLUSH_DELAY_MS = 250
 const META_VERSION = 1
 const SHA256_BYTES = 32
@@ -226,7 +226,7 @@ export class DiskPieceStore implements PieceStore {
     const settled = write.then(() => {}, () => {})
     this.#writes.add(settled)
     void settled.then(() => this.#writes.delete(settled))
-    return await write
+    return write
   }
 
   async #writePiece (digest: string, index: number, data: Buffer, options: WritePieceOptions): Promise<boolean> {

@@ -79,8 +79,9 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
     announce: init.announce,
     clusterSecret: init.clusterSecret
   })
-  const origins = new LRUCache<string, OriginRef>({ max: 100_000 })
-  const publicFacts = new LRUCache<string, Fact>({ max: 100_000 })
+  // lru-cache allocates its arrays for `max` up front: a node's cache holds thousands of blobs, not 100,000.
+  const origins = new LRUCache<string, OriginRef>({ max: 16_384 })
+  const publicFacts = new LRUCache<string, Fact>({ max: 16_384 })
   let server: PieceServer | undefined
   let control: ControlHandler | undefined
   let loadTimer: NodeJS.Timeout | undefined

@@ -61,7 +61,7 @@ export const PeerConfig = Type.Object({
   scheduler: Type.String({ default: '', description: 'Scheduler address (host:port or a multiaddr); empty runs an embedded single-node scheduler' }),
   seed: Type.Boolean({ default: false, description: 'Seed peer: preferred first fetcher from the origin; fetches whole blobs; runs preheats' }),
   cacheSize: Size('10GiB', 'Byte quota of the piece cache; least recently used blobs are evicted past it'),
-  memoryCacheSize: Size('64MiB', 'Verified pieces kept in memory for repeated range reads'),
+  memoryCacheSize: Size('32MiB', 'Verified pieces kept in memory: the latest written and read, for children fetching a piece just after it lands and for repeated range reads'),
   authCheck: Type.Boolean({ default: true, description: 'Serve cached content only to callers the origin accepts (turn off only for public-only registries)' }),
   authCacheTtl: Duration('60s', 'How long an origin yes/no for (registry, repository, digest, credentials) is reused'),
   authStaleIfError: Duration('10m', 'How old a yes may be and still be used while the origin is unreachable'),
