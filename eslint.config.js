@@ -12,7 +12,7 @@ const boundaries = {
 }
 
 export default [
-  ...neostandard({ ts: true, ignores: ['node_modules/**', 'bench/results/**', 'deploy/**/*.json'] }),
+  ...neostandard({ ts: true, ignores: ['node_modules/**', 'bench/results/**', 'bench/.scratch/**', 'deploy/**/*.json'] }),
   {
     files: ['**/*.ts'],
     languageOptions: {

@@ -1,6 +1,8 @@
 import { createHash } from 'node:crypto'
+import { readFileSync } from 'node:fs'
 import { performance } from 'node:perf_hooks'
 import { request } from 'undici'
+import { parse as parseYaml } from 'yaml'
 import type { BuiltImage } from '../test/helpers/image.ts'
 
 export const MIB = 1024 * 1024
@@ -68,4 +70,21 @@ export function percentile (values: number[], p: number): number {
 export function round (n: number, digits = 3): number {
   const f = 10 ** digits
   return Math.round(n * f) / f
+}
+
+/**
+ * The environment deploy/ runs a peer with (the image's MALLOC_ARENA_MAX, the
+ * DaemonSet's NODE_OPTIONS), so the bench measures the peer as deployed.
+ */
+export function deployedPeerEnv (): Record<string, string> {
+  const root = new URL('../deploy/', import.meta.url)
+  const env: Record<string, string> = {}
+  const dockerfile = readFileSync(new URL('Dockerfile', root), 'utf8')
+  const arena = /MALLOC_ARENA_MAX=(\d+)/.exec(dockerfile)
+  if (arena !== null) env.MALLOC_ARENA_MAX = arena[1] as string
+  const daemonSet = parseYaml(readFileSync(new URL('kubernetes/base/peer-daemonset.yaml', root), 'utf8')) as { spec: { template: { spec: { containers: Array<{ name: string, env?: Array<{ name: string, value?: string }> }> } } } }
+  const peer = daemonSet.spec.template.spec.containers.find(c => c.name === 'peer')
+  const options = peer?.env?.find(e => e.name === 'NODE_OPTIONS')?.value
+  if (options !== undefined) env.NODE_OPTIONS = options
+  return env
 }

@@ -9,7 +9,7 @@ import { run } from '../../test/helpers/process.ts'
 import { startRegistry } from '../../test/helpers/registry.ts'
 import { startThrottleProxy, type ThrottleProxy } from '../../test/helpers/throttle.ts'
 import { tmpDir } from '../../test/helpers/tmp.ts'
-import { MIB, pullImage, round, type Row, type Scenario } from '../lib.ts'
+import { MIB, deployedPeerEnv, pullImage, round, type Row, type Scenario } from '../lib.ts'
 
 /**
  * N peers pull the same cold image at once through their own mirrors, the
@@ -21,7 +21,10 @@ export const distribution: Scenario = {
   name: 'distribution',
   async run ({ quick, log }) {
     const sizes = quick ? [16 * MIB, 10 * MIB, 6 * MIB] : [96 * MIB, 80 * MIB, 48 * MIB, 32 * MIB]
-    const counts = quick ? [1, 4] : [1, 4, 8, 16]
+    // For looking into one case by hand: DAMSELFLY_BENCH_COUNTS=16 DAMSELFLY_BENCH_MIB=64.
+    const counts = process.env.DAMSELFLY_BENCH_COUNTS?.split(',').map(Number) ?? (quick ? [1, 4] : [1, 4, 8, 16])
+    const scale = process.env.DAMSELFLY_BENCH_MIB === undefined ? 1 : Number(process.env.DAMSELFLY_BENCH_MIB) * MIB / sizes.reduce((a, b) => a + b, 0)
+    for (let i = 0; i < sizes.length; i++) sizes[i] = Math.round((sizes[i] as number) * scale)
     const rate = 50 * MIB
     const work = await tmpDir('df-bench-dist-')
     const registry = await startRegistry()
@@ -37,12 +40,12 @@ export const distribution: Scenario = {
         for (const n of counts) {
           const plainMs = await plainHttpFloor(image, n)
           const floorMs = Math.max(originFloorMs, plainMs)
-          const { slowestMs, originBytes } = await pullAll(origin, image, n, p2p)
+          const { slowestMs, originBytes, fallbacks } = await pullAll(origin, image, n, p2p)
           const mode = p2p ? 'p2p' : 'no-p2p'
           if (n === 1) timesAt1[mode] = slowestMs
-          log(`distribution ${mode} N=${n}: slowest ${Math.round(slowestMs)} ms, floor ${Math.round(floorMs)} ms (origin ${Math.round(originFloorMs)}, plain http ${Math.round(plainMs)}), origin sent ${(originBytes / imageBytes).toFixed(3)}× the image`)
+          log(`distribution ${mode} N=${n}: slowest ${Math.round(slowestMs)} ms, floor ${Math.round(floorMs)} ms (origin ${Math.round(originFloorMs)}, plain http ${Math.round(plainMs)}), origin sent ${(originBytes / imageBytes).toFixed(3)}× the image${p2p ? `, origin fallbacks ${JSON.stringify(fallbacks)}` : ''}`)
           const big = n === counts[counts.length - 1]
-          const detail = { n, p2p, imageBytes, originBytes, slowestMs: Math.round(slowestMs), floorMs: Math.round(floorMs), originFloorMs: Math.round(originFloorMs), plainHttpMs: Math.round(plainMs), rateMiBs: rate / MIB }
+          const detail = { n, p2p, imageBytes, originBytes, slowestMs: Math.round(slowestMs), floorMs: Math.round(floorMs), originFloorMs: Math.round(originFloorMs), plainHttpMs: Math.round(plainMs), rateMiBs: rate / MIB, ...(p2p ? { fallbacks } : {}) }
           rows.push({ scenario: 'distribution', metric: `origin bytes ÷ image, N=${n}, ${mode}`, value: round(originBytes / imageBytes), unit: 'x', target: p2p && big ? { op: '<=', value: 1.05 } : undefined, detail })
           rows.push({ scenario: 'distribution', metric: `slowest peer ÷ floor, N=${n}, ${mode}`, value: round(slowestMs / floorMs), unit: 'x', target: p2p && big ? { op: '<=', value: 1.3 } : undefined, detail })
           if (n > 1) rows.push({ scenario: 'distribution', metric: `time at N=${n} ÷ time at N=1, ${mode}`, value: round(slowestMs / (timesAt1[mode] as number)), unit: 'x', target: p2p && big ? { op: '<=', value: 1.5 } : undefined, detail })
@@ -57,7 +60,9 @@ export const distribution: Scenario = {
   }
 }
 
-async function pullAll (origin: ThrottleProxy, image: BuiltImage, n: number, p2p: boolean): Promise<{ slowestMs: number, originBytes: number }> {
+const FALLBACK_REASONS = ['no-scheduler', 'no-parent']
+
+async function pullAll (origin: ThrottleProxy, image: BuiltImage, n: number, p2p: boolean): Promise<{ slowestMs: number, originBytes: number, fallbacks: Record<string, number> }> {
   const scheduler = p2p ? await startScheduler() : undefined
   const peers: TestPeer[] = []
   try {
@@ -67,7 +72,8 @@ async function pullAll (origin: ThrottleProxy, image: BuiltImage, n: number, p2p
         registry: origin.url,
         scheduler: scheduler?.address,
         name: `bench-${first + i}`,
-        args: ['--log-level', 'warn']
+        args: ['--log-level', 'warn'],
+        env: deployedPeerEnv()
       })))
       for (const r of batch) if (r.status === 'fulfilled') peers.push(r.value)
       const failed = batch.find(r => r.status === 'rejected')
@@ -75,7 +81,15 @@ async function pullAll (origin: ThrottleProxy, image: BuiltImage, n: number, p2p
     }
     origin.reset()
     const times = await Promise.all(peers.map(async p => pullImage(p.url, origin.host, 'bench/dist', image)))
-    return { slowestMs: Math.max(...times), originBytes: origin.bytesDown() }
+    // Pieces peers took from the origin because the swarm did not deliver them, by reason.
+    const fallbacks: Record<string, number> = {}
+    for (const m of await Promise.all(peers.map(async p => p.metrics()))) {
+      for (const reason of FALLBACK_REASONS) {
+        const v = m.get('damselfly_swarm_origin_fallbacks_total', { reason })
+        if (v > 0) fallbacks[reason] = (fallbacks[reason] ?? 0) + v
+      }
+    }
+    return { slowestMs: Math.max(...times), originBytes: origin.bytesDown(), fallbacks }
   } finally {
     await Promise.all(peers.map(async p => p.close()))
     await scheduler?.close()

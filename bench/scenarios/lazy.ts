@@ -6,7 +6,7 @@ import { buildImage, pushImage, readBlob } from '../../test/helpers/image.ts'
 import { startPeer, startScheduler } from '../../test/helpers/peer.ts'
 import { startRegistry } from '../../test/helpers/registry.ts'
 import { tmpDir } from '../../test/helpers/tmp.ts'
-import { MIB, percentile, round, type Row, type Scenario } from '../lib.ts'
+import { MIB, deployedPeerEnv, percentile, round, type Row, type Scenario } from '../lib.ts'
 
 interface Read { start: number, end: number }
 
@@ -39,10 +39,10 @@ export const lazy: Scenario = {
       // The prefetch pass: consecutive merged ranges from an unaligned start, as nydusd's prefetch workers send.
       for (let start = 12345; start < layer.size; start += MIB + 777) reads.push({ start, end: Math.min(layer.size, start + MIB + 777) - 1 })
 
-      const neighbour = await startPeer({ registry: registry.url, scheduler: scheduler.address, name: 'neighbour', args: ['--log-level', 'warn'] })
+      const neighbour = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'neighbour', args: ['--log-level', 'warn'] })
       peers.push(neighbour)
       await replay(neighbour.url, registry.url, layer.digest, [{ start: 0, end: layer.size - 1 }], bytes, 1)
-      const cold = await startPeer({ registry: registry.url, scheduler: scheduler.address, name: 'cold', args: ['--log-level', 'warn'] })
+      const cold = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'cold', args: ['--log-level', 'warn'] })
       peers.push(cold)
 
       const originLat = await replay(registry.url, undefined, layer.digest, reads, bytes, 8)

@@ -3,7 +3,7 @@ import { buildImage, pushImage } from '../../test/helpers/image.ts'
 import { startPeer, startScheduler, type TestPeer, type TestScheduler } from '../../test/helpers/peer.ts'
 import { startRegistry } from '../../test/helpers/registry.ts'
 import { tmpDir } from '../../test/helpers/tmp.ts'
-import { MIB, fetchVerified, type Row, type Scenario } from '../lib.ts'
+import { MIB, deployedPeerEnv, fetchVerified, type Row, type Scenario } from '../lib.ts'
 
 /** Peak RSS of a peer while it takes a large blob in, and while it serves it to 8 callers at once. */
 export const memory: Scenario = {
@@ -20,7 +20,7 @@ export const memory: Scenario = {
       await pushImage(image, `${registry.host}/bench/mem:v1`)
       const digest = (image.layers[0] as { digest: string }).digest
       scheduler = await startScheduler()
-      peer = await startPeer({ registry: registry.url, scheduler: scheduler.address, name: 'memory', args: ['--log-level', 'warn', '--cache-size', `${Math.ceil(size / MIB) * 2}MiB`] })
+      peer = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'memory', args: ['--log-level', 'warn', '--cache-size', `${Math.ceil(size / MIB) * 2}MiB`] })
       const url = `${peer.url}/v2/bench/mem/blobs/${digest}`
       const idle = await rss(peer)
       const takingIn = await peakWhile(peer, async () => { await fetchVerified(url, digest) })

@@ -6,7 +6,7 @@ import { buildImage, pushImage } from '../../test/helpers/image.ts'
 import { startPeer, startScheduler } from '../../test/helpers/peer.ts'
 import { startRegistry } from '../../test/helpers/registry.ts'
 import { tmpDir } from '../../test/helpers/tmp.ts'
-import { MIB, fetchVerified, round, type Row, type Scenario } from '../lib.ts'
+import { MIB, deployedPeerEnv, fetchVerified, round, type Row, type Scenario } from '../lib.ts'
 
 /**
  * One large blob from one peer to another over the piece protocol (peer B
@@ -27,10 +27,10 @@ export const throughput: Scenario = {
       await pushImage(image, `${registry.host}/bench/tput:v1`)
       const digest = (image.layers[0] as { digest: string }).digest
       const url = (base: string): string => `${base}/v2/bench/tput/blobs/${digest}`
-      const a = await startPeer({ registry: registry.url, scheduler: scheduler.address, name: 'parent', args: ['--log-level', 'warn'] })
+      const a = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'parent', args: ['--log-level', 'warn'] })
       peers.push(a)
       await fetchVerified(url(a.url), digest)
-      const b = await startPeer({ registry: registry.url, scheduler: scheduler.address, name: 'child', args: ['--log-level', 'warn'] })
+      const b = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'child', args: ['--log-level', 'warn'] })
       peers.push(b)
 
       let t = performance.now()
