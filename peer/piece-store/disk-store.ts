@@ -1,6 +1,6 @@
 import { createHash, type Hash } from 'node:crypto'
 import { EventEmitter } from 'node:events'
-import { mkdir, open, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises'
+import { mkdir, open, readdir, readFile, rename, rm, writeFile, type FileHandle } from 'node:fs/promises'
 import { join } from 'node:path'
 import { LRUCache } from 'lru-cache'
 import type { AbortOptions } from '../../src/abort.ts'
@@ -17,6 +17,17 @@ const DEFAULT_MEMORY_CACHE = 32 * 1024 * 1024
 const DEFAULT_FLUSH_DELAY_MS = 250
 const META_VERSION = 1
 const SHA256_BYTES = 32
+/** A blob's data file stays open this long after its last read or write. */
+const HANDLE_IDLE_MS = 5_000
+/** Beyond this many open data files, reads and writes open and close their own. */
+const MAX_OPEN_HANDLES = 256
+
+/** One open descriptor of a blob's data file, shared by the reads and writes under way. */
+interface SharedHandle {
+  readonly fh: Promise<FileHandle>
+  users: number
+  idle: NodeJS.Timeout | undefined
+}
 
 interface MetaFile {
   v: number
@@ -47,6 +58,7 @@ interface Entry {
   pins: number
   removed: boolean
   fileReady: Promise<void> | undefined
+  handle: SharedHandle | undefined
   flushTimer: NodeJS.Timeout | undefined
   flushing: Promise<void>
   dirty: boolean
@@ -78,6 +90,8 @@ export class DiskPieceStore implements PieceStore {
   readonly #entries = new Map<string, Entry>()
   readonly #hot: LRUCache<string, Buffer>
   readonly #writes = new Set<Promise<void>>()
+  readonly #closing = new Set<Promise<void>>()
+  #openHandles = 0
   readonly #events = new EventEmitter()
   /** Directories being deleted; a blob tracked again under the same digest waits for them. */
   readonly #removing = new Map<string, Promise<void>>()
@@ -147,6 +161,8 @@ export class DiskPieceStore implements PieceStore {
     await Promise.all(flushes)
     this.#hot.clear()
     this.#started = false
+    for (const entry of this.#entries.values()) if (entry.handle !== undefined) this.#release(entry, entry.handle, true)
+    await Promise.all(this.#closing)
   }
 
   info (digest: string): BlobInfo | undefined {
@@ -249,12 +265,7 @@ export class DiskPieceStore implements PieceStore {
     try {
       entry.fileReady ??= this.#createDataFile(entry)
       await entry.fileReady
-      const fh = await open(join(entry.dir, 'data'), 'r+')
-      try {
-        await fh.write(data, 0, length, offset)
-      } finally {
-        await fh.close()
-      }
+      await this.#withFile(entry, async fh => fh.write(data, 0, length, offset))
     } catch (err) {
       this.#used -= length
       if (entry.removed) return false
@@ -325,8 +336,7 @@ export class DiskPieceStore implements PieceStore {
     const { offset, length } = pieceBounds(index, entry.size, entry.pieceSize)
     const buf = Buffer.allocUnsafe(length)
     try {
-      const fh = await open(join(entry.dir, 'data'), 'r')
-      try {
+      await this.#withFile(entry, async (fh) => {
         let done = 0
         while (done < length) {
           const { bytesRead } = await fh.read(buf, done, length - done, offset + done)
@@ -334,9 +344,7 @@ export class DiskPieceStore implements PieceStore {
           done += bytesRead
         }
         if (done !== length) throw new StorageError(`short read of piece ${index}`)
-      } finally {
-        await fh.close()
-      }
+      })
     } catch (err) {
       if (entry.removed) return undefined
       this.#logger.warn({ digest: entry.digest.value, piece: index, err }, 'piece unreadable on disk; it will be fetched again')
@@ -352,6 +360,63 @@ export class DiskPieceStore implements PieceStore {
     }
     this.#hot.set(hotKey(entry, index), buf)
     return buf
+  }
+
+  /**
+   * Runs `fn` with the blob's data file open. Opening and closing it around
+   * every piece cost two trips through libuv's thread pool each time, which
+   * is what range reads queued behind; the descriptor is kept while reads and
+   * writes continue and closed when idle, on removal, or on any error (the
+   * next use opens the file afresh).
+   */
+  async #withFile<T> (entry: Entry, fn: (fh: FileHandle) => Promise<T>): Promise<T> {
+    let h = entry.handle
+    if (h === undefined && this.#openHandles >= MAX_OPEN_HANDLES) {
+      const fh = await open(join(entry.dir, 'data'), 'r+')
+      try {
+        return await fn(fh)
+      } finally {
+        await fh.close()
+      }
+    }
+    if (h === undefined) {
+      const fh = open(join(entry.dir, 'data'), 'r+')
+      const opened: SharedHandle = { fh, users: 0, idle: undefined }
+      h = opened
+      entry.handle = h
+      this.#openHandles++
+      fh.catch(() => { this.#release(entry, opened, true) })
+    }
+    if (h.idle !== undefined) clearTimeout(h.idle)
+    h.idle = undefined
+    h.users++
+    let failed = false
+    try {
+      return await fn(await h.fh)
+    } catch (err) {
+      failed = true
+      throw err
+    } finally {
+      h.users--
+      this.#release(entry, h, failed)
+    }
+  }
+
+  #release (entry: Entry, h: SharedHandle, failed: boolean): void {
+    if (entry.handle === h && (failed || entry.removed || !this.#started)) {
+      entry.handle = undefined
+      this.#openHandles--
+    }
+    if (h.users > 0) return
+    if (entry.handle === h) {
+      h.idle ??= setTimeout(() => { this.#release(entry, h, true) }, HANDLE_IDLE_MS).unref()
+      return
+    }
+    if (h.idle !== undefined) clearTimeout(h.idle)
+    h.idle = undefined
+    const closing = h.fh.then(async fh => fh.close()).catch(() => {})
+    this.#closing.add(closing)
+    void closing.then(() => this.#closing.delete(closing))
   }
 
   /**
@@ -412,12 +477,14 @@ export class DiskPieceStore implements PieceStore {
     if (entry.flushTimer !== undefined) clearTimeout(entry.flushTimer)
     this.#used -= this.#heldBytes(entry)
     for (const i of entry.held) this.#hot.delete(hotKey(entry, i))
+    if (entry.handle !== undefined) this.#release(entry, entry.handle, true)
     this.#events.emit('removed', entry.digest.value, reason)
     const previous = this.#removing.get(entry.dir) ?? Promise.resolve()
     const removal = (async () => {
       await previous
       // Let an in-flight metadata write finish first, or it could recreate the directory.
       await entry.flushing.catch(() => {})
+      await Promise.all(this.#closing)
       await rm(entry.dir, { recursive: true, force: true }).catch((err: unknown) => {
         this.#logger.warn({ err, digest: entry.digest.value }, 'could not remove blob directory')
       })
@@ -558,6 +625,7 @@ function newEntry (digest: Digest, dir: string, size: number, pieceSize: number,
     pins: 0,
     removed: false,
     fileReady: undefined,
+    handle: undefined,
     flushTimer: undefined,
     flushing: Promise.resolve(),
     dirty: false,

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict'
 import { createHash, randomBytes } from 'node:crypto'
-import { mkdtemp, open, readdir, rm, stat } from 'node:fs/promises'
+import { mkdtemp, open, readdir, readlink, rm, stat } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { test } from 'node:test'
@@ -166,5 +166,38 @@ test('the empty blob verifies without any piece', async () => {
     const digest = `sha256:${createHash('sha256').digest('hex')}`
     store.track(digest, 0)
     assert.equal(await store.verifyBlob(digest), true)
+  })
+})
+
+test('reads and writes of a blob share one open data file, closed when the blob goes and when the store stops', async () => {
+  await withStore(async (make, dir) => {
+    // No memory cache: every read goes to the disk.
+    const store = await make({ memoryCacheBytes: 1 })
+    const openCount = async (digest: string): Promise<number> => {
+      const file = join(dir, 'blobs', 'sha256', digest.slice(7), 'data')
+      let n = 0
+      for (const fd of await readdir('/proc/self/fd')) {
+        const target = await readlink(join('/proc/self/fd', fd)).catch(() => '')
+        if (target === file || target === `${file} (deleted)`) n++
+      }
+      return n
+    }
+    const a = blob(4 * MIB)
+    const b = blob(2 * MIB)
+    store.track(a.digest, a.data.length)
+    store.track(b.digest, b.data.length)
+    await Promise.all([0, 1, 2, 3].map(async i => store.writePiece(a.digest, i, piece(a.data, i))))
+    for (let round = 0; round < 3; round++) {
+      const got = await Promise.all([0, 1, 2, 3].map(async i => store.readPiece(a.digest, i)))
+      got.forEach((p, i) => { assert.ok(p?.equals(piece(a.data, i))) })
+    }
+    assert.equal(await openCount(a.digest), 1, 'one descriptor for every read and write of the blob')
+    await store.writePiece(b.digest, 0, piece(b.data, 0))
+    assert.equal(await openCount(b.digest), 1)
+
+    await store.remove(a.digest, 'test')
+    assert.equal(await openCount(a.digest), 0, 'a removed blob keeps nothing open')
+    await store.stop()
+    assert.equal(await openCount(b.digest), 0, 'a stopped store keeps nothing open')
   })
 })
