@@ -12,8 +12,8 @@ import { throughput } from './scenarios/throughput.ts'
 /**
  * `npm run bench [-- --quick] [-- --only name,name]`: runs each scenario,
  * prints a table of ratios (each against a baseline measured in the same
- * run) and writes bench/results/latest.json (partial.json, not kept in git,
- * when --only picks scenarios).
+ * run) and writes bench/results/latest.json — quick.json for --quick, and
+ * partial.json when --only picks scenarios (neither is kept in git).
  */
 const SCENARIOS: Scenario[] = [distribution, lazy, throughput, memory, scheduler]
 
@@ -50,7 +50,9 @@ const result = {
   rows: rows.map(r => ({ ...r, result: pass(r) })),
   failures
 }
-// A run of some scenarios only must not replace the record of a whole run.
-const file = only === undefined ? 'latest.json' : 'partial.json'
+// Only a whole full run replaces the record kept in git; quick runs and runs of some scenarios (or with
+// the distribution's counts or size set by hand) go beside it.
+const adjusted = process.env.DAMSELFLY_BENCH_COUNTS !== undefined || process.env.DAMSELFLY_BENCH_MIB !== undefined
+const file = only !== undefined || adjusted ? 'partial.json' : quick ? 'quick.json' : 'latest.json'
 await writeFile(`${dir}/${file}`, JSON.stringify(result, null, 2) + '\n')
 process.exitCode = failures.length > 0 ? 1 : 0
