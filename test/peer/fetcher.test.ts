@@ -1,0 +1,96 @@
+import assert from 'node:assert/strict'
+import { test } from 'node:test'
+import { SchedulerUnavailableError } from '../../src/errors.ts'
+import { silentLogger } from '../../src/logger.ts'
+import { createMetricsRegistry } from '../../src/metrics.ts'
+import type { P2PNode } from '../../src/p2p/index.ts'
+import type { ParentsResponse, SchedulerRequest } from '../../src/protocol/messages.ts'
+import { MIB } from '../../src/pieces.ts'
+import type { BlobTask } from '../../peer/blobs/index.ts'
+import type { PieceStore } from '../../peer/piece-store/index.ts'
+import { createPieceFetcher, type PieceFetcher } from '../../peer/swarm/fetcher.ts'
+import type { SchedulerClient } from '../../peer/swarm/scheduler-client.ts'
+import { parseRegistryUrl } from '../../peer/upstream/index.ts'
+
+const task: BlobTask = {
+  upstream: parseRegistryUrl('http://registry.test:5000'),
+  repo: 'team/app',
+  digest: `sha256:${'ab'.repeat(32)}`,
+  kind: 'blob',
+  size: 100 * MIB,
+  mediaType: undefined,
+  credentials: {}
+}
+
+/**
+ * A scheduler client whose first `failures` parents requests time out; after
+ * that the plan makes this node the first fetcher of pieces 3–6.
+ */
+function slowScheduler (failures: number, connected = true): { client: SchedulerClient, asked: () => number } {
+  let asked = 0
+  const client = {
+    connected,
+    peerId: 'scheduler',
+    async request (req: SchedulerRequest) {
+      assert.equal(req.type, 'parents')
+      asked++
+      if (asked <= failures) throw new SchedulerUnavailableError('scheduler parents failed: deadline exceeded')
+      const res: ParentsResponse = { ok: true, pieceSize: MIB, pieceCount: 100, parents: [], digests: [], assigned: [3, 4, 5, 6] }
+      return res
+    },
+    report () {}
+  } as unknown as SchedulerClient
+  return { client, asked: () => asked }
+}
+
+function fetcherWith (client: SchedulerClient, planRetryDelayMs = 5): { fetcher: PieceFetcher, counter: (name: string) => Promise<number> } {
+  const metrics = createMetricsRegistry()
+  const fetcher = createPieceFetcher({
+    logger: silentLogger(),
+    node: { peerId: 'self' } as unknown as P2PNode,
+    client,
+    store: { setPieceDigests () {} } as unknown as PieceStore,
+    metrics
+  }, { planRetries: 2, planRetryDelayMs })
+  const counter = async (name: string): Promise<number> => {
+    const m = (await metrics.getMetricsAsJSON()).find(x => x.name === name)
+    return m?.values.reduce((sum, v) => sum + v.value, 0) ?? 0
+  }
+  return { fetcher, counter }
+}
+
+test('a connected scheduler that answers late is asked again instead of sending the node to the origin', async () => {
+  const { client, asked } = slowScheduler(2)
+  const { fetcher, counter } = fetcherWith(client)
+  const got = await fetcher.fetch({ task, lastWanted: 99 }, 3, {})
+  // The plan's answer, not a fallback: this node takes pieces 3–6, not the rest of the blob.
+  assert.deepEqual(got, { kind: 'origin', upTo: 6 })
+  assert.equal(asked(), 3)
+  assert.equal(await counter('damselfly_scheduler_plan_retries_total'), 2)
+  assert.equal(await counter('damselfly_swarm_origin_fallbacks_total'), 0)
+})
+
+test('past its retries the node goes to the origin, and counts it', async () => {
+  const { client, asked } = slowScheduler(10)
+  const { fetcher, counter } = fetcherWith(client)
+  const got = await fetcher.fetch({ task, lastWanted: 40 }, 3, {})
+  assert.deepEqual(got, { kind: 'origin', upTo: 40 })
+  assert.equal(asked(), 3, 'the first ask and two more')
+  assert.equal(await counter('damselfly_swarm_origin_fallbacks_total'), 1)
+})
+
+test('a scheduler that is gone sends the node to the origin at once', async () => {
+  const { client, asked } = slowScheduler(10, false)
+  const { fetcher } = fetcherWith(client)
+  assert.deepEqual(await fetcher.fetch({ task, lastWanted: 40 }, 3, {}), { kind: 'origin', upTo: 40 })
+  assert.equal(asked(), 0)
+})
+
+test('a reader that gives up stops the waiting between asks', async () => {
+  const { client } = slowScheduler(10)
+  const { fetcher } = fetcherWith(client, 60_000)
+  const controller = new AbortController()
+  const fetching = fetcher.fetch({ task, lastWanted: 40 }, 3, { signal: controller.signal })
+  setTimeout(() => { controller.abort() }, 20)
+  await assert.rejects(fetching, (err: Error) => err.name === 'AbortError')
+})
