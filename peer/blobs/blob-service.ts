@@ -210,7 +210,6 @@ export class DefaultBlobService implements BlobService {
 
   async stop (): Promise<void> {
     this.#shutdown.abort()
-    await Promise.all([...this.#landing.values()].map(async l => l.written))
   }
 
   async #read (task: BlobTask, range: ByteRange | undefined, options: ReadOptions): Promise<Readable> {

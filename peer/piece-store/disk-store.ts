@@ -402,8 +402,14 @@ export class DiskPieceStore implements PieceStore {
     }
   }
 
-  #release (entry: Entry, h: SharedHandle, failed: boolean): void {
-    if (entry.handle === h && (failed || entry.removed || !this.#started)) {
+  /**
+   * Called as each use of a handle ends, and to retire one. A handle is
+   * detached from its blob (the next use opens the file afresh) when `detach`
+   * says so, the blob is gone or the store stopped; it is closed once its
+   * last user is done, or after HANDLE_IDLE_MS if it stays attached.
+   */
+  #release (entry: Entry, h: SharedHandle, detach: boolean): void {
+    if (entry.handle === h && (detach || entry.removed || !this.#started)) {
       entry.handle = undefined
       this.#openHandles--
     }
