@@ -60,8 +60,6 @@ export const distribution: Scenario = {
   }
 }
 
-const FALLBACK_REASONS = ['no-scheduler', 'no-parent']
-
 async function pullAll (origin: ThrottleProxy, image: BuiltImage, n: number, p2p: boolean): Promise<{ slowestMs: number, originBytes: number, fallbacks: Record<string, number> }> {
   const scheduler = p2p ? await startScheduler() : undefined
   const peers: TestPeer[] = []
@@ -84,8 +82,7 @@ async function pullAll (origin: ThrottleProxy, image: BuiltImage, n: number, p2p
     // Pieces peers took from the origin because the swarm did not deliver them, by reason.
     const fallbacks: Record<string, number> = {}
     for (const m of await Promise.all(peers.map(async p => p.metrics()))) {
-      for (const reason of FALLBACK_REASONS) {
-        const v = m.get('damselfly_swarm_origin_fallbacks_total', { reason })
+      for (const [reason, v] of Object.entries(m.byLabel('damselfly_swarm_origin_fallbacks_total', 'reason'))) {
         if (v > 0) fallbacks[reason] = (fallbacks[reason] ?? 0) + v
       }
     }

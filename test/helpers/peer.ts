@@ -177,6 +177,17 @@ export class Metrics {
     }
   }
 
+  /** A metric's values summed per value of one label (series without that label are left out). */
+  byLabel (name: string, label: string): Record<string, number> {
+    const out: Record<string, number> = {}
+    for (const [key, value] of this.#values) {
+      if (!key.startsWith(`${name}{`)) continue
+      const m = new RegExp(`[{,]${label}="([^"]*)"`).exec(key)
+      if (m !== null) out[m[1] as string] = (out[m[1] as string] ?? 0) + value
+    }
+    return out
+  }
+
   /** Sum of a metric over every label set matching `labels`. */
   get (name: string, labels: Record<string, string> = {}): number {
     let sum = 0
