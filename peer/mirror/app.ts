@@ -9,7 +9,8 @@ import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
 import { validateName, validateReference } from '../../src/oci/names.ts'
 import { formatContentRange, parseRangeSpec, resolveRange } from '../../src/oci/range.ts'
 import type { AccessChecker } from '../auth/index.ts'
-import { Priority, type BlobService, type OpenBlob } from '../blobs/index.ts'
+import { Priority, type BlobService, type OpenBlob, type OpenBlobRequest } from '../blobs/index.ts'
+import type { Passthrough } from '../blobs/passthrough.ts'
 import type { OriginClient, OriginCredentials } from '../origin/index.ts'
 import type { PieceStore } from '../piece-store/index.ts'
 import type { TagCache, TagRecord } from '../tags/index.ts'
@@ -25,6 +26,8 @@ export interface MirrorComponents {
   tags: TagCache
   upstreams: UpstreamSelector
   metrics: Registry
+  /** Content of registries nobody configured, when `allowUnlistedRegistries` lets requests name them. */
+  passthrough: Passthrough
   /** True once every component is started; `/healthy` answers 503 until then. */
   ready: () => boolean
   /** The swarm's memory of tags, for when this peer never saw a tag itself. */
@@ -184,10 +187,10 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
     const spec = parseRangeSpec(rangeHeader)
     const signal = clientSignal(reply)
     const priority = priorityOf(request)
-    const opened = await blobs.open({ upstream, repo: name, digest, kind: 'blob', credentials }, { signal })
+    const opened = await open({ upstream, repo: name, digest, kind: 'blob', credentials }, signal)
     const range = spec === undefined || isHead ? undefined : resolveRange(spec, opened.task.size, rangeHeader as string)
     // nydusd (proxy mode) asks for the whole blob to follow a range read into the cache and the swarm.
-    if (range !== undefined && headerValue(request, PREFETCH_HEADER)?.toLowerCase() === 'true') blobs.prefetch(opened.task)
+    if (range !== undefined && upstream.trusted && headerValue(request, PREFETCH_HEADER)?.toLowerCase() === 'true') blobs.prefetch(opened.task)
     await sendContent(reply, opened, range, 'application/octet-stream', isHead, signal, priority)
   }
 
@@ -195,13 +198,20 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
     const ref = validateReference(reference)
     const signal = clientSignal(reply)
     if (ref.kind === 'digest') {
-      const opened = await blobs.open({ upstream, repo: name, digest: ref.value, kind: 'manifest', credentials }, { signal })
+      const opened = await open({ upstream, repo: name, digest: ref.value, kind: 'manifest', credentials }, signal)
       return sendContent(reply, opened, undefined, opened.task.mediaType ?? 'application/vnd.oci.image.manifest.v1+json', isHead, signal)
     }
     const accept = acceptOf(request)
     try {
       const res = await origin.getManifest(upstream, name, ref.value, accept, credentials, { signal, method: isHead ? 'HEAD' : 'GET' })
       let digest = res.digest
+      if (!upstream.trusted) {
+        // A registry nobody configured: its answer goes to its caller and is remembered nowhere.
+        if (digest !== undefined) reply.header('docker-content-digest', digest)
+        if (res.mediaType !== undefined) reply.header('content-type', res.mediaType)
+        reply.header('content-length', res.size)
+        return await reply.code(200).send(isHead ? undefined : res.body)
+      }
       if (!isHead) {
         const computed = `sha256:${sha256Hex(res.body)}`
         if (digest === undefined) digest = computed
@@ -219,7 +229,7 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
     } catch (err) {
       // The origin is down: answer with the last digest this tag was seen at,
       // marked stale, if the content is still ours to serve.
-      if (!(err instanceof OriginUnavailableError)) throw err
+      if (!(err instanceof OriginUnavailableError) || !upstream.trusted) throw err
       const last = tags.get(upstream.origin, name, ref.value) ?? await components.swarm?.lookupTag(upstream.origin, name, ref.value, { signal })
       if (last === undefined) throw err
       const opened = await blobs.open({ upstream, repo: name, digest: last.digest, kind: 'manifest', credentials }, { signal })
@@ -227,6 +237,11 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
       reply.header('x-damselfly-stale', new Date(last.seenAt).toISOString())
       return sendContent(reply, opened, undefined, last.mediaType ?? opened.task.mediaType ?? 'application/vnd.oci.image.manifest.v1+json', isHead, signal)
     }
+  }
+
+  /** The swarm and the cache for configured registries; a pass-through for any other. */
+  async function open (request: OpenBlobRequest, signal: AbortSignal): Promise<OpenBlob> {
+    return request.upstream.trusted ? blobs.open(request, { signal }) : components.passthrough.open(request, { signal })
   }
 
   /**

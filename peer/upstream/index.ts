@@ -10,18 +10,30 @@ export interface Upstream {
   readonly origin: string
   readonly scheme: 'http' | 'https'
   readonly host: string
+  /**
+   * The operator configured this registry. Only a trusted registry's bytes
+   * enter the cache and the swarm, and only a trusted registry's yes lets a
+   * caller read what they hold. An untrusted one (allowed only with
+   * `allowUnlistedRegistries`) is a pass-through: its bytes go from it to its
+   * caller and nowhere else.
+   */
+  readonly trusted: boolean
 }
 
 export interface UpstreamInit {
-  /** Used when a request names no registry (no header, no `ns`). */
+  /** Used when a request names no registry (no header, no `ns`). Trusted. */
   defaultRegistry: string
   /**
-   * Registries by `ns` host, so `ns=127.0.0.1:5000` can mean plain http. Hosts
-   * not listed are reached over https, as containerd itself would.
+   * Every other registry the operator configured (`registries`, the `mirrors`
+   * listeners' registries, the proxy's intercepted hosts as https). Trusted;
+   * also how `ns=127.0.0.1:5000` comes to mean plain http.
    */
   registries?: ReadonlyArray<string>
-  /** When set, only these hosts may be used as upstream (guards against SSRF through the headers). */
-  allowedHosts?: ReadonlyArray<string> | undefined
+  /**
+   * Let requests name registries nobody configured, served as pass-throughs
+   * (see `Upstream.trusted`). Default false: such requests are refused.
+   */
+  allowUnlisted?: boolean
 }
 
 /** Docker Hub's names for itself; all mean the registry API host. */
@@ -30,53 +42,72 @@ const DOCKER_HUB_API = 'registry-1.docker.io'
 
 export interface UpstreamSelector {
   readonly default: Upstream
-  /** First match wins: `X-Dragonfly-Registry`, then `ns`, then the default. */
+  /** Every configured registry. */
+  readonly trusted: readonly Upstream[]
+  /**
+   * First match wins: `X-Dragonfly-Registry`, then `ns`, then the default.
+   * Throws `RegistryNotAllowedError` for a registry nobody configured, unless
+   * unlisted registries are allowed.
+   */
   select: (header: string | undefined, ns: string | undefined) => Upstream
-  /** Parses a full registry URL (header or configuration). */
+  /** A full registry URL (a header, or a scheduler command); same rules as `select`. */
   parseUrl: (value: string) => Upstream
-  /** Resolves a bare host (containerd's `ns`). */
+  /** A configured registry named by URL; throws `RegistryNotAllowedError` for anything else, whatever `allowUnlisted` says. */
+  requireTrusted: (value: string) => Upstream
+  /** A bare host (containerd's `ns`); same rules as `select`. */
   fromHost: (host: string) => Upstream
-  /** The configured registry for host[:port] (default or `registries`), if any. */
+  /** The configured registry for host[:port], if any. */
   known: (host: string) => Upstream | undefined
 }
 
 export function createUpstreamSelector (init: UpstreamInit): UpstreamSelector {
-  const known = new Map<string, Upstream>()
-  const allowed = init.allowedHosts === undefined ? undefined : new Set(init.allowedHosts.map(h => canonicalHost(h.toLowerCase())))
+  const byHost = new Map<string, Upstream>()
+  const trusted = (u: Upstream): Upstream => ({ ...u, trusted: true })
+  const defaultUpstream = trusted(parseRegistryUrl(init.defaultRegistry))
+  for (const r of init.registries ?? []) {
+    const upstream = trusted(parseRegistryUrl(r))
+    if (!byHost.has(upstream.host)) byHost.set(upstream.host, upstream)
+  }
+  byHost.set(defaultUpstream.host, defaultUpstream)
+  const all = [...byHost.values()]
 
-  const check = (upstream: Upstream): Upstream => {
-    if (allowed !== undefined && !allowed.has(upstream.host)) throw new RegistryNotAllowedError(upstream.host)
-    return upstream
+  /** Host and port must match a configured registry exactly, and so must the scheme. */
+  const admit = (named: Upstream): Upstream => {
+    const configured = byHost.get(named.host)
+    if (configured !== undefined && configured.scheme === named.scheme) return configured
+    if (init.allowUnlisted === true) return named
+    throw new RegistryNotAllowedError(named.origin, all.map(u => u.origin))
   }
 
-  const parseUrl = (value: string): Upstream => check(parseRegistryUrl(value))
+  const parseUrl = (value: string): Upstream => admit(parseRegistryUrl(value))
 
   const fromHost = (raw: string): Upstream => {
     const host = canonicalHost(validateHost(raw.trim().toLowerCase(), raw))
-    return check(known.get(host) ?? makeUpstream('https', host))
+    // ns carries no scheme: a configured host keeps its own, others are https as containerd would use.
+    return admit(byHost.get(host) ?? makeUpstream('https', host))
   }
-
-  for (const r of init.registries ?? []) {
-    const upstream = parseRegistryUrl(r)
-    known.set(upstream.host, upstream)
-  }
-  const defaultUpstream = parseRegistryUrl(init.defaultRegistry)
-  known.set(defaultUpstream.host, defaultUpstream)
 
   return {
     default: defaultUpstream,
+    trusted: all,
     parseUrl,
-    known: (host) => known.get(canonicalHost(host.trim().toLowerCase())),
     fromHost,
+    requireTrusted (value) {
+      const named = parseRegistryUrl(value)
+      const configured = byHost.get(named.host)
+      if (configured === undefined || configured.scheme !== named.scheme) throw new RegistryNotAllowedError(named.origin, all.map(u => u.origin))
+      return configured
+    },
+    known: (host) => byHost.get(canonicalHost(host.trim().toLowerCase())),
     select (header, ns) {
       if (header !== undefined && header.trim() !== '') return parseUrl(header)
       if (ns !== undefined && ns.trim() !== '') return fromHost(ns)
-      return check(defaultUpstream)
+      return defaultUpstream
     }
   }
 }
 
-/** `scheme://host[:port]` with an optional trailing slash, nothing else. */
+/** `scheme://host[:port]` with an optional trailing slash, nothing else. Not yet admitted: `trusted` is false. */
 export function parseRegistryUrl (value: string): Upstream {
   const trimmed = value.trim()
   if (trimmed.length > 512) throw new InvalidRegistryError(trimmed, 'too long')
@@ -96,7 +127,7 @@ export function parseRegistryUrl (value: string): Upstream {
 function makeUpstream (scheme: 'http' | 'https', host: string): Upstream {
   const defaultPort = scheme === 'https' ? ':443' : ':80'
   const h = host.endsWith(defaultPort) ? host.slice(0, -defaultPort.length) : host
-  return { origin: `${scheme}://${h}`, scheme, host: h }
+  return { origin: `${scheme}://${h}`, scheme, host: h, trusted: false }
 }
 
 /** Docker Hub's aliases made one host; every other host as it is. */

@@ -170,7 +170,10 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
     const why = ociMessage(body)
     switch (res.statusCode) {
       case 401: throw unauthorized(ref, header(res, 'www-authenticate'))
-      case 403: throw new DeniedError(`the registry denied access to ${ref.registry.name}/${ref.repository}${why === undefined ? '' : `: ${why}`}`)
+      case 403:
+        // The peer refuses registries it is not configured for before asking them anything.
+        if (header(res, 'x-dragonfly-error-type') === 'proxy') throw new DeniedError(`the peer at ${peer.origin} refused ${ref.registry.name}${why === undefined ? '' : `: ${why}`}`)
+        throw new DeniedError(`the registry denied access to ${ref.registry.name}/${ref.repository}${why === undefined ? '' : `: ${why}`}`)
       case 404:
         if (what.digest !== undefined) throw new BlobUnknownError(what.digest)
         throw new ManifestUnknownError(`${ref.registry.name}/${ref.repository}:${what.reference ?? ''}`)

@@ -55,8 +55,9 @@ describe('damselfly get through a peer', () => {
     await pushImage(image, `${registry.host}/team/app:v1`)
     secret = await buildImage(path.join(work.path, 'secret'), { layers: [MIB + 5], seed: 'get-private', tag: 'v1' })
     await pushImage(secret, `${privateRegistry.host}/secret/app:v1`, { creds: 'alice:s3cret-pass' })
-    // The default registry is neither: `get` names the registry with its header.
-    peer = await startPeer({ registry: 'http://127.0.0.1:9', name: 'get' })
+    // The default registry is neither: `get` names the registry with its header, and the peer
+    // serves only registries it is configured for.
+    peer = await startPeer({ registry: 'http://127.0.0.1:9', name: 'get', args: ['--registries', registry.url, '--registries', privateRegistry.url] })
   })
 
   after(async () => {

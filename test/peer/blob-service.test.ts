@@ -15,7 +15,7 @@ import { createPieceStore, type PieceStore } from '../../peer/piece-store/index.
 import { parseRegistryUrl } from '../../peer/upstream/index.ts'
 import { FakeOrigin } from '../fakes/origin.ts'
 
-const upstream = parseRegistryUrl('http://registry.test:5000')
+const upstream = { ...parseRegistryUrl('http://registry.test:5000'), trusted: true }
 
 async function setup (t: TestContext, init: { ttlMs?: number, maxOriginRuns?: number } = {}): Promise<{ origin: FakeOrigin, store: PieceStore, blobs: BlobService }> {
   const dir = await mkdtemp(join(tmpdir(), 'df-blobs-'))

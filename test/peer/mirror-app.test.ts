@@ -11,6 +11,7 @@ import { createMetricsRegistry } from '../../src/metrics.ts'
 import { MIB } from '../../src/pieces.ts'
 import { createAccessChecker } from '../../peer/auth/index.ts'
 import { createBlobService } from '../../peer/blobs/index.ts'
+import { createPassthrough } from '../../peer/blobs/passthrough.ts'
 import { buildMirrorApp } from '../../peer/mirror/app.ts'
 import { createPieceStore } from '../../peer/piece-store/index.ts'
 import { createTagCache } from '../../peer/tags/index.ts'
@@ -28,7 +29,8 @@ async function setup (t: TestContext, logger = silentLogger()): Promise<{ app: F
   const access = createAccessChecker({ logger, origin }, { ttlMs: 0 })
   const blobs = createBlobService({ logger, store, origin, access, metrics })
   const upstreams = createUpstreamSelector({ defaultRegistry: 'http://registry.test:5000' })
-  const app = buildMirrorApp({ logger, blobs, origin, access, store, tags, upstreams, metrics, ready: () => true })
+  const passthrough = createPassthrough({ origin })
+  const app = buildMirrorApp({ logger, blobs, passthrough, origin, access, store, tags, upstreams, metrics, ready: () => true })
   await app.ready()
   t.after(async () => {
     await app.close()
