@@ -23,8 +23,19 @@ export interface ForwardProxyInit {
   ca?: CertificateAuthority | undefined
   /** host or host:port (443 when no port) whose CONNECT tunnels are opened and served here. */
   intercept?: ReadonlyArray<string>
-  /** When set, the only hosts the proxy forwards to or tunnels to. */
+  /**
+   * `host:port` pairs (443 when no port is written) the proxy may forward to
+   * or tunnel to, compared exactly. Empty: any, but only while
+   * `openToLoopbackOnly` says only this machine can reach the proxy.
+   */
   allowedHosts?: ReadonlyArray<string> | undefined
+  /**
+   * The mirror port listens on loopback only, so every caller is a process on
+   * this node, to whom forwarding opens nothing new. Otherwise the proxy
+   * forwards only to `allowedHosts`: an open proxy on the node network would
+   * reach whatever the peer can (internal services, the scheduler's API).
+   */
+  openToLoopbackOnly?: boolean
   /** Open tunnels (intercepted or not) at once; more are refused with 503. Default 1024. */
   maxTunnels?: number
   /** Deadline to reach a tunnelled host. Default 10 s. */
@@ -71,7 +82,7 @@ export function createForwardProxy (components: ForwardProxyComponents, init: Fo
   const logger = components.logger.child({ component: 'peer:proxy' })
   const { upstreams, dispatcher } = components
   const intercept = new Set((init.intercept ?? []).map(normaliseAuthority))
-  const allowed = init.allowedHosts === undefined || init.allowedHosts.length === 0 ? undefined : new Set(init.allowedHosts.map(h => h.toLowerCase()))
+  const allowed = new Set((init.allowedHosts ?? []).map(h => withPort(normaliseAuthority(h), 443)))
   const maxTunnels = init.maxTunnels ?? 1024
   const connectTimeoutMs = init.connectTimeoutMs ?? 10_000
   const tunnels = new Set<Duplex>()
@@ -79,10 +90,12 @@ export function createForwardProxy (components: ForwardProxyComponents, init: Fo
   const tunnelTargets = new WeakMap<object, string>()
   const requests = components.metrics === undefined
     ? undefined
-    : new Counter({ name: 'damselfly_proxy_requests_total', help: 'Forward-proxy requests, by how they were served (swarm, forward, tunnel, intercept)', labelNames: ['kind'], registers: [components.metrics] })
+    : new Counter({ name: 'damselfly_proxy_requests_total', help: 'Forward-proxy requests, by how they were served (swarm, forward, tunnel, intercept, refused)', labelNames: ['kind'], registers: [components.metrics] })
 
-  function isAllowed (hostname: string): boolean {
-    return allowed === undefined || allowed.has(hostname.toLowerCase())
+  /** Whether the proxy may open a connection to `authority` (host[:port], default port `port`). */
+  function mayReach (authority: string, defaultPort: number): boolean {
+    if (allowed.size === 0) return init.openToLoopbackOnly === true
+    return allowed.has(withPort(normaliseAuthority(authority), defaultPort))
   }
 
   function route (req: IncomingMessage, res: ServerResponse, mirror: RequestListener, tunnelAuthority: string | undefined): void {
@@ -96,14 +109,16 @@ export function createForwardProxy (components: ForwardProxyComponents, init: Fo
       mirror(req, res)
       return
     }
-    if (!isAllowed(target.hostname)) return refuse(res, 403, `host ${target.hostname} is not allowed through this proxy`)
-    // nydusd's use_http rewrites https to http; a registry configured as https is reached as https.
-    const known = tunnelAuthority === undefined ? upstreams.known(target.authority) : undefined
+    // An intercepted tunnel's host is a configured registry. Otherwise nydusd's
+    // use_http rewrites https to http, and a registry configured as https is
+    // reached as https.
+    const known = tunnelAuthority === undefined ? upstreams.known(target.authority) : upstreams.known(normaliseAuthority(target.authority))
     const scheme = known?.scheme ?? target.scheme
     const origin = `${scheme}://${known?.host ?? target.authority}`
     const pathOnly = target.path.split('?')[0] ?? ''
     const useP2P = String(req.headers['x-dragonfly-use-p2p'] ?? '').toLowerCase() !== 'false'
-    if ((req.method === 'GET' || req.method === 'HEAD') && useP2P && BLOB_PATH.test(pathOnly) && !pathOnly.includes('/blobs/uploads/')) {
+    // Only a configured registry's blobs come from the swarm; any other request is forwarded, if it may be.
+    if (known !== undefined && (req.method === 'GET' || req.method === 'HEAD') && useP2P && BLOB_PATH.test(pathOnly) && !pathOnly.includes('/blobs/uploads/')) {
       requests?.inc({ kind: 'swarm' })
       req.url = target.path
       req.headers['x-dragonfly-registry'] = origin
@@ -111,6 +126,10 @@ export function createForwardProxy (components: ForwardProxyComponents, init: Fo
       delete req.headers['proxy-connection']
       mirror(req, res)
       return
+    }
+    if (tunnelAuthority === undefined && !mayReach(target.authority, target.scheme === 'https' ? 443 : 80)) {
+      requests?.inc({ kind: 'refused' })
+      return refuse(res, 403, `${target.authority} is not allowed through this proxy`)
     }
     requests?.inc({ kind: 'forward' })
     void forward(req, res, origin, target.path)
@@ -155,10 +174,15 @@ export function createForwardProxy (components: ForwardProxyComponents, init: Fo
     socket.on('error', () => { socket.destroy() })
     const parsed = parseAuthority(req.url ?? '')
     if (parsed === undefined) return endSocket(socket, 400, 'Bad Request')
-    if (!isAllowed(parsed.hostname)) return endSocket(socket, 403, 'Forbidden')
-    if (tunnels.size >= maxTunnels) return endSocket(socket, 503, 'Service Unavailable')
     const authority = normaliseAuthority(`${parsed.hostname}:${parsed.port}`)
-    if (init.ca !== undefined && intercept.has(authority)) {
+    const intercepted = init.ca !== undefined && intercept.has(authority)
+    // Refused before any connection is tried, so open and closed ports answer alike.
+    if (!intercepted && !mayReach(`${parsed.hostname}:${parsed.port}`, 443)) {
+      requests?.inc({ kind: 'refused' })
+      return endSocket(socket, 403, 'Forbidden')
+    }
+    if (tunnels.size >= maxTunnels) return endSocket(socket, 503, 'Service Unavailable')
+    if (intercepted) {
       requests?.inc({ kind: 'intercept' })
       void open(socket, head, parsed.hostname, authority, inner)
       return
@@ -280,6 +304,11 @@ function normaliseAuthority (value: string): string {
   let v = value.trim().toLowerCase()
   if (v.endsWith(':443')) v = v.slice(0, -4)
   return canonicalHost(v)
+}
+
+/** host:port, with `port` added when the authority names none. */
+function withPort (authority: string, port: number): string {
+  return /:\d+$/.test(authority) && !authority.endsWith(']') ? authority : `${authority}:${port}`
 }
 
 function passOn (headers: IncomingHttpHeaders | Record<string, string | string[] | undefined>): Record<string, string | string[]> {
