@@ -2,11 +2,12 @@ import { mkdir, readFile } from 'node:fs/promises'
 import { resolve } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { Agent } from 'undici'
-import type { ResolvedPeerConfig } from '../src/config/index.ts'
+import { isLoopbackHost, type ResolvedPeerConfig } from '../src/config/index.ts'
 import type { Logger } from '../src/logger.ts'
 import { createMetricsRegistry } from '../src/metrics.ts'
 import { createAccessChecker } from './auth/index.ts'
 import { createBlobService } from './blobs/index.ts'
+import { createPassthrough } from './blobs/passthrough.ts'
 import { buildMirrorApp } from './mirror/app.ts'
 import { createOriginClient } from './origin/index.ts'
 import { createPieceStore } from './piece-store/index.ts'
@@ -53,10 +54,11 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     connect: { timeout: 10_000, ...(ca === undefined ? {} : { ca }) }
   })
   const origin = createOriginClient({ logger, dispatcher, metrics })
+  // Trusted registries: exactly the ones this configuration names.
   const upstreams = createUpstreamSelector({
     defaultRegistry: config.registry,
-    registries: config.registries,
-    allowedHosts: config.allowedRegistries.length === 0 ? undefined : config.allowedRegistries
+    registries: [...config.registries, ...config.mirrors.map(m => m.registry), ...config.proxy.intercept.map(h => `https://${h.replace(/:443$/, '')}`)],
+    allowUnlisted: config.allowUnlistedRegistries
   })
   const scheduler = config.scheduler !== '' ? config.scheduler : deps.scheduler
   if (scheduler === undefined) throw new ConfigError('scheduler', 'no scheduler address and no embedded scheduler')
@@ -87,13 +89,14 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     const ca = config.proxy.caCert === ''
       ? undefined
       : await (await import('./proxy/certs.ts')).createCertificateAuthority({ certPem: await readConfigFile(config.proxy.caCert, 'proxy.caCert'), keyPem: await readConfigFile(config.proxy.caKey, 'proxy.caKey') })
-    proxy = createForwardProxy({ logger, upstreams, dispatcher, metrics }, { ca, intercept: config.proxy.intercept, allowedHosts: config.proxy.allowedHosts })
+    proxy = createForwardProxy({ logger, upstreams, dispatcher, metrics }, { ca, intercept: config.proxy.intercept, allowedHosts: config.proxy.allowedHosts, openToLoopbackOnly: isLoopbackHost(config.host) })
   }
 
   let ready = false
-  const mirrorComponents = { logger, blobs, origin, access, store, tags, upstreams, metrics, swarm, ready: () => ready }
+  const passthrough = createPassthrough({ origin })
+  const mirrorComponents = { logger, blobs, passthrough, origin, access, store, tags, upstreams, metrics, swarm, ready: () => ready }
   const mirror = buildMirrorApp(mirrorComponents, { serverFactory: proxy?.serverFactory })
-  const extraMirrors = config.mirrors.map(m => ({ port: m.port, app: buildMirrorApp(mirrorComponents, { upstream: upstreams.parseUrl(m.registry) }) }))
+  const extraMirrors = config.mirrors.map(m => ({ port: m.port, app: buildMirrorApp(mirrorComponents, { upstream: upstreams.requireTrusted(m.registry) }) }))
   const health = config.healthPort === 0 ? undefined : buildMirrorApp(mirrorComponents)
   const addresses: Peer['addresses'] = { mirror: '', health: undefined, extra: [], p2p: [] }
   const listening: FastifyInstance[] = []

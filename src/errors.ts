@@ -58,9 +58,16 @@ export class InvalidRegistryError extends DamselflyError {
   }
 }
 
+/**
+ * A request named a registry the operator did not configure. Only configured
+ * registries are trusted (their bytes feed the cache and the swarm, their yes
+ * lets a caller read them); `allowUnlistedRegistries` opts into pass-through
+ * service of the others.
+ */
 export class RegistryNotAllowedError extends DamselflyError {
-  constructor (host: string) {
-    super('DF_ERR_REGISTRY_NOT_ALLOWED', `upstream registry ${JSON.stringify(truncate(host))} is not in this peer's allow-list`)
+  constructor (registry: string, configured: readonly string[] = []) {
+    const list = configured.length === 0 ? '' : ` (configured: ${configured.slice(0, 8).join(', ')}${configured.length > 8 ? ', …' : ''})`
+    super('DF_ERR_REGISTRY_NOT_ALLOWED', `upstream registry ${JSON.stringify(truncate(registry))} is not one this peer is configured for${list}; add it with --registries, or set allowUnlistedRegistries to pass it through uncached`)
   }
 }
 
@@ -230,6 +237,13 @@ export class MirrorStatusError extends DamselflyError {
 export class ApiUnauthorizedError extends DamselflyError {
   constructor (message: string) {
     super('DF_ERR_API_UNAUTHORIZED', message)
+  }
+}
+
+/** The scheduler's API refused a caller it cannot tell from a stranger (no API token configured, caller off loopback). */
+export class ApiForbiddenError extends DamselflyError {
+  constructor (message: string) {
+    super('DF_ERR_API_FORBIDDEN', message)
   }
 }
 

@@ -43,7 +43,8 @@ export function createControlHandler (components: ControlComponents, init: Contr
     switch (command.type) {
       case 'fetch': {
         if (!init.seed) throw new DamselflyError('DF_ERR_NOT_SEED', 'only seed peers take whole tasks')
-        const upstream = upstreams.parseUrl(command.origin.registry)
+        // The scheduler relays what some peer asked for: only a registry configured here is fetched from.
+        const upstream = upstreams.requireTrusted(command.origin.registry)
         // Children may ask for pieces as soon as the scheduler names us: claim the task first.
         seedTasks.set(command.digest, Date.now())
         components.store.track(command.digest, command.size, { mediaType: command.mediaType })
@@ -63,7 +64,7 @@ export function createControlHandler (components: ControlComponents, init: Contr
       }
       case 'preheat': {
         if (!init.seed) throw new DamselflyError('DF_ERR_NOT_SEED', 'only seed peers run preheat jobs')
-        const upstream = /^https?:\/\//.test(command.registry) ? upstreams.parseUrl(command.registry) : upstreams.fromHost(command.registry)
+        const upstream = /^https?:\/\//.test(command.registry) ? upstreams.requireTrusted(command.registry) : (upstreams.known(command.registry) ?? upstreams.requireTrusted(`https://${command.registry}`))
         // Job credentials live only in this call's scope: used for the origin, then dropped.
         // A header value from the job (Harbor's pull token) goes to the origin exactly as given.
         const credentials = command.authorization !== undefined

@@ -143,8 +143,18 @@ export function readPieceRequest (req: IncomingMessage, self: string, secret: Bu
   if (req.method !== 'GET') return { status: 405, message: 'only GET' }
   const request = parsePiecePath(req.url ?? '')
   if (request === undefined) return { status: 404, message: 'not a piece path' }
-  if (secret === undefined) return { request, child: req.socket.remoteAddress ?? 'unknown' }
+  if (secret === undefined) {
+    // Without a secret nothing tells a member from a stranger: only this machine may ask.
+    const from = req.socket.remoteAddress ?? ''
+    if (!isLoopbackAddress(from)) return { status: 403, message: 'this peer has no cluster secret and serves pieces to loopback only' }
+    return { request, child: from }
+  }
   const child = checkAuthorization(secret, self, request, req.headers.authorization)
   if (child === undefined) return { status: 401, message: 'prove membership of the cluster' }
   return { request, child }
+}
+
+/** 127.0.0.0/8, ::1 and their IPv4-mapped forms, as a socket reports them. */
+export function isLoopbackAddress (address: string): boolean {
+  return address === '::1' || /^(::ffff:)?127\./.test(address)
 }

@@ -4,7 +4,8 @@ import type { Registry } from '../../src/metrics.ts'
 import type { PreheatJob, PreheatJobs } from '../preheat/index.ts'
 import type { SwarmState } from '../state/index.ts'
 import { swarmPage } from './swarm-page.ts'
-import { registerHarborApi } from './harbor.ts'
+import { registerApiGuard } from './guard.ts'
+import { PREHEAT_ROUTES, registerHarborApi } from './harbor.ts'
 
 export interface SchedulerApiComponents {
   logger: Logger
@@ -36,7 +37,8 @@ export function buildSchedulerApi (components: SchedulerApiComponents): FastifyI
     bodyLimit: 64 * 1024
   })
 
-  registerHarborApi(app, { jobs, state, token: components.apiToken ?? '' })
+  const guard = registerApiGuard(app, { token: components.apiToken ?? '', guarded: PREHEAT_ROUTES })
+  registerHarborApi(app, { jobs, state })
 
   app.get('/healthy', async (_req, reply) => {
     if (!components.ready()) return reply.code(503).send({ status: 'starting' })
@@ -67,7 +69,9 @@ export function buildSchedulerApi (components: SchedulerApiComponents): FastifyI
     }))
   })
 
-  app.get('/api/v1/tasks', async () => {
+  // Repository names can name private repositories: only holders of the API token see them.
+  app.get('/api/v1/tasks', async (request) => {
+    const showOrigin = guard.holdsToken(request)
     return [...state.tasks()].map(t => ({
       digest: t.digest,
       size: t.size,
@@ -76,7 +80,7 @@ export function buildSchedulerApi (components: SchedulerApiComponents): FastifyI
       knownPieces: t.known.size,
       completeHolders: [...t.complete].map(s => state.hostBySlot(s)?.info.peerId).filter(Boolean),
       partialHolders: [...t.partial.entries()].map(([s, p]) => ({ peerId: state.hostBySlot(s)?.info.peerId, pieces: p.size })),
-      origin: t.origin
+      ...(showOrigin ? { origin: t.origin } : {})
     }))
   })
 

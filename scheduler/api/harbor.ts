@@ -48,10 +48,9 @@
  * blob. The registry credential goes to the job and from there to the seed,
  * which sends it to the origin as it is; it is in no answer and no log line.
  */
-import { createHash, timingSafeEqual } from 'node:crypto'
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import type { FastifyError, FastifyInstance } from 'fastify'
 import { LRUCache } from 'lru-cache'
-import { ApiUnauthorizedError, InvalidPreheatRequestError, isDamselflyError } from '../../src/errors.ts'
+import { InvalidPreheatRequestError, isDamselflyError } from '../../src/errors.ts'
 import { validateName, validateReference } from '../../src/oci/names.ts'
 import type { JobStatus, PreheatJob, PreheatJobs } from '../preheat/index.ts'
 import type { SwarmState } from '../state/index.ts'
@@ -59,13 +58,11 @@ import type { SwarmState } from '../state/index.ts'
 export interface HarborApiOptions {
   jobs: PreheatJobs
   state: SwarmState
-  /** `api.token`: required as `Authorization: Bearer <token>` on every preheat endpoint; '' leaves them open. */
-  token: string
   /** Numeric job ids remembered for Harbor (its client reads `id` as an integer). Default 1000, as many as jobs kept. */
   maxJobs?: number
 }
 
-/** Every route that creates or reads a preheat job; the API token guards exactly these. */
+/** Every route that creates or reads a preheat job: the API guard's (see guard.ts). */
 export const PREHEAT_ROUTES = new Set(['/api/v1/preheat', '/api/v1/preheat/:id', '/oapi/v1/jobs', '/oapi/v1/jobs/:id', '/preheats', '/preheats/:id'])
 
 /** Our job status → the open API's job state. Harbor takes only PENDING as "still running". */
@@ -137,19 +134,8 @@ interface LegacyPreheatRequest {
  * token check to every preheat endpoint (ours included). Call it on the root
  * instance before it is ready.
  */
+/** Adds Harbor's provider endpoints to the scheduler's HTTP API (the API guard covers them: see PREHEAT_ROUTES). */
 export function registerHarborApi (app: FastifyInstance, options: HarborApiOptions): void {
-  if (options.token !== '') {
-    const expected = createHash('sha256').update(options.token).digest()
-    // A root hook, so the routes of app.ts are guarded too; matched on route patterns, not raw URLs.
-    app.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {
-      if (!PREHEAT_ROUTES.has(request.routeOptions.url ?? '')) return
-      const m = /^Bearer\s+(\S+)\s*$/i.exec(request.headers.authorization ?? '')
-      const given = m === null ? undefined : createHash('sha256').update(m[1] as string).digest()
-      if (given !== undefined && timingSafeEqual(given, expected)) return
-      const err = new ApiUnauthorizedError(m === null ? 'this endpoint needs Authorization: Bearer <api token>' : 'the API token is not the one this scheduler was given')
-      return reply.code(401).header('www-authenticate', 'Bearer realm="damselfly"').send({ code: err.code, message: err.message })
-    })
-  }
   app.register(async (scope) => { harborRoutes(scope, options) })
 }
 

@@ -89,6 +89,7 @@ export function loadPeerConfig (sources: ConfigSources): Readonly<ResolvedPeerCo
     uploadRateLimit: parseSize(raw.uploadRateLimit, 'uploadRateLimit'),
     clusterSecret: clusterSecret(raw.swarm)
   }
+  resolved.p2pHost = swarmHost(resolved.p2pHost, 'p2pHost', resolved.clusterSecret, 'the p2p and upload ports would let anyone who can reach them download every cached piece and join the swarm')
   const ports = [['port', resolved.port], ['healthPort', resolved.healthPort], ['p2pPort', resolved.p2pPort], ...(resolved.pieceTransport === 'http' ? [['uploadPort', resolved.uploadPort]] : []), ...resolved.mirrors.map((m, i) => [`mirrors.${i}.port`, m.port])] as Array<[string, number]>
   if (resolved.proxy.intercept.length > 0 && (resolved.proxy.caCert === '' || resolved.proxy.caKey === '')) {
     throw new ConfigError(resolved.proxy.caCert === '' ? 'proxy.caCert' : 'proxy.caKey', 'intercepting CONNECT for proxy.intercept needs a CA certificate and key')
@@ -106,7 +107,29 @@ export function loadPeerConfig (sources: ConfigSources): Readonly<ResolvedPeerCo
 export function loadSchedulerConfig (sources: ConfigSources): Readonly<ResolvedSchedulerConfig> {
   const raw = load(SchedulerConfig, sources) as SchedulerConfigInput
   if (raw.port !== 0 && raw.port === raw.httpPort) throw new ConfigError('httpPort', `port ${raw.port} is already used by port`)
-  return deepFreeze({ ...raw, clusterSecret: clusterSecret(raw.swarm), apiToken: apiToken(raw.api) })
+  const secret = clusterSecret(raw.swarm)
+  const host = swarmHost(raw.host, 'host', secret, 'its p2p port would let anyone who can reach it join the swarm and read who holds what')
+  return deepFreeze({ ...raw, host, clusterSecret: secret, apiToken: apiToken(raw.api) })
+}
+
+/** Whether binding `host` keeps a port to this machine (127.0.0.0/8, ::1, localhost). */
+export function isLoopbackHost (host: string): boolean {
+  const h = host.replace(/^\[|\]$/g, '').toLowerCase()
+  return h === 'localhost' || h === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h) || /^::ffff:127\./.test(h)
+}
+
+/**
+ * The address a swarm port binds: the one given, or — when none is — every
+ * interface with a cluster secret and loopback without one. Without a
+ * secret nothing tells a member from a stranger, so a non-loopback address
+ * is refused rather than opened.
+ */
+function swarmHost (given: string, key: string, secret: string, why: string): string {
+  const host = given === '' ? (secret === '' ? '127.0.0.1' : '0.0.0.0') : given
+  if (secret === '' && !isLoopbackHost(host)) {
+    throw new ConfigError(key, `binding ${host} without swarm.clusterSecret: ${why}. Set swarm.clusterSecret (or swarm.clusterSecretFile, at least 16 characters) on every node, or bind 127.0.0.1`)
+  }
+  return host
 }
 
 function load (schema: TObject, sources: ConfigSources): unknown {

@@ -13,6 +13,8 @@ const Port = (defaultValue: number, description: string): TInteger => Type.Integ
 const Size = (defaultValue: string, description: string): TUnion<[TInteger, TString]> => Type.Union([Type.Integer({ minimum: 0 }), Type.String({ pattern: '^\\s*\\d+(\\.\\d+)?\\s*([kKmMgGtT]i?[bB]?|[bB])?\\s*$' })], { default: defaultValue, description })
 const Duration = (defaultValue: string, description: string): TUnion<[TInteger, TString]> => Type.Union([Type.Integer({ minimum: 0 }), Type.String({ pattern: '^\\s*\\d+(\\.\\d+)?\\s*(ms|s|m|h)?\\s*$' })], { default: defaultValue, description })
 const Host = (defaultValue: string, description: string): TString => Type.String({ minLength: 1, maxLength: 253, pattern: '^[A-Za-z0-9.:\\-\\[\\]%]+$', default: defaultValue, description })
+/** An address to bind whose default depends on whether a cluster secret is set: empty means "decide". */
+const SwarmHost = (description: string): TString => Type.String({ maxLength: 253, pattern: '^[A-Za-z0-9.:\\-\\[\\]%]*$', default: '', description })
 const RegistryUrl = Type.String({ pattern: '^https?://[^/?#@\\s]+/?$', description: 'scheme://host[:port]' })
 const LogLevel = Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map(l => Type.Literal(l)), { default: 'info', description: 'Log level' })
 
@@ -41,7 +43,7 @@ export const PeerProxy = Type.Object({
   caCert: Type.String({ default: '', description: 'PEM certificate of the CA that signs certificates for intercepted hosts (clients trust it, or skip verification)' }),
   caKey: Type.String({ default: '', description: 'PEM private key of that CA (RSA or EC)' }),
   intercept: Type.Array(Type.String({ minLength: 1, maxLength: 260 }), { default: [], description: 'Registries (host or host:port) whose CONNECT tunnels are opened here and their blob reads served through the swarm; other hosts are tunnelled untouched' }),
-  allowedHosts: Type.Array(Type.String({ minLength: 1, maxLength: 260 }), { default: [], description: 'If set, the only hosts the proxy forwards to or tunnels to' })
+  allowedHosts: Type.Array(Type.String({ minLength: 1, maxLength: 260 }), { default: [], description: 'host:port pairs (443 when no port) the proxy may forward to or tunnel to. Empty: any, but only while the mirror listens on loopback; a mirror reachable from the network forwards nothing unless they are listed' })
 }, { additionalProperties: false, default: {} })
 
 export const PeerConfig = Type.Object({
@@ -49,14 +51,14 @@ export const PeerConfig = Type.Object({
   host: Host('127.0.0.1', 'Address the mirror listens on'),
   port: Port(4001, 'Mirror port (registry API, /healthy, /metrics)'),
   healthPort: Port(0, 'Separate port for /healthy and /metrics (0: only on the mirror port)'),
-  p2pHost: Host('0.0.0.0', 'Address the piece-exchange (libp2p) listener binds'),
+  p2pHost: SwarmHost('Address the p2p and upload ports bind. Default: 0.0.0.0 with a cluster secret, 127.0.0.1 without one; any other address than loopback needs a cluster secret'),
   p2pPort: Port(4000, 'Piece-exchange (libp2p) port: scheduler sessions, commands, and pieces when pieceTransport is libp2p'),
   uploadPort: Port(4002, 'HTTP upload port other peers download pieces from (on p2pHost)'),
   pieceTransport: Type.Union([Type.Literal('http'), Type.Literal('libp2p')], { default: 'http', description: 'How pieces travel between peers: http (the upload port; fastest) or libp2p (encrypted streams on the p2p port, for networks where piece bytes must not cross in the clear)' }),
   announce: Type.Array(Type.String(), { default: [], description: 'Multiaddrs other peers should dial to reach this one (default: the listen addresses)' }),
   registry: Type.String({ default: 'https://registry-1.docker.io', description: 'Upstream registry for requests that name none (docker.io means registry-1.docker.io)' }),
   registries: Type.Array(RegistryUrl, { default: [], description: 'Registries by URL, so containerd\'s ns=host maps to the right scheme (hosts not listed are https)' }),
-  allowedRegistries: Type.Array(Type.String(), { default: [], description: 'If set, the only upstream hosts requests may name' }),
+  allowUnlistedRegistries: Type.Boolean({ default: false, description: 'Let requests name registries that registry, registries, mirrors and proxy.intercept do not list. They are passed through, verified but never cached, shared in the swarm or served from the cache; without this they get 403' }),
   mirrors: Type.Array(PeerMirror, { default: [], description: 'Extra mirror listeners, each serving one registry to clients that send no registry header' }),
   scheduler: Type.String({ default: '', description: 'Scheduler address (host:port or a multiaddr); empty runs an embedded single-node scheduler' }),
   seed: Type.Boolean({ default: false, description: 'Seed peer: preferred first fetcher from the origin; fetches whole blobs; runs preheats' }),
@@ -76,9 +78,9 @@ export const PeerConfig = Type.Object({
 
 export const SchedulerConfig = Type.Object({
   dataDir: Type.String({ minLength: 1, default: '/var/lib/damselfly-scheduler', description: 'Directory for the scheduler\'s key' }),
-  host: Host('0.0.0.0', 'Address the scheduler listens on'),
+  host: SwarmHost('Address the scheduler\'s p2p port binds. Default: 0.0.0.0 with a cluster secret, 127.0.0.1 without one; any other address than loopback needs a cluster secret'),
   port: Port(8002, 'Scheduler (libp2p) port peers connect to'),
-  httpHost: Host('0.0.0.0', 'Address of the HTTP API (status, preheat, swarm page, metrics)'),
+  httpHost: Host('0.0.0.0', 'Address of the HTTP API (status, preheat, swarm page, metrics). Off loopback, starting preheats needs api.token'),
   httpPort: Port(8080, 'HTTP API port'),
   announce: Type.Array(Type.String(), { default: [], description: 'Multiaddrs peers should dial (default: the listen addresses)' }),
   api: SchedulerApi,

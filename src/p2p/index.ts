@@ -106,7 +106,9 @@ export async function createP2PNode (components: P2PNodeComponents, init: P2PNod
       inboundConnectionThreshold: init.inboundConnectionThreshold ?? 100,
       maxIncomingPendingConnections: init.maxIncomingPendingConnections ?? 256
     },
-    nodeInfo: { userAgent: `damselfly/${hostname()}` }
+    nodeInfo: { userAgent: `damselfly/${hostname()}` },
+    // Without a secret nothing tells a member from a stranger: only this machine may connect.
+    ...(secret === undefined ? { connectionGater: { denyInboundConnection: async (conn: { remoteAddr: Multiaddr }) => !isLoopbackMultiaddr(conn.remoteAddr) } } : {})
   })
 
   node.addEventListener('connection:close', (evt) => {
@@ -234,6 +236,14 @@ export async function createP2PNode (components: P2PNodeComponents, init: P2PNod
       await node.stop()
     }
   }
+}
+
+function isLoopbackMultiaddr (ma: Multiaddr): boolean {
+  const [first] = ma.getComponents()
+  if (first === undefined) return false
+  if (first.name === 'ip4') return first.value?.startsWith('127.') === true
+  if (first.name === 'ip6') return first.value === '::1' || first.value?.startsWith('::ffff:127.') === true
+  return false
 }
 
 /** `host:port` (what users type for --scheduler) or a multiaddr. */
