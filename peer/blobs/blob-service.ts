@@ -3,17 +3,18 @@ import { LRUCache } from 'lru-cache'
 import { raceSignal, withDeadline, type AbortOptions } from '../../src/abort.ts'
 import {
   BlobDigestMismatchError, BlobUnknownError, DeniedError, ManifestUnknownError, OriginProtocolError, OriginStatusError,
-  PieceDigestMismatchError, RangeNotSatisfiableError, StorageError, UnauthorizedError, isAbort
+  PieceDigestMismatchError, RangeNotSatisfiableError, RegistryNotAllowedError, StorageError, UnauthorizedError, isAbort
 } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter } from '../../src/metrics.ts'
-import { sha256Hex } from '../../src/oci/digest.ts'
+import { parseDigest, sha256Hex } from '../../src/oci/digest.ts'
 import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
-import { pieceBounds, piecesCovering } from '../../src/pieces.ts'
+import { choosePieceSize, pieceBounds, piecesCovering } from '../../src/pieces.ts'
 import type { PieceStore } from '../piece-store/index.ts'
 import type { OriginCredentials } from '../origin/index.ts'
+import { verifyWhole } from './verify.ts'
 import { Priority, type BlobByteCounts, type BlobService, type BlobServiceComponents, type BlobServiceInit, type BlobTask, type OpenBlob, type OpenBlobRequest, type ReadOptions, type ServePieceOptions } from './index.ts'
 
 type Source = 'local' | 'origin' | 'peer'
@@ -25,6 +26,15 @@ const LOW_PRIORITY_RUN = 4
 interface Landed {
   data: Buffer | undefined
   source: Source
+  /** Known genuine (see `RemotePiece.trusted`); origin bytes always are. */
+  trusted: boolean
+}
+
+/** A verified piece in hand. */
+interface Piece {
+  data: Buffer
+  source: Source
+  trusted: boolean
 }
 
 interface Deferred {
@@ -63,7 +73,7 @@ export class DefaultBlobService implements BlobService {
    * Verified pieces whose disk write has not finished. Readers take them from
    * here: on a busy disk a write can take longer than the network did.
    */
-  readonly #landing = new Map<string, { data: Buffer, source: Source, written: Promise<unknown> }>()
+  readonly #landing = new Map<string, { data: Buffer, source: Source, trusted: boolean, written: Promise<unknown> }>()
   /** Tasks this node worked on lately, with the upstream and credentials to fetch more of them. */
   readonly #tasks = new LRUCache<string, BlobTask>({ max: 4096, ttl: 10 * 60_000 })
   /** Piece requests that arrived for a task this node was told to take but has not adopted yet. */
@@ -93,6 +103,8 @@ export class DefaultBlobService implements BlobService {
 
   async open (request: OpenBlobRequest, options: AbortOptions = {}): Promise<OpenBlob> {
     const { upstream, repo, digest, kind, credentials } = request
+    // Only a configured registry may fill the cache, and only its yes opens it.
+    if (!upstream.trusted) throw new RegistryNotAllowedError(upstream.origin)
     const local = this.#store.info(digest)
     const access = await this.#components.access.check(upstream, repo, kind, digest, credentials, {
       signal: options.signal,
@@ -164,7 +176,7 @@ export class DefaultBlobService implements BlobService {
     const fetch = typeof options.fetch === 'function' ? options.fetch() : options.fetch
     const info = this.#store.info(digest)
     if (!fetch || task === undefined || info === undefined || index >= info.pieceCount) return undefined
-    return (await this.#acquire(task, index, Math.min(info.pieceCount - 1, index + this.#maxRun - 1), signal, Priority.ON_DEMAND)).data
+    return (await this.#acquire(task, index, Math.min(info.pieceCount - 1, index + this.#maxRun - 1), signal, Priority.ON_DEMAND, true)).data
   }
 
   prefetch (task: BlobTask): boolean {
@@ -196,7 +208,7 @@ export class DefaultBlobService implements BlobService {
       const last = info.pieceCount - 1
       for (let i = 0; i <= last; i++) {
         if (this.#store.hasPiece(task.digest, i)) continue
-        await this.#acquire(task, i, last, options.signal, options.priority ?? Priority.ON_DEMAND)
+        await this.#acquire(task, i, last, options.signal, options.priority ?? Priority.ON_DEMAND, true)
       }
       await this.#written(task.digest)
       if (!await this.#store.verifyBlob(task.digest)) {
@@ -220,13 +232,18 @@ export class DefaultBlobService implements BlobService {
     }
     const start = range?.start ?? 0
     const end = range?.end ?? task.size - 1
+    // A whole-blob read checks the digest before its last bytes leave, so any
+    // piece matching the table will do; a range needs pieces known genuine.
+    const whole = start === 0 && end === task.size - 1
     const { first, last } = piecesCovering(start, end, info.pieceSize)
     const unpin = this.#store.pin(task.digest)
     const signal = options.signal
     const priority = options.priority ?? Priority.ON_DEMAND
-    let firstPiece: { data: Buffer, source: Source }
+    // Whatever the cache keeps of it, a whole read hashes what it sends unless the cache already vouched for the whole blob.
+    const verifyHere = whole && info.verified !== true
+    let firstPiece: Piece
     try {
-      firstPiece = await this.#acquire(task, first, last, signal, priority)
+      firstPiece = await this.#usable(task, first, last, signal, priority, whole)
     } catch (err) {
       unpin()
       throw err
@@ -234,11 +251,11 @@ export class DefaultBlobService implements BlobService {
 
     const self = this
     async function * pieces (): AsyncGenerator<Buffer> {
-      const ahead: Array<Promise<{ data: Buffer, source: Source }>> = []
+      const ahead: Array<Promise<Piece>> = []
       let next = first + 1
       const fill = (): void => {
         while (next <= last && ahead.length < self.#readahead) {
-          const p = self.#acquire(task, next++, last, signal, priority)
+          const p = self.#usable(task, next++, last, signal, priority, whole)
           // Read-ahead may be abandoned when the client leaves; its failure is not ours to report then.
           p.catch(() => {})
           ahead.push(p)
@@ -247,7 +264,7 @@ export class DefaultBlobService implements BlobService {
       try {
         for (let i = first; i <= last; i++) {
           fill()
-          const piece = i === first ? firstPiece : await (ahead.shift() as Promise<{ data: Buffer, source: Source }>)
+          const piece = i === first ? firstPiece : await (ahead.shift() as Promise<Piece>)
           if (i === info.pieceCount - 1) {
             await self.#written(task.digest)
             await self.#checkWhole(task)
@@ -264,7 +281,58 @@ export class DefaultBlobService implements BlobService {
         unpin()
       }
     }
-    return Readable.from(pieces(), { objectMode: false, highWaterMark: 64 * 1024 })
+    if (!verifyHere) return Readable.from(pieces(), { objectMode: false, highWaterMark: 64 * 1024 })
+    async function * verified (): AsyncGenerator<Buffer> {
+      try {
+        yield * verifyWhole(pieces(), parseDigest(task.digest), task.size)
+      } catch (err) {
+        // Every piece matched the table and the whole did not: the table is wrong.
+        if (err instanceof BlobDigestMismatchError) self.#components.remote?.mismatch?.(task, undefined)
+        throw err
+      }
+    }
+    return Readable.from(verified(), { objectMode: false, highWaterMark: 64 * 1024 })
+  }
+
+  /** A piece a read may send: for a range, one known genuine (taken from the origin when the swarm's is not). */
+  async #usable (task: BlobTask, index: number, lastWanted: number, signal: AbortSignal | undefined, priority: number, whole: boolean): Promise<Piece> {
+    const piece = await this.#acquire(task, index, lastWanted, signal, priority, whole)
+    if (whole || piece.trusted) return piece
+    return this.#originPiece(task, index, signal, priority)
+  }
+
+  /**
+   * A range read's piece whose entry only its author vouches for, and that
+   * reached this node without a confirmation: the origin is asked for exactly
+   * that piece. Equal to the table, it is now trusted here and confirms the
+   * entry swarm-wide; different, the table is wrong: that is reported, this
+   * node's copy evicted, and the origin's bytes are what the reader gets.
+   */
+  async #originPiece (task: BlobTask, index: number, signal: AbortSignal | undefined, priority: number): Promise<Piece> {
+    const pieceSize = this.#store.info(task.digest)?.pieceSize ?? choosePieceSize(task.size)
+    const { offset, length } = pieceBounds(index, task.size, pieceSize)
+    const release = await this.#runs.acquire({ signal: AbortSignal.any([this.#shutdown.signal, ...(signal === undefined ? [] : [signal])]), priority })
+    let data: Buffer
+    try {
+      const res = await this.#components.origin.getBlob(task.upstream, task.repo, task.digest, { start: offset, end: offset + length - 1 }, task.credentials, { ...(signal === undefined ? {} : { signal }) })
+      data = await readExactly(res.body, length, task.digest)
+    } finally {
+      release()
+    }
+    const hex = sha256Hex(data)
+    this.#fetched?.inc({ source: 'origin' }, length)
+    this.#bytes.fetched.origin += length
+    const expected = this.#store.pieceDigest(task.digest, index)
+    if (expected !== undefined && expected !== hex) {
+      this.#logger.warn({ digest: task.digest, piece: index }, 'the origin contradicts the swarm\'s piece table; reporting it and dropping this copy')
+      this.#components.remote?.mismatch?.(task, { piece: index, sha256: hex })
+      await this.#store.remove(task.digest, 'piece table contradicted by the origin')
+      return { data, source: 'origin', trusted: true }
+    }
+    await this.#store.writePiece(task.digest, index, data, { sha256: hex, source: 'origin' }).catch((err: unknown) => {
+      this.#logger.debug({ err, digest: task.digest, piece: index }, 'could not keep a piece confirmed from the origin')
+    })
+    return { data, source: 'origin', trusted: true }
   }
 
   /**
@@ -279,21 +347,21 @@ export class DefaultBlobService implements BlobService {
   }
 
   /** One verified piece, from wherever it can be had; retried a bounded number of times. */
-  async #acquire (task: BlobTask, index: number, lastWanted: number, signal: AbortSignal | undefined, priority: number): Promise<{ data: Buffer, source: Source }> {
+  async #acquire (task: BlobTask, index: number, lastWanted: number, signal: AbortSignal | undefined, priority: number, whole: boolean): Promise<Piece> {
     let lastError: unknown
     for (let attempt = 0; attempt < this.#attempts; attempt++) {
       signal?.throwIfAborted()
       const local = await this.#store.readPiece(task.digest, index)
-      if (local !== undefined) return { data: local, source: 'local' }
+      if (local !== undefined) return { data: local, source: 'local', trusted: this.#store.isTrusted(task.digest, index) }
       const key = pieceKey(task.digest, index)
       const landing = this.#landing.get(key)
-      if (landing !== undefined) return { data: landing.data, source: landing.source }
-      const pending = this.#inflight.get(key) ?? this.#startFetch(task, index, lastWanted, priority)
+      if (landing !== undefined) return { data: landing.data, source: landing.source, trusted: landing.trusted }
+      const pending = this.#inflight.get(key) ?? this.#startFetch(task, index, lastWanted, priority, whole)
       try {
         const landed = await raceSignal(pending, signal)
-        if (landed.data !== undefined) return { data: landed.data, source: landed.source }
+        if (landed.data !== undefined) return { data: landed.data, source: landed.source, trusted: landed.trusted }
         const stored = await this.#store.readPiece(task.digest, index)
-        if (stored !== undefined) return { data: stored, source: landed.source }
+        if (stored !== undefined) return { data: stored, source: landed.source, trusted: landed.trusted || this.#store.isTrusted(task.digest, index) }
         lastError = new StorageError(`piece ${index} of ${task.digest} vanished from the cache after it landed`)
       } catch (err) {
         if (signal?.aborted === true || isAbort(err)) throw err
@@ -305,20 +373,20 @@ export class DefaultBlobService implements BlobService {
     throw lastError
   }
 
-  #startFetch (task: BlobTask, index: number, lastWanted: number, priority: number): Promise<Landed> {
+  #startFetch (task: BlobTask, index: number, lastWanted: number, priority: number, whole: boolean): Promise<Landed> {
     const remote = this.#components.remote
     if (remote === undefined) return this.#startOriginRun(task, index, lastWanted, priority)
     const deferred = this.#register(task, index)
     void (async () => {
       try {
-        const got = await remote.fetch({ task, lastWanted }, index, { signal: this.#shutdown.signal })
+        const got = await remote.fetch({ task, lastWanted, whole }, index, { signal: this.#shutdown.signal })
         if (got.kind === 'origin') {
           // This node is the piece's first fetcher (or the swarm cannot help): the origin it is.
           this.#unregister(task, index, deferred)
           this.#startOriginRun(task, index, Math.max(index, Math.min(lastWanted, got.upTo)), priority).then(deferred.resolve, deferred.reject)
           return
         }
-        await this.#land(task, index, got.data, got.sha256, 'peer', deferred)
+        await this.#land(task, index, got.data, got.sha256, 'peer', deferred, got.trusted)
       } catch (err) {
         deferred.reject(err)
       }
@@ -372,7 +440,7 @@ export class DefaultBlobService implements BlobService {
           off += n
           if (filled < buf.length) continue
           const deferred = deferreds.get(i)
-          if (deferred !== undefined) await this.#land(task, i, buf, sha256Hex(buf), 'origin', deferred)
+          if (deferred !== undefined) await this.#land(task, i, buf, sha256Hex(buf), 'origin', deferred, true)
           i++
           if (i <= last) {
             buf = Buffer.allocUnsafe(pieceBounds(i, task.size, pieceSize).length)
@@ -410,22 +478,28 @@ export class DefaultBlobService implements BlobService {
    * written behind their backs; the store checks it against the table
    * either way, and a mismatch fails the waiters instead.
    */
-  async #land (task: BlobTask, index: number, data: Buffer, sha256: string, source: 'origin' | 'peer', deferred: Deferred): Promise<void> {
+  async #land (task: BlobTask, index: number, data: Buffer, sha256: string, source: 'origin' | 'peer', deferred: Deferred, trusted: boolean): Promise<void> {
     const key = pieceKey(task.digest, index)
-    const write = this.#store.writePiece(task.digest, index, data, { sha256, source })
+    const write = this.#store.writePiece(task.digest, index, data, { sha256, source, trusted })
     // The store compared the piece with the table before its first await: whatever it knows now, it knew then.
     const known = this.#store.pieceDigest(task.digest, index)
     const early = known === undefined || known === sha256
     if (early) {
-      this.#landing.set(key, { data, source, written: write.catch(() => {}) })
+      this.#landing.set(key, { data, source, trusted, written: write.catch(() => {}) })
       this.#fetched?.inc({ source }, data.length)
       this.#bytes.fetched[source] += data.length
-      deferred.resolve({ data, source })
+      deferred.resolve({ data, source, trusted })
     }
     let stored: boolean
     try {
       stored = await write
     } catch (err) {
+      if (err instanceof PieceDigestMismatchError && source === 'origin') {
+        // The origin contradicts the table: the table is what is wrong. Say so, and drop this copy so the next attempt starts afresh.
+        this.#logger.warn({ digest: task.digest, piece: index }, 'the origin contradicts the swarm\'s piece table; reporting it and dropping this copy')
+        this.#components.remote?.mismatch?.(task, { piece: index, sha256 })
+        await this.#store.remove(task.digest, 'piece table contradicted by the origin')
+      }
       if (err instanceof PieceDigestMismatchError || err instanceof BlobDigestMismatchError) {
         if (!early) deferred.reject(err)
         throw err
@@ -438,7 +512,7 @@ export class DefaultBlobService implements BlobService {
     if (early) return
     this.#fetched?.inc({ source }, data.length)
     this.#bytes.fetched[source] += data.length
-    deferred.resolve({ data: stored ? undefined : data, source })
+    deferred.resolve({ data: stored ? undefined : data, source, trusted })
   }
 
   #register (task: BlobTask, index: number): Deferred {
@@ -461,4 +535,22 @@ export class DefaultBlobService implements BlobService {
 
 function pieceKey (digest: string, index: number): string {
   return `${digest}#${index}`
+}
+
+/** Exactly `length` bytes of a body, or an error; the body is released either way. */
+async function readExactly (body: Readable, length: number, digest: string): Promise<Buffer> {
+  const data = Buffer.allocUnsafe(length)
+  let filled = 0
+  try {
+    for await (const c of body) {
+      const chunk = c as Buffer
+      if (filled + chunk.length > length) throw new OriginProtocolError(`origin sent more than ${length} bytes of ${digest}`)
+      chunk.copy(data, filled)
+      filled += chunk.length
+    }
+  } finally {
+    body.destroy()
+  }
+  if (filled !== length) throw new OriginProtocolError(`origin sent ${filled} of ${length} bytes of ${digest}`)
+  return data
 }

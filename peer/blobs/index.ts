@@ -14,6 +14,13 @@ export interface PieceSourceContext {
   task: BlobTask
   /** Last piece this reader will want; lets a source plan ahead. */
   lastWanted: number
+  /**
+   * The reader checks the whole blob's digest before it completes (a full
+   * read, a prefetch, a seed's fetch), so bytes that match a table entry only
+   * its author vouches for will do. False for a range read, which needs
+   * trusted pieces (see `RemotePiece.trusted`).
+   */
+  whole: boolean
 }
 
 /**
@@ -27,12 +34,24 @@ export interface RemotePieceSource {
   fetch: (ctx: PieceSourceContext, index: number, options: AbortOptions) => Promise<RemotePiece | OriginDirective>
   /** The origin failed pieces this node was told to fetch; the swarm should hand them to someone else. */
   originFailed?: (task: BlobTask, error: unknown) => void
+  /**
+   * The swarm's table for this blob is wrong: the origin sent `evidence.piece`
+   * with another SHA-256, or (no evidence) a blob assembled from pieces
+   * matching it did not match its digest.
+   */
+  mismatch?: (task: BlobTask, evidence: { piece: number, sha256: string } | undefined) => void
 }
 
 export interface RemotePiece {
   kind: 'piece'
   data: Buffer
   sha256: string
+  /**
+   * The bytes are known genuine: they matched an entry someone other than its
+   * author vouched for, or came from a peer that took them from the origin to
+   * confirm such an entry. Only trusted pieces serve range reads.
+   */
+  trusted: boolean
 }
 
 export interface OriginDirective {

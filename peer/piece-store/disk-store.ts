@@ -37,6 +37,8 @@ interface MetaFile {
   mediaType?: string
   held: string
   known: string
+  /** Held pieces known genuine; absent in metadata written before the field existed. */
+  trusted?: string
   digests: string
   verified: boolean
   lastAccess: number
@@ -50,6 +52,8 @@ interface Entry {
   readonly count: number
   mediaType: string | undefined
   readonly held: PieceSet
+  /** Held pieces known genuine: from the origin, matched to a confirmed entry, or in a verified blob. */
+  readonly trusted: PieceSet
   /** Pieces whose SHA-256 we know (held ones, and ones the swarm's piece table told us). */
   readonly known: PieceSet
   /** count × 32 bytes of piece SHA-256s; meaningful where `known` is set. */
@@ -205,6 +209,11 @@ export class DiskPieceStore implements PieceStore {
     return entry === undefined ? [] : [...entry.held]
   }
 
+  isTrusted (digest: string, index: number): boolean {
+    const entry = this.#entries.get(digest)
+    return entry !== undefined && entry.held.has(index) && (entry.verified || entry.trusted.has(index))
+  }
+
   pieceDigest (digest: string, index: number): string | undefined {
     const entry = this.#entries.get(digest)
     if (entry === undefined || !entry.known.has(index)) return undefined
@@ -257,7 +266,15 @@ export class DiskPieceStore implements PieceStore {
       this.#metrics?.verifyFailures.inc({ source: options.source ?? 'origin' })
       throw new PieceDigestMismatchError(digest, index, options.source ?? 'origin')
     }
-    if (entry.held.has(index)) return true
+    const trusted = options.trusted === true || options.source === 'origin'
+    if (entry.held.has(index)) {
+      // Held already: bytes from the origin that match it confirm it.
+      if (trusted && entry.trusted.add(index)) {
+        this.#markDirty(entry)
+        this.#events.emit('piece', digest, index, hex, options.source ?? 'origin')
+      }
+      return true
+    }
     if (!this.#makeRoom(length, entry)) return false
 
     // Reserve the bytes now so concurrent writers see them in the quota.
@@ -277,12 +294,13 @@ export class DiskPieceStore implements PieceStore {
       return !entry.removed
     }
     entry.held.add(index)
+    if (trusted) entry.trusted.add(index)
     Buffer.from(hex, 'hex').copy(entry.digests, index * SHA256_BYTES)
     entry.known.add(index)
     this.#hot.set(hotKey(entry, index), data)
     this.#touch(entry)
     this.#markDirty(entry)
-    this.#events.emit('piece', digest, index, hex)
+    this.#events.emit('piece', digest, index, hex, options.source ?? 'origin')
 
     await this.#advanceHash(entry, index, data)
     if (entry.mismatch !== undefined) throw new BlobDigestMismatchError(digest, entry.mismatch)
@@ -454,6 +472,7 @@ export class DiskPieceStore implements PieceStore {
     entry.hasher = undefined
     if (actualHex === entry.digest.hex) {
       entry.verified = true
+      for (const i of entry.held) entry.trusted.add(i)
       this.#markDirty(entry)
       this.#events.emit('verified', entry.digest.value)
       return
@@ -467,6 +486,7 @@ export class DiskPieceStore implements PieceStore {
 
   #dropPiece (entry: Entry, index: number, reason: string): void {
     if (!entry.held.delete(index)) return
+    entry.trusted.delete(index)
     this.#used -= pieceBounds(index, entry.size, entry.pieceSize).length
     this.#hot.delete(hotKey(entry, index))
     entry.verified = false
@@ -566,6 +586,7 @@ export class DiskPieceStore implements PieceStore {
         pieceSize: entry.pieceSize,
         ...(entry.mediaType === undefined ? {} : { mediaType: entry.mediaType }),
         held: entry.held.toBase64(),
+        trusted: entry.trusted.toBase64(),
         known: entry.known.toBase64(),
         digests: entry.digests.toString('base64'),
         verified: entry.verified,
@@ -606,6 +627,8 @@ export class DiskPieceStore implements PieceStore {
       // A piece counts as held only if its digest is known, so it can be verified on read.
       for (const i of held) if (entry.known.has(i)) entry.held.add(i)
       entry.verified = meta.verified && entry.held.complete
+      const trusted = meta.trusted === undefined ? new PieceSet(count) : PieceSet.fromBase64(count, meta.trusted)
+      for (const i of entry.held) if (entry.verified || trusted.has(i)) entry.trusted.add(i)
       entry.fileReady = entry.held.size > 0 ? Promise.resolve() : undefined
       return { entry, lastAccess: Number(meta.lastAccess) || 0 }
     } catch (err) {
@@ -625,6 +648,7 @@ function newEntry (digest: Digest, dir: string, size: number, pieceSize: number,
     count,
     mediaType,
     held: new PieceSet(count),
+    trusted: new PieceSet(count),
     known: new PieceSet(count),
     digests: Buffer.alloc(count * SHA256_BYTES),
     verified: false,

@@ -13,7 +13,7 @@ export interface PieceStoreInit {
   dataDir: string
   /** Byte quota for piece data; least recently used blobs are evicted past it. Default 10 GiB. */
   quotaBytes?: number
-  /** Verified pieces kept in memory for repeated range reads. Default 64 MiB. */
+  /** Verified pieces kept in memory for repeated range reads. Default 32 MiB. */
   memoryCacheBytes?: number
   /** Metadata of a changing blob is written at most this often. Default 250 ms. */
   flushDelayMs?: number
@@ -42,11 +42,18 @@ export interface WritePieceOptions extends AbortOptions {
   sha256?: string | undefined
   /** Where the bytes came from, for metrics and for who to blame on a digest mismatch. */
   source?: PieceSource
+  /**
+   * The bytes are known genuine: they came from the origin (always the case
+   * for `source: 'origin'`), or they matched a table entry someone other than
+   * its author vouched for. Only such pieces are served to range reads; any
+   * held piece is fine for a whole-blob read, which checks the digest.
+   */
+  trusted?: boolean
 }
 
 export interface StoreEvents {
-  /** A piece was written and is servable. */
-  piece: (digest: string, index: number, sha256: string) => void
+  /** A piece was written and is servable (or, from the origin, confirmed a piece already held). */
+  piece: (digest: string, index: number, sha256: string, source: PieceSource) => void
   /** A blob is complete and its whole digest checked. */
   verified: (digest: string) => void
   /** A blob (or a piece of it, when `index` is set) is gone: evicted, corrupt or removed. */
@@ -69,6 +76,8 @@ export interface PieceStore {
   hasPiece: (digest: string, index: number) => boolean
   /** Indices of held pieces. */
   heldPieces: (digest: string) => number[]
+  /** Whether a held piece is known genuine (see `WritePieceOptions.trusted`). */
+  isTrusted: (digest: string, index: number) => boolean
   /** The recorded SHA-256 (hex) of a piece, if known. */
   pieceDigest: (digest: string, index: number) => string | undefined
   /** Records piece digests learned from the swarm's piece table. Conflicts drop the held piece. */

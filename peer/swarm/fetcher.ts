@@ -47,6 +47,8 @@ interface Parent {
   info: ParentInfo
   held: PieceSet | undefined
   fetching: PieceSet | undefined
+  /** Pieces it is taking from the origin to confirm an entry it did not write. */
+  confirming: PieceSet | undefined
 }
 
 interface Plan {
@@ -56,6 +58,8 @@ interface Plan {
   pieceSize: number
   parents: Parent[]
   digests: Map<number, string>
+  /** Entries of `digests` only their author vouches for. */
+  provisional: Set<number>
   assigned: Set<number>
 }
 
@@ -64,6 +68,8 @@ export interface PieceFetcher extends RemotePieceSource {
   isFirstFetcher: (digest: string, index: number) => boolean
   /** Measured throughput per parent (bytes/s), for the load report. */
   parentRates: () => Array<[string, number]>
+  /** Drops what was planned for a blob this node no longer holds (its table may be gone too). */
+  forget: (digest: string) => void
 }
 
 /**
@@ -105,6 +111,9 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     return { registry: task.upstream.origin, repo: task.repo, kind: task.kind }
   }
 
+  /** Plans for a whole read and for a range differ (a range needs confirmed entries): cached apart. */
+  const planKey = (digest: string, whole: boolean): string => `${digest}${whole ? '' : '#range'}`
+
   async function plan (ctx: PieceSourceContext, index: number, exclude: Set<string>, options: AbortOptions): Promise<Plan> {
     const last = Math.max(index, Math.min(ctx.lastWanted, index + window - 1))
     const res = await client.request({
@@ -114,7 +123,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       origin: originOf(ctx.task),
       first: index,
       last,
-      ...(exclude.size > 0 ? { exclude: [...exclude].slice(0, 256) } : {})
+      ...(exclude.size > 0 ? { exclude: [...exclude].slice(0, 256) } : {}),
+      ...(ctx.whole ? {} : { whole: false })
     }, ParentsResponse, options)
     const p: Plan = {
       first: index,
@@ -124,9 +134,11 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       parents: res.parents.filter(x => x.peerId !== node.peerId).map(info => ({
         info,
         held: info.held === undefined ? undefined : PieceSet.fromBase64(res.pieceCount, info.held),
-        fetching: info.fetching === undefined ? undefined : PieceSet.fromBase64(res.pieceCount, info.fetching)
+        fetching: info.fetching === undefined ? undefined : PieceSet.fromBase64(res.pieceCount, info.fetching),
+        confirming: info.confirming === undefined ? undefined : PieceSet.fromBase64(res.pieceCount, info.confirming)
       })),
       digests: new Map(res.digests),
+      provisional: new Set(res.provisional ?? []),
       assigned: new Set(res.assigned)
     }
     if (res.digests.length > 0) store.setPieceDigests(ctx.task.digest, res.digests)
@@ -135,7 +147,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       for (const i of p.assigned) mine.add(i)
       assigned.set(ctx.task.digest, mine)
     }
-    plans.set(ctx.task.digest, p)
+    plans.set(planKey(ctx.task.digest, ctx.whole), p)
     return p
   }
 
@@ -161,22 +173,25 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     }
   }
 
-  function cachedPlan (digest: string, index: number): Plan | undefined {
-    const p = plans.get(digest)
+  function cachedPlan (digest: string, index: number, whole: boolean): Plan | undefined {
+    const p = plans.get(planKey(digest, whole))
     if (p === undefined || index < p.first || index > p.last || Date.now() - p.at > planTtlMs) return undefined
     return p
   }
 
-  async function expectedDigest (task: BlobTask, index: number, p: Plan, options: AbortOptions): Promise<string> {
-    const known = p.digests.get(index) ?? store.pieceDigest(task.digest, index)
-    if (known !== undefined) return known
+  /** The table's entry for a piece, and whether only its author vouches for it. */
+  async function expectedDigest (task: BlobTask, index: number, p: Plan, options: AbortOptions): Promise<{ hex: string, provisional: boolean }> {
+    const planned = p.digests.get(index)
+    if (planned !== undefined) return { hex: planned, provisional: p.provisional.has(index) }
     // The piece was still being fetched when we planned; its first fetcher announces it as it lands.
     const res = await client.request({ type: 'digests', digest: task.digest, pieces: [index], waitMs: 15_000 }, DigestsResponse, { ...options, waitMs: 15_000 })
     const hex = res.digests.find(([i]) => i === index)?.[1]
     if (hex === undefined) throw new SchedulerUnavailableError(`no piece digest for piece ${index} of ${task.digest}; its bytes cannot be verified`)
+    const provisional = res.provisional?.includes(index) === true
     p.digests.set(index, hex)
+    if (provisional) p.provisional.add(index)
     store.setPieceDigests(task.digest, [[index, hex]])
-    return hex
+    return { hex, provisional }
   }
 
   /** The libp2p transport, for parents without an upload port (or when it is turned off). */
@@ -220,7 +235,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       : await viaStream(parent, task, index, length, waitMs, deadline)
     const hex = sha256Hex(data)
     const expected = await expectedDigest(task, index, p, { signal })
-    if (hex !== expected) {
+    if (hex !== expected.hex) {
       m?.bad.inc()
       m?.barred.inc()
       barred.set(parent.info.peerId, true)
@@ -234,7 +249,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       const rate = length / Math.max(1, ms) * 1000
       rates.set(parent.info.peerId, (rates.get(parent.info.peerId) ?? rate) * 0.7 + rate * 0.3)
     }
-    return { kind: 'piece', data, sha256: hex }
+    // A confirmer's bytes came from the origin, not from the entry's author: equal to it, they vouch for it.
+    return { kind: 'piece', data, sha256: hex, trusted: !expected.provisional || parent.confirming?.has(index) === true }
   }
 
   /**
@@ -289,6 +305,11 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     return winner
   }
 
+  function forgetPlans (digest: string): void {
+    plans.delete(planKey(digest, true))
+    plans.delete(planKey(digest, false))
+  }
+
   return {
     isFirstFetcher (digest, index) {
       return assigned.get(digest)?.has(index) ?? false
@@ -296,10 +317,19 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     parentRates () {
       return [...rates.entries()]
     },
+    forget (digest) {
+      assigned.delete(digest)
+      forgetPlans(digest)
+    },
     originFailed (task) {
       assigned.delete(task.digest)
-      plans.delete(task.digest)
+      forgetPlans(task.digest)
       client.report({ kind: 'origin-failed', digest: task.digest, code: 'origin' })
+    },
+    mismatch (task, evidence) {
+      assigned.delete(task.digest)
+      forgetPlans(task.digest)
+      client.report({ kind: 'blob-mismatch', digest: task.digest, ...(evidence === undefined ? {} : { piece: evidence.piece, sha256: evidence.sha256 }) })
     },
     async fetch (ctx, index, options): Promise<RemotePiece | OriginDirective> {
       const { task } = ctx
@@ -309,7 +339,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       }
       const exclude = new Set<string>()
       for (let round = 0; round < 3; round++) {
-        let p = round === 0 ? cachedPlan(task.digest, index) : undefined
+        let p = round === 0 ? cachedPlan(task.digest, index, ctx.whole) : undefined
         try {
           p ??= await patientPlan(ctx, index, exclude, options)
         } catch (err) {
@@ -324,8 +354,10 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
           return { kind: 'origin', upTo }
         }
         const usable = (x: Parent): boolean => !barred.has(x.info.peerId) && !failing.has(x.info.peerId) && !exclude.has(x.info.peerId)
-        const holders = p.parents.filter(x => usable(x) && (x.info.complete || x.held?.has(index) === true))
-        const fetchers = p.parents.filter(x => usable(x) && !holders.includes(x) && x.fetching?.has(index) === true)
+        // A range takes a piece whose entry is not confirmed only from a confirmer.
+        const confirmedEntry = ctx.whole || (p.digests.has(index) && !p.provisional.has(index))
+        const holders = confirmedEntry ? p.parents.filter(x => usable(x) && (x.info.complete || x.held?.has(index) === true)) : []
+        const fetchers = p.parents.filter(x => usable(x) && !holders.includes(x) && (confirmedEntry ? x.fetching : x.confirming)?.has(index) === true)
         if (holders.length + fetchers.length > 0) {
           const piece = await fromParents(task, index, p, holders, fetchers, options)
           if (piece !== undefined) return piece
@@ -333,7 +365,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         }
         for (const x of p.parents) if (!usable(x)) exclude.add(x.info.peerId)
         for (const x of [...holders, ...fetchers]) exclude.add(x.info.peerId)
-        plans.delete(task.digest)
+        plans.delete(planKey(task.digest, ctx.whole))
       }
       m?.fallbacks.inc({ reason: 'no-parent' })
       return { kind: 'origin', upTo: index }

@@ -113,16 +113,24 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
   const http = init.upload === undefined ? undefined : createPieceHttpClient({ self: node.peerId, secret: init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8') })
   const fetcher: PieceFetcher = createPieceFetcher({ logger, node, client, store, metrics: components.metrics, http })
 
-  // Every piece that lands (or leaves) is news for the scheduler.
-  store.on('piece', (digest, index, sha256) => {
+  // Every piece that lands (or leaves) is news for the scheduler; pieces from
+  // the origin confirm the table's entries, and a verified blob all of them.
+  store.on('piece', (digest, index, sha256, source) => {
     const info = store.info(digest)
     if (info === undefined) return
     const origin = origins.get(digest)
-    client.queue({ digest, size: info.size, ...(info.mediaType === undefined ? {} : { mediaType: info.mediaType }), ...(origin === undefined ? {} : { origin }), add: [[index, sha256]] })
+    client.queue({ digest, size: info.size, ...(info.mediaType === undefined ? {} : { mediaType: info.mediaType }), ...(origin === undefined ? {} : { origin }), add: [[index, sha256]], ...(source === 'origin' ? { fromOrigin: [index] } : {}) })
   })
-  store.on('removed', (digest, _reason, index) => {
+  store.on('verified', (digest) => {
+    const info = store.info(digest)
+    if (info !== undefined) client.queue({ digest, size: info.size, verified: true })
+  })
+  store.on('removed', (digest, reason, index) => {
     const info = store.info(digest)
     client.queue({ digest, size: info?.size ?? 0, remove: index === undefined ? true : [index] })
+    if (index === undefined) fetcher.forget(digest)
+    // Pieces that each matched the table made a blob that does not match its digest: the table is wrong.
+    if (reason === 'digest-mismatch') client.report({ kind: 'blob-mismatch', digest })
   })
 
   const noteTask = (task: BlobTask): void => {
@@ -162,6 +170,9 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
     },
     originFailed (task, error) {
       fetcher.originFailed?.(task, error)
+    },
+    mismatch (task, evidence) {
+      fetcher.mismatch?.(task, evidence)
     },
     async start (services) {
       server = createPieceServer({

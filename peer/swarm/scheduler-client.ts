@@ -126,7 +126,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
       }
       if (add.length === 0) continue
       const origin = components.originOf(blob.digest)
-      inventory.push({ digest: blob.digest, size: blob.size, ...(blob.mediaType === undefined ? {} : { mediaType: blob.mediaType }), ...(origin === undefined ? {} : { origin }), add })
+      inventory.push({ digest: blob.digest, size: blob.size, ...(blob.mediaType === undefined ? {} : { mediaType: blob.mediaType }), ...(origin === undefined ? {} : { origin }), add, ...(blob.verified ? { verified: true } : {}) })
     }
     for (const update of inventory) {
       chunk.push(update)
@@ -215,11 +215,13 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
     queue (update) {
       const existing = pending.get(update.digest)
       if (existing === undefined) {
-        pending.set(update.digest, { ...update, ...(update.add === undefined ? {} : { add: [...update.add] }), ...(Array.isArray(update.remove) ? { remove: [...update.remove] } : {}) })
+        pending.set(update.digest, { ...update, ...(update.add === undefined ? {} : { add: [...update.add] }), ...(update.fromOrigin === undefined ? {} : { fromOrigin: [...update.fromOrigin] }), ...(Array.isArray(update.remove) ? { remove: [...update.remove] } : {}) })
       } else {
         if (update.remove === true) {
           existing.remove = true
           existing.add = []
+          delete existing.fromOrigin
+          delete existing.verified
         } else if (update.remove !== undefined) {
           const removed = new Set(update.remove)
           if (existing.add !== undefined) existing.add = existing.add.filter(([i]) => !removed.has(i))
@@ -232,6 +234,8 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
             existing.remove = existing.remove.filter(i => !added.has(i))
           }
         }
+        if (update.fromOrigin !== undefined) existing.fromOrigin = [...(existing.fromOrigin ?? []), ...update.fromOrigin]
+        if (update.verified === true) existing.verified = true
         if (update.origin !== undefined) existing.origin = update.origin
         if (update.mediaType !== undefined) existing.mediaType = update.mediaType
       }

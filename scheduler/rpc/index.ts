@@ -9,7 +9,8 @@ import {
   type ControlCommand, type ErrorResponse, type Fact, type ParentsResponse, type Report
 } from '../../src/protocol/messages.ts'
 import { createScheduling, type SchedulingInit } from '../scheduling/index.ts'
-import type { HostRecord, SwarmState, TaskRecord } from '../state/index.ts'
+import { isCertified, releaseAssignments, type HostRecord, type SwarmState, type TaskRecord } from '../state/index.ts'
+import { createTrustKeeper } from './trust.ts'
 
 export interface SchedulerServiceComponents {
   logger: Logger
@@ -49,6 +50,7 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
   const logger = components.logger.child({ component: 'scheduler:rpc' })
   const barMs = init.barMs ?? 600_000
   const scheduling = createScheduling(state, init)
+  const trust = createTrustKeeper({ state, logger }, { barMs })
   const waiters = new Map<string, Set<DigestWaiter>>()
   const id = randomUUID()
   const shutdown = new AbortController()
@@ -59,6 +61,7 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
         requests: new Counter({ name: 'damselfly_scheduler_requests_total', help: 'Peer requests, by type and outcome', labelNames: ['type', 'outcome'], registers }),
         selection: new Histogram({ name: 'damselfly_scheduler_parent_selection_seconds', help: 'Time to answer a parents request', buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05], registers }),
         barred: new Counter({ name: 'damselfly_scheduler_parents_barred_total', help: 'Parents barred after sending bad pieces', registers }),
+        tablesDropped: new Counter({ name: 'damselfly_scheduler_tables_dropped_total', help: 'Provisional piece tables dropped after a peer reported them wrong', registers }),
         hosts: new Gauge({ name: 'damselfly_scheduler_hosts', help: 'Connected hosts', labelNames: ['seed'], registers, collect () { let seeds = 0; for (const h of state.hosts()) if (h.info.seed) seeds++; this.set({ seed: 'true' }, seeds); this.set({ seed: 'false' }, state.hostCount - seeds) } }),
         tasks: new Gauge({ name: 'damselfly_scheduler_tasks', help: 'Tasks (blobs) tracked', registers, collect () { this.set(state.taskCount) } })
       }
@@ -101,32 +104,21 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
   }
 
   async function report (host: HostRecord, r: Report): Promise<void> {
+    // A barred host's word counts for nothing.
+    if (trust.isBarred(host)) return
     switch (r.kind) {
       case 'bad-piece': {
         const parent = state.hostByPeer(r.parent)
-        if (parent === undefined) return
-        parent.barredUntil = Date.now() + barMs
-        state.dropHolding(parent, r.digest, r.piece)
-        m?.barred.inc()
-        logger.warn({ parent: r.parent, reporter: host.info.peerId, digest: r.digest, piece: r.piece }, 'parent sent a piece that failed verification; barred')
+        if (parent === undefined || parent === host) return
+        if (trust.badPiece(host, parent)) {
+          state.dropHolding(parent, r.digest, r.piece)
+          m?.barred.inc()
+          logger.warn({ parent: r.parent, reporter: host.info.peerId, digest: r.digest, piece: r.piece }, 'parent sent pieces that failed verification to more than one child; barred')
+        }
         return
       }
       case 'blob-mismatch': {
-        const task = state.task(r.digest)
-        if (task === undefined) return
-        // The table was wrong: whoever wrote it is barred and every copy goes.
-        for (const slot of task.authors) {
-          const author = state.hostBySlot(slot)
-          if (author !== undefined) author.barredUntil = Date.now() + barMs
-        }
-        const holders = [...task.complete, ...task.partial.keys()].map(s => state.hostBySlot(s)).filter((h): h is HostRecord => h !== undefined)
-        state.dropTask(r.digest)
-        logger.error({ digest: r.digest, reporter: host.info.peerId, holders: holders.length }, 'blob failed its digest check; its piece table is dropped everywhere')
-        for (const holder of holders) {
-          if (holder === host) continue
-          void control(holder.info.peerId, { type: 'evict', digest: r.digest }).catch(() => {})
-        }
-        wake(r.digest)
+        disputed(host, r.digest, r.piece)
         return
       }
       case 'origin-failed': {
@@ -136,9 +128,50 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
           seedFailed(host, task)
           return
         }
-        if (task.assignee !== undefined) for (let i = 0; i < task.pieceCount; i++) if (task.assignee[i] === host.slot + 1) task.assignee[i] = 0
+        releaseAssignments(task, host.slot)
       }
     }
+  }
+
+  /** `host` says (or its origin bytes show) that a task's table is wrong. */
+  function disputed (host: HostRecord, digest: string, piece: number | undefined): void {
+    const outcome = trust.mismatch(host, digest, piece)
+    if (outcome.action === 'ignored') {
+      logger.warn({ digest, reporter: host.info.peerId, piece, why: outcome.why }, 'a report that a piece table is wrong was not acted on')
+      return
+    }
+    m?.tablesDropped.inc()
+    logger.error({ digest, reporter: host.info.peerId, piece, authors: outcome.authors, holders: outcome.holders.length }, 'a provisional piece table was reported wrong: dropped everywhere, its authors barred')
+    for (const holder of outcome.holders) {
+      if (holder === host) continue
+      void control(holder.info.peerId, { type: 'evict', digest }).catch(() => {})
+    }
+    wake(digest)
+  }
+
+  /**
+   * A table every piece of which is known but only its authors vouch for:
+   * a seed that did not write it takes a copy from the swarm, and its whole-
+   * digest check certifies the table for range reads everywhere.
+   */
+  function askVerifier (task: TaskRecord): void {
+    if (task.verifierAsked || !task.known.complete || isCertified(task) || task.origin === undefined) return
+    const t = Date.now()
+    let best: HostRecord | undefined
+    for (const host of state.hosts()) {
+      if (!host.info.seed || host.barredUntil > t || task.complete.has(host.slot)) continue
+      if (task.author.includes(host.slot + 1)) continue
+      if (best === undefined || host.activeUploads < best.activeUploads) best = host
+    }
+    if (best === undefined) return
+    task.verifierAsked = true
+    const verifier = best
+    void control(verifier.info.peerId, { type: 'fetch', digest: task.digest, size: task.size, ...(task.mediaType === undefined ? {} : { mediaType: task.mediaType }), origin: task.origin }).then(res => {
+      if (!res.ok) throw new DamselflyError(res.code, res.message)
+    }).catch((err: unknown) => {
+      task.verifierAsked = false
+      logger.debug({ seed: verifier.info.peerId, digest: task.digest, err: (err as Error).message }, 'a seed could not take a copy to certify a table')
+    })
   }
 
   async function handle (peerId: string, request: SchedulerRequest): Promise<unknown> {
@@ -154,8 +187,17 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
       case 'announce': {
         const host = registered(peerId)
         for (const update of request.tasks) {
-          const learned = state.applyUpdate(host, update)
-          if (learned.length > 0 || update.remove !== undefined) wake(update.digest)
+          const result = state.applyUpdate(host, update)
+          if (result.learned.length > 0 || update.remove !== undefined) wake(update.digest)
+          // Origin bytes that disagree with the table say as much as a report would.
+          if (result.conflicts.length > 0 && !trust.isBarred(host)) {
+            disputed(host, update.digest, result.conflicts[0])
+            continue
+          }
+          const task = state.task(update.digest)
+          if (task === undefined) continue
+          if (result.certified) trust.certified(task)
+          else if (result.learned.length > 0) askVerifier(task)
         }
         for (const fact of request.facts ?? []) state.recordFact(fact)
         if (request.load !== undefined) {
@@ -174,10 +216,10 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
         const task = state.ensureTask(request.digest, request.size, { origin: request.origin })
         if (task === undefined) throw new ProtocolError(`size ${request.size} contradicts what the swarm knows of ${request.digest}`)
         if (request.first > request.last || request.first >= Math.max(1, task.pieceCount)) throw new ProtocolError('empty piece window')
-        const plan = scheduling.plan(task, host, request.first, request.last, new Set(request.exclude ?? []))
+        const plan = scheduling.plan(task, host, request.first, request.last, new Set(request.exclude ?? []), request.whole ?? true)
         if (plan.startSeed !== undefined) void startSeed(plan.startSeed, task)
         m?.selection.observe((performance.now() - started) / 1000)
-        const response: ParentsResponse = { ok: true, pieceSize: task.pieceSize, pieceCount: task.pieceCount, parents: plan.parents, digests: plan.digests, assigned: plan.assigned }
+        const response: ParentsResponse = { ok: true, pieceSize: task.pieceSize, pieceCount: task.pieceCount, parents: plan.parents, digests: plan.digests, assigned: plan.assigned, ...(plan.provisional.length > 0 ? { provisional: plan.provisional } : {}) }
         return response
       }
       case 'digests': {
@@ -186,6 +228,10 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
           const task = state.task(request.digest)
           if (task === undefined) return []
           return request.pieces.filter(i => task.known.has(i)).map(i => [i, task.digests.toString('hex', i * 32, i * 32 + 32)])
+        }
+        const provisional = (): number[] => {
+          const task = state.task(request.digest)
+          return task === undefined ? [] : request.pieces.filter(i => task.known.has(i) && !task.confirmed.has(i))
         }
         const task = state.task(request.digest)
         if (task !== undefined && !request.pieces.every(i => task.known.has(i)) && request.waitMs > 0) {
@@ -205,7 +251,8 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
             shutdown.signal.addEventListener('abort', done, { once: true })
           })
         }
-        return { ok: true, digests: known() }
+        const unconfirmed = provisional()
+        return { ok: true, digests: known(), ...(unconfirmed.length > 0 ? { provisional: unconfirmed } : {}) }
       }
       case 'report': {
         await report(registered(peerId), request.report)

@@ -18,6 +18,8 @@ export interface ParentsPlan {
   /** Pieces of the window the requester must fetch from the origin itself. */
   assigned: number[]
   digests: Array<[number, string]>
+  /** Pieces of `digests` no host but their author has vouched for. */
+  provisional: number[]
   /** A seed that was just made first fetcher of this task and must be told to start. */
   startSeed: HostRecord | undefined
 }
@@ -30,8 +32,14 @@ const RECENT_HALF_LIFE_MS = 2_000
  * peers that hold it, a peer already fetching it (waited for, not fetched
  * again), or — for pieces nobody has or is getting — exactly one first
  * fetcher from the origin: a seed when one is up, otherwise the requester.
+ *
+ * A table entry only its author vouches for is fine for a whole-blob read
+ * (the whole digest is checked before the read completes) but not for a
+ * range (`whole` false). For a range, such a piece comes from a confirmer:
+ * a second host sent to the origin for it — the requester, unless one is
+ * already on its way, in which case the requester waits for that one.
  */
-export function createScheduling (state: SwarmState, init: SchedulingInit = {}): { plan: (task: TaskRecord, requester: HostRecord, first: number, last: number, exclude: ReadonlySet<string>) => ParentsPlan } {
+export function createScheduling (state: SwarmState, init: SchedulingInit = {}): { plan: (task: TaskRecord, requester: HostRecord, first: number, last: number, exclude: ReadonlySet<string>, whole?: boolean) => ParentsPlan } {
   const maxParents = init.maxParents ?? 8
   const sampleSize = init.sampleSize ?? 32
   const partialScan = init.partialScan ?? 256
@@ -64,6 +72,16 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
     }
   }
 
+  function assignConfirmer (task: TaskRecord, slot: number, pieces: Iterable<number>, t: number): void {
+    state.hostBySlot(slot)?.tasks.add(task.digest)
+    task.confirmer ??= new Int32Array(task.pieceCount)
+    task.confirmerUntil ??= new Float64Array(task.pieceCount)
+    for (const i of pieces) {
+      task.confirmer[i] = slot + 1
+      task.confirmerUntil[i] = t + ASSIGNMENT_LEASE_MS
+    }
+  }
+
   function score (host: HostRecord, requester: HostRecord, t: number): number {
     const capacity = host.info.uploadCapacity
     const free = Math.max(0, 1 - (host.activeUploads + decayed(host, t) * 0.5) / capacity)
@@ -74,26 +92,49 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
     return 0.45 * free + 0.2 * throughput + 0.15 * idc + 0.1 * location + 0.1 * seed + 0.02 * random()
   }
 
+  const addTo = (map: Map<number, PieceSet>, slot: number, count: number, i: number): void => {
+    let set = map.get(slot)
+    if (set === undefined) { set = new PieceSet(count); map.set(slot, set) }
+    set.add(i)
+  }
+
   return {
-    plan (task, requester, first, last, exclude) {
+    plan (task, requester, first, last, exclude, whole = true) {
       const t = now()
       last = Math.min(last, task.pieceCount - 1)
+      const barred = requester.barredUntil > t
       // Pieces a live, usable host is already fetching from the origin: waited for, not fetched again.
       const inProgress = new Map<number, PieceSet>()
+      /** Of those, the ones a confirmer is fetching: what a range reader may wait for. */
+      const confirming = new Map<number, PieceSet>()
       const mine: number[] = []
+      const toConfirm: number[] = []
       const wanted: number[] = []
+      /** Pieces this range reader may take only from a confirmer (or the origin). */
+      const needsConfirmer = new Set<number>()
       for (let i = first; i <= last; i++) {
-        if (state.holds(task, requester.slot, i)) continue
+        const trusted = whole || task.confirmed.has(i)
+        if (trusted && state.holds(task, requester.slot, i)) continue
+        // Its own entry: the requester took those bytes from the origin itself.
+        if (!trusted && task.author[i] === requester.slot + 1) continue
         wanted.push(i)
         const a = task.assignee?.[i] ?? 0
-        if (a === 0) continue
-        const assignee = state.hostBySlot(a - 1)
+        const assignee = a === 0 ? undefined : state.hostBySlot(a - 1)
         if (assignee === requester) { mine.push(i); continue }
-        if ((task.assignedUntil?.[i] ?? 0) > t && usable(assignee, requester, exclude, t)) {
-          let set = inProgress.get(assignee.slot)
-          if (set === undefined) { set = new PieceSet(task.pieceCount); inProgress.set(assignee.slot, set) }
-          set.add(i)
+        const fetching = a !== 0 && (task.assignedUntil?.[i] ?? 0) > t && usable(assignee, requester, exclude, t)
+        if (fetching) addTo(inProgress, assignee.slot, task.pieceCount, i)
+        if (trusted) continue
+        needsConfirmer.add(i)
+        const c = task.confirmer?.[i] ?? 0
+        const confirmer = c === 0 ? undefined : state.hostBySlot(c - 1)
+        if (confirmer === requester) { mine.push(i); continue }
+        if (c !== 0 && (task.confirmerUntil?.[i] ?? 0) > t && usable(confirmer, requester, exclude, t)) {
+          addTo(inProgress, confirmer.slot, task.pieceCount, i)
+          addTo(confirming, confirmer.slot, task.pieceCount, i)
+          continue
         }
+        // Nobody is confirming it: a piece someone holds or fetches gets this reader as its confirmer.
+        if (task.known.has(i) || fetching) toConfirm.push(i)
       }
 
       // Candidates: holders of the window's pieces.
@@ -116,7 +157,8 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
       }
 
       // Pieces nobody usable has or is getting get exactly one first fetcher.
-      const orphans = wanted.filter(i => !mine.includes(i) && !covered(i))
+      const confirmLater = new Set(toConfirm)
+      const orphans = wanted.filter(i => !mine.includes(i) && !confirmLater.has(i) && !covered(i))
       let startSeed: HostRecord | undefined
       if (orphans.length > 0) {
         const seed = pickSeed(task, requester, exclude, t)
@@ -128,21 +170,32 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
           }
           assign(task, seed.slot, all, t)
           startSeed = seed
-          const set = inProgress.get(seed.slot) ?? new PieceSet(task.pieceCount)
-          for (const i of all) set.add(i)
-          inProgress.set(seed.slot, set)
+          for (const i of all) addTo(inProgress, seed.slot, task.pieceCount, i)
+          // A range reader then confirms what it needs of the seed's pieces from the origin.
+          for (const i of orphans) if (needsConfirmer.has(i)) toConfirm.push(i)
         } else {
           mine.push(...orphans)
+          // A barred host may still fetch for itself, but writes no table entry others would trust.
+          if (!barred) assign(task, requester.slot, orphans, t)
         }
       }
-      if (mine.length > 0) assign(task, requester.slot, mine, t)
+      if (toConfirm.length > 0) {
+        mine.push(...toConfirm)
+        if (!barred) assignConfirmer(task, requester.slot, toConfirm, t)
+      }
+      // Pieces it was sent for before: their leases run on.
+      const again = mine.filter(i => !toConfirm.includes(i) && !orphans.includes(i))
+      if (again.length > 0 && !barred) {
+        assign(task, requester.slot, again.filter(i => task.assignee?.[i] === requester.slot + 1), t)
+        assignConfirmer(task, requester.slot, again.filter(i => task.confirmer?.[i] === requester.slot + 1), t)
+      }
 
       // Rank; keep the best, then add whoever else is needed so every wanted piece has a source.
       const all = new Map<number, ParentInfo>()
-      for (const [slot, c] of candidates) all.set(slot, parentInfo(c.host, c.complete, c.held, inProgress.get(slot)))
+      for (const [slot, c] of candidates) all.set(slot, parentInfo(c.host, c.complete, c.held, inProgress.get(slot), confirming.get(slot)))
       for (const [slot, fetching] of inProgress) {
         const host = state.hostBySlot(slot)
-        if (host !== undefined && !all.has(slot)) all.set(slot, parentInfo(host, false, task.partial.get(slot), fetching))
+        if (host !== undefined && !all.has(slot)) all.set(slot, parentInfo(host, false, task.partial.get(slot), fetching, confirming.get(slot)))
       }
       const ranked = [...all.entries()]
         .map(([slot, info]) => {
@@ -151,8 +204,9 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
         })
         .sort((a, b) => b.score - a.score)
       const chosen = ranked.slice(0, maxParents)
-      const supplies = (r: { info: ParentInfo, host: HostRecord }, i: number): boolean =>
-        r.info.complete || (candidates.get(r.host.slot)?.held?.has(i) ?? false) || (inProgress.get(r.host.slot)?.has(i) ?? false)
+      const supplies = (r: { info: ParentInfo, host: HostRecord }, i: number): boolean => needsConfirmer.has(i)
+        ? confirming.get(r.host.slot)?.has(i) ?? false
+        : r.info.complete || (candidates.get(r.host.slot)?.held?.has(i) ?? false) || (inProgress.get(r.host.slot)?.has(i) ?? false)
       for (const i of wanted) {
         if (mine.includes(i) || chosen.some(r => supplies(r, i))) continue
         const extra = ranked.find(r => !chosen.includes(r) && supplies(r, i))
@@ -161,13 +215,18 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
       for (const { host } of chosen) bump(host, t)
 
       const digests: Array<[number, string]> = []
-      for (let i = first; i <= last; i++) if (task.known.has(i)) digests.push([i, task.digests.toString('hex', i * 32, i * 32 + 32)])
-      return { parents: chosen.map(r => r.info), assigned: mine.sort((a, b) => a - b), digests, startSeed }
+      const provisional: number[] = []
+      for (let i = first; i <= last; i++) {
+        if (!task.known.has(i)) continue
+        digests.push([i, task.digests.toString('hex', i * 32, i * 32 + 32)])
+        if (!task.confirmed.has(i)) provisional.push(i)
+      }
+      return { parents: chosen.map(r => r.info), assigned: [...new Set(mine)].sort((a, b) => a - b), digests, provisional, startSeed }
     }
   }
 }
 
-function parentInfo (host: HostRecord, complete: boolean, held: PieceSet | undefined, fetching: PieceSet | undefined): ParentInfo {
+function parentInfo (host: HostRecord, complete: boolean, held: PieceSet | undefined, fetching: PieceSet | undefined, confirming: PieceSet | undefined): ParentInfo {
   return {
     peerId: host.info.peerId,
     addrs: host.info.addrs,
@@ -175,7 +234,8 @@ function parentInfo (host: HostRecord, complete: boolean, held: PieceSet | undef
     seed: host.info.seed,
     complete,
     ...(complete || held === undefined ? {} : { held: held.toBase64() }),
-    ...(fetching === undefined ? {} : { fetching: fetching.toBase64() })
+    ...(fetching === undefined ? {} : { fetching: fetching.toBase64() }),
+    ...(confirming === undefined ? {} : { confirming: confirming.toBase64() })
   }
 }
 

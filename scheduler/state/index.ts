@@ -29,11 +29,24 @@ export interface TaskRecord {
   readonly pieceCount: number
   mediaType: string | undefined
   origin: OriginRef | undefined
-  /** The piece table: SHA-256 per piece, first announcement wins. */
+  /**
+   * The piece table: SHA-256 per piece, taken only from the host appointed to
+   * fetch that piece from the origin (or, with no table yet, from a holder
+   * re-announcing a whole blob it verified).
+   */
   readonly digests: Buffer
   readonly known: PieceSet
-  /** Hosts whose announcements filled the table; blamed if the blob turns out wrong. */
-  readonly authors: Set<number>
+  /** Per piece: slot + 1 of the host whose announcement wrote the entry; blamed if the table turns out wrong. */
+  readonly author: Int32Array
+  /**
+   * Entries some host other than their author vouched for: it took the piece
+   * from the origin and got the same SHA-256, or it assembled the whole blob
+   * from pieces matching the table and the blob matched its digest. Every
+   * piece confirmed: the table is certified, and no report can take it down.
+   */
+  readonly confirmed: PieceSet
+  /** A seed has been asked to take a copy and so certify the table. */
+  verifierAsked: boolean
   /** Hosts holding every piece. */
   readonly complete: HostSet
   /** Hosts holding some pieces. */
@@ -44,6 +57,14 @@ export interface TaskRecord {
   assignee: Int32Array | undefined
   /** Per piece: when that assignment lapses unless the host makes progress (ms epoch). */
   assignedUntil: Float64Array | undefined
+  /**
+   * Per piece: slot + 1 of a second host sent to the origin for a piece a
+   * range reader needs before anyone but its author vouches for it. Whichever
+   * of the two lands first writes the entry; the other confirms it (or, by
+   * disagreeing, shows the table wrong).
+   */
+  confirmer: Int32Array | undefined
+  confirmerUntil: Float64Array | undefined
   /** A seed tried this task and could not fetch it (e.g. a private repository). */
   seedFailed: boolean
   lastActivity: number
@@ -72,8 +93,8 @@ export interface SwarmState {
   ensureTask: (digest: string, size: number, extra?: { mediaType?: string | undefined, origin?: OriginRef | undefined }) => TaskRecord | undefined
   tasks: () => IterableIterator<TaskRecord>
   readonly taskCount: number
-  /** Applies a peer's update; returns piece indices whose digest became known. */
-  applyUpdate: (host: HostRecord, update: TaskUpdate) => number[]
+  /** Applies a peer's update: holdings, table entries it may write, confirmations. */
+  applyUpdate: (host: HostRecord, update: TaskUpdate) => UpdateResult
   /** Forgets a host's holdings of one task (or one piece of it). */
   dropHolding: (host: HostRecord, digest: string, piece?: number) => void
   /** Forgets a task entirely: table, holders, assignments. */
@@ -84,6 +105,20 @@ export interface SwarmState {
   recordFact: (fact: Fact) => void
   tagFact: (registry: string, repo: string, tag: string) => Fact | undefined
   publicFact: (registry: string, repo: string, digest: string) => Fact | undefined
+}
+
+export interface UpdateResult {
+  /** Pieces whose digest became known. */
+  learned: number[]
+  /** The update certified the table (every entry confirmed). */
+  certified: boolean
+  /** Pieces the host fetched from the origin whose SHA-256 disagrees with the table. */
+  conflicts: number[]
+}
+
+/** Whether every entry of the table has been confirmed by a host other than its author. */
+export function isCertified (task: TaskRecord): boolean {
+  return task.pieceCount > 0 && task.confirmed.complete
 }
 
 export function createMemoryState (init: StateInit = {}): SwarmState {
@@ -172,12 +207,16 @@ class MemorySwarmState implements SwarmState {
       origin: extra.origin,
       digests: Buffer.alloc(count * 32),
       known: new PieceSet(count),
-      authors: new Set(),
+      author: new Int32Array(count),
+      confirmed: new PieceSet(count),
+      verifierAsked: false,
       complete: new HostSet(),
       partial: new Map(),
       pieceHolders: new Uint32Array(count),
       assignee: undefined,
       assignedUntil: undefined,
+      confirmer: undefined,
+      confirmerUntil: undefined,
       seedFailed: false,
       lastActivity: this.#now()
     }
@@ -185,29 +224,43 @@ class MemorySwarmState implements SwarmState {
     return task
   }
 
-  applyUpdate (host: HostRecord, update: TaskUpdate): number[] {
-    const learned: number[] = []
+  applyUpdate (host: HostRecord, update: TaskUpdate): UpdateResult {
+    const result: UpdateResult = { learned: [], certified: false, conflicts: [] }
     if (update.remove === true) {
       this.dropHolding(host, update.digest)
-      if (update.add === undefined || update.add.length === 0) return learned
+      if ((update.add === undefined || update.add.length === 0) && update.verified !== true) return result
     }
     const task = this.ensureTask(update.digest, update.size, { mediaType: update.mediaType, origin: update.origin })
-    if (task === undefined) return learned
+    if (task === undefined) return result
     if (Array.isArray(update.remove)) for (const i of update.remove) this.dropHolding(host, task.digest, i)
-    if (update.add === undefined || update.add.length === 0) return learned
-    host.tasks.add(task.digest)
+    const add = update.add ?? []
+    const fromOrigin = new Set(update.fromOrigin ?? [])
+    const wasCertified = isCertified(task)
+    // A holder re-announcing a whole blob it verified may write a table nobody
+    // else has (a restarted scheduler learns tables this way); only where it
+    // agrees with every entry already known.
+    const wholeVerified = update.verified === true && add.length === task.pieceCount &&
+      add.every(([i, hex]) => i < task.pieceCount && (!task.known.has(i) || this.#entry(task, i) === hex))
+    if (add.length > 0) host.tasks.add(task.digest)
     let pieces = task.partial.get(host.slot)
     const wasComplete = task.complete.has(host.slot)
-    for (const [index, hex] of update.add) {
+    for (const [index, hex] of add) {
       if (index >= task.pieceCount || wasComplete) continue
       if (task.known.has(index)) {
         // A holder whose bytes disagree with the table is not counted as holding them.
-        if (task.digests.toString('hex', index * 32, index * 32 + 32) !== hex) continue
-      } else {
+        if (this.#entry(task, index) !== hex) {
+          if (fromOrigin.has(index)) result.conflicts.push(index)
+          continue
+        }
+        if (fromOrigin.has(index) && task.author[index] !== host.slot + 1) task.confirmed.add(index)
+      } else if (task.assignee?.[index] === host.slot + 1 || task.confirmer?.[index] === host.slot + 1 || wholeVerified) {
         task.digests.write(hex, index * 32, 'hex')
         task.known.add(index)
-        task.authors.add(host.slot)
-        learned.push(index)
+        task.author[index] = host.slot + 1
+        result.learned.push(index)
+      } else {
+        // Not this host's entry to write: its piece counts once the table has it.
+        continue
       }
       if (pieces === undefined) {
         pieces = new PieceSet(task.pieceCount)
@@ -215,6 +268,7 @@ class MemorySwarmState implements SwarmState {
       }
       if (pieces.add(index)) task.pieceHolders[index] = (task.pieceHolders[index] as number) + 1
       if (task.assignee?.[index] === host.slot + 1) task.assignee[index] = 0
+      if (task.confirmer?.[index] === host.slot + 1) task.confirmer[index] = 0
     }
     // Progress keeps this host's other origin assignments alive.
     this.#extendAssignments(task, host.slot)
@@ -223,8 +277,17 @@ class MemorySwarmState implements SwarmState {
       task.partial.delete(host.slot)
       task.complete.add(host.slot)
     }
+    // A whole blob that matched its digest vouches for every entry someone else wrote.
+    if (update.verified === true && task.complete.has(host.slot)) {
+      for (let i = 0; i < task.pieceCount; i++) if (task.author[i] !== host.slot + 1) task.confirmed.add(i)
+    }
+    result.certified = !wasCertified && isCertified(task)
     task.lastActivity = this.#now()
-    return learned
+    return result
+  }
+
+  #entry (task: TaskRecord, index: number): string {
+    return task.digests.toString('hex', index * 32, index * 32 + 32)
   }
 
   dropHolding (host: HostRecord, digest: string, piece?: number): void {
@@ -240,9 +303,7 @@ class MemorySwarmState implements SwarmState {
         for (const i of pieces) task.pieceHolders[i] = (task.pieceHolders[i] as number) - 1
         task.partial.delete(host.slot)
       }
-      if (task.assignee !== undefined) {
-        for (let i = 0; i < task.pieceCount; i++) if (task.assignee[i] === host.slot + 1) task.assignee[i] = 0
-      }
+      releaseAssignments(task, host.slot)
       host.tasks.delete(digest)
       this.#forgetIfEmpty(task)
       return
@@ -298,14 +359,18 @@ class MemorySwarmState implements SwarmState {
   }
 
   #extendAssignments (task: TaskRecord, slot: number): void {
-    if (task.assignee === undefined || task.assignedUntil === undefined) return
     const until = this.#now() + ASSIGNMENT_LEASE_MS
-    for (let i = 0; i < task.pieceCount; i++) if (task.assignee[i] === slot + 1) task.assignedUntil[i] = until
+    if (task.assignee !== undefined && task.assignedUntil !== undefined) {
+      for (let i = 0; i < task.pieceCount; i++) if (task.assignee[i] === slot + 1) task.assignedUntil[i] = until
+    }
+    if (task.confirmer !== undefined && task.confirmerUntil !== undefined) {
+      for (let i = 0; i < task.pieceCount; i++) if (task.confirmer[i] === slot + 1) task.confirmerUntil[i] = until
+    }
   }
 
   #forgetIfEmpty (task: TaskRecord): void {
     if (task.complete.size > 0 || task.partial.size > 0) return
-    if (task.assignee?.some(a => a !== 0) === true) return
+    if (task.assignee?.some(a => a !== 0) === true || task.confirmer?.some(a => a !== 0) === true) return
     // Keep the table of a task nobody holds only while it is young; it is cheap to relearn.
     this.#tasks.delete(task.digest)
   }
@@ -313,3 +378,9 @@ class MemorySwarmState implements SwarmState {
 
 /** How long a host may sit on an origin assignment without landing a piece of it. */
 export const ASSIGNMENT_LEASE_MS = 30_000
+
+/** Frees every piece a host was sent to the origin for, as first fetcher or confirmer. */
+export function releaseAssignments (task: TaskRecord, slot: number): void {
+  if (task.assignee !== undefined) for (let i = 0; i < task.pieceCount; i++) if (task.assignee[i] === slot + 1) task.assignee[i] = 0
+  if (task.confirmer !== undefined) for (let i = 0; i < task.pieceCount; i++) if (task.confirmer[i] === slot + 1) task.confirmer[i] = 0
+}

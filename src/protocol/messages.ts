@@ -71,6 +71,14 @@ export const TaskUpdate = Type.Object({
   origin: Type.Optional(OriginRef),
   /** Pieces now held, each with the SHA-256 the peer computed or verified. */
   add: Type.Optional(Type.Array(Type.Tuple([Index, Sha256Hex]))),
+  /**
+   * Which of `add` this peer fetched from the origin itself. A piece that a
+   * peer other than the table's author took from the origin, with the same
+   * SHA-256, confirms that entry of the table.
+   */
+  fromOrigin: Type.Optional(Type.Array(Index)),
+  /** This peer holds every piece and the whole blob hashed to its digest. */
+  verified: Type.Optional(Type.Boolean()),
   /** Pieces no longer held; `true` for all of them (the blob left the cache). */
   remove: Type.Optional(Type.Union([Type.Array(Index), Type.Literal(true)]))
 })
@@ -110,8 +118,12 @@ export type Load = Static<typeof Load>
 export const Report = Type.Union([
   /** A parent sent a piece that failed verification against the piece table. */
   Type.Object({ kind: Type.Literal('bad-piece'), parent: PeerId, digest: Digest, piece: Index }),
-  /** A complete blob did not hash to its digest: the piece table is wrong. */
-  Type.Object({ kind: Type.Literal('blob-mismatch'), digest: Digest }),
+  /**
+   * The piece table is wrong: a blob assembled from pieces that matched it did
+   * not hash to its digest, or the origin sent this peer a piece (`piece`, with
+   * the `sha256` it had) that disagrees with the table.
+   */
+  Type.Object({ kind: Type.Literal('blob-mismatch'), digest: Digest, piece: Type.Optional(Index), sha256: Type.Optional(Sha256Hex) }),
   /** This peer could not fetch pieces it was assigned from the origin. */
   Type.Object({ kind: Type.Literal('origin-failed'), digest: Digest, code: Type.String({ maxLength: 64 }) })
 ])
@@ -121,7 +133,12 @@ export const SchedulerRequest = Type.Union([
   /** Starts a session: the scheduler forgets what it knew of this host; inventory follows in announces. */
   Type.Object({ type: Type.Literal('register'), host: HostInfo }),
   Type.Object({ type: Type.Literal('announce'), tasks: Type.Array(TaskUpdate), facts: Type.Optional(Type.Array(Fact)), load: Type.Optional(Load) }),
-  Type.Object({ type: Type.Literal('parents'), digest: Digest, size: Size, origin: OriginRef, first: Index, last: Index, exclude: Type.Optional(Type.Array(PeerId, { maxItems: 256 })) }),
+  /**
+   * Where to fetch pieces first..last from. `whole` (default true): the reader
+   * checks the whole blob's digest before it completes, so entries only their
+   * author vouches for will do; false (a range read) asks for confirmed ones.
+   */
+  Type.Object({ type: Type.Literal('parents'), digest: Digest, size: Size, origin: OriginRef, first: Index, last: Index, exclude: Type.Optional(Type.Array(PeerId, { maxItems: 256 })), whole: Type.Optional(Type.Boolean()) }),
   Type.Object({ type: Type.Literal('digests'), digest: Digest, pieces: Type.Array(Index, { maxItems: 4096 }), waitMs: Type.Integer({ minimum: 0, maximum: 120_000 }) }),
   Type.Object({ type: Type.Literal('report'), report: Report }),
   Type.Object({ type: Type.Literal('lookup-tag'), registry: OriginUrl, repo: Repo, tag: Type.String({ maxLength: 128 }) }),
@@ -140,7 +157,13 @@ export const ParentInfo = Type.Object({
   /** Base64 bitset of pieces held (absent when complete). */
   held: Type.Optional(Base64),
   /** Base64 bitset of pieces this parent is fetching from the origin right now. */
-  fetching: Type.Optional(Base64)
+  fetching: Type.Optional(Base64),
+  /**
+   * Of `fetching`, the pieces it was sent for as a confirmer: its bytes come
+   * from the origin and not from the entry's author, so a range reader that
+   * finds them equal to the table may trust them.
+   */
+  confirming: Type.Optional(Base64)
 })
 export type ParentInfo = Static<typeof ParentInfo>
 
@@ -154,12 +177,19 @@ export const ParentsResponse = Type.Object({
   parents: Type.Array(ParentInfo, { maxItems: 64 }),
   /** Known SHA-256 of pieces in the asked window. */
   digests: Type.Array(Type.Tuple([Index, Sha256Hex])),
+  /**
+   * Which of `digests` only their author vouches for so far (no peer but the
+   * one that fetched them has confirmed them). Bytes checked against such an
+   * entry are fit for a whole-blob read, which checks the digest at the end,
+   * but not for a range.
+   */
+  provisional: Type.Optional(Type.Array(Index)),
   /** Pieces of the window this peer should fetch from the origin itself. */
   assigned: Type.Array(Index)
 })
 export type ParentsResponse = Static<typeof ParentsResponse>
 
-export const DigestsResponse = Type.Object({ ...Ok, digests: Type.Array(Type.Tuple([Index, Sha256Hex])) })
+export const DigestsResponse = Type.Object({ ...Ok, digests: Type.Array(Type.Tuple([Index, Sha256Hex])), provisional: Type.Optional(Type.Array(Index)) })
 export type DigestsResponse = Static<typeof DigestsResponse>
 
 export const RegisterResponse = Type.Object({ ...Ok, schedulerId: Type.String({ maxLength: 128 }) })

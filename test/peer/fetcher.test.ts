@@ -13,7 +13,7 @@ import type { SchedulerClient } from '../../peer/swarm/scheduler-client.ts'
 import { parseRegistryUrl } from '../../peer/upstream/index.ts'
 
 const task: BlobTask = {
-  upstream: parseRegistryUrl('http://registry.test:5000'),
+  upstream: { ...parseRegistryUrl('http://registry.test:5000'), trusted: true },
   repo: 'team/app',
   digest: `sha256:${'ab'.repeat(32)}`,
   kind: 'blob',
@@ -62,7 +62,7 @@ function fetcherWith (client: SchedulerClient, planRetryDelayMs = 5): { fetcher:
 test('a connected scheduler that answers late is asked again instead of sending the node to the origin', async () => {
   const { client, asked } = slowScheduler(2)
   const { fetcher, counter } = fetcherWith(client)
-  const got = await fetcher.fetch({ task, lastWanted: 99 }, 3, {})
+  const got = await fetcher.fetch({ task, lastWanted: 99, whole: true }, 3, {})
   // The plan's answer, not a fallback: this node takes pieces 3–6, not the rest of the blob.
   assert.deepEqual(got, { kind: 'origin', upTo: 6 })
   assert.equal(asked(), 3)
@@ -73,7 +73,7 @@ test('a connected scheduler that answers late is asked again instead of sending 
 test('past its retries the node goes to the origin, and counts it', async () => {
   const { client, asked } = slowScheduler(10)
   const { fetcher, counter } = fetcherWith(client)
-  const got = await fetcher.fetch({ task, lastWanted: 40 }, 3, {})
+  const got = await fetcher.fetch({ task, lastWanted: 40, whole: true }, 3, {})
   assert.deepEqual(got, { kind: 'origin', upTo: 40 })
   assert.equal(asked(), 3, 'the first ask and two more')
   assert.equal(await counter('damselfly_swarm_origin_fallbacks_total'), 1)
@@ -82,7 +82,7 @@ test('past its retries the node goes to the origin, and counts it', async () => 
 test('a scheduler that is gone sends the node to the origin at once', async () => {
   const { client, asked } = slowScheduler(10, false)
   const { fetcher } = fetcherWith(client)
-  assert.deepEqual(await fetcher.fetch({ task, lastWanted: 40 }, 3, {}), { kind: 'origin', upTo: 40 })
+  assert.deepEqual(await fetcher.fetch({ task, lastWanted: 40, whole: true }, 3, {}), { kind: 'origin', upTo: 40 })
   assert.equal(asked(), 0)
 })
 
@@ -90,7 +90,7 @@ test('a reader that gives up stops the waiting between asks', async () => {
   const { client } = slowScheduler(10)
   const { fetcher } = fetcherWith(client, 60_000)
   const controller = new AbortController()
-  const fetching = fetcher.fetch({ task, lastWanted: 40 }, 3, { signal: controller.signal })
+  const fetching = fetcher.fetch({ task, lastWanted: 40, whole: true }, 3, { signal: controller.signal })
   setTimeout(() => { controller.abort() }, 20)
   await assert.rejects(fetching, (err: Error) => err.name === 'AbortError')
 })
