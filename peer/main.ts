@@ -72,6 +72,7 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     idc: config.labels.idc,
     uploadConcurrency: config.uploadConcurrency,
     uploadRateLimit: config.uploadRateLimit,
+    uploadConnectionsPerAddress: config.uploadConnectionsPerAddress,
     upload: config.pieceTransport === 'http' ? { host: config.p2pHost, port: config.uploadPort } : undefined,
     clusterSecret: config.clusterSecret,
     faults: deps.faults

@@ -2,7 +2,7 @@ import { createHmac, timingSafeEqual } from 'node:crypto'
 import type { IncomingMessage } from 'node:http'
 import { Agent, type Dispatcher } from 'undici'
 import type { AbortOptions } from '../../src/abort.ts'
-import { PeerUnavailableError, ProtocolError, isAbort } from '../../src/errors.ts'
+import { PeerBusyError, PeerUnavailableError, PieceNotHeldError, ProtocolError, isAbort } from '../../src/errors.ts'
 import { PIECE_HTTP_PATH, PIECE_HTTP_PEER_HEADER, type PieceRequest } from '../../src/protocol/messages.ts'
 
 /**
@@ -89,7 +89,10 @@ export function createPieceHttpClient (init: { self: string, secret?: Buffer | u
       if (res.headers[PIECE_HTTP_PEER_HEADER] !== parentId) return 'wrong-peer'
       if (res.statusCode !== 200) {
         const text = (await res.body.text().catch(() => '')).slice(0, 200)
-        throw new PeerUnavailableError(`${parentId} answered ${res.statusCode} for piece ${request.index}: ${text}`)
+        const why = `${parentId} answered ${res.statusCode} for piece ${request.index}: ${text}`
+        if (res.statusCode === 503) throw new PeerBusyError(why)
+        if (res.statusCode === 404) throw new PieceNotHeldError(why)
+        throw new PeerUnavailableError(why)
       }
       const declared = Number(res.headers['content-length'])
       if (declared !== length) throw new ProtocolError(`${parentId} offered ${declared} bytes for a ${length}-byte piece`)

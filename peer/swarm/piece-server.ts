@@ -1,5 +1,6 @@
 import { once } from 'node:events'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
 import { QueueFullError, isAbort } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
 import type { Logger } from '../../src/logger.ts'
@@ -7,6 +8,7 @@ import { Counter, type Registry } from '../../src/metrics.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
 import { PIECE_HTTP_PEER_HEADER, PIECE_PROTOCOL, PieceRequest } from '../../src/protocol/messages.ts'
 import type { BlobService } from '../blobs/index.ts'
+import { createConnectionGuard, type ConnectionGuard } from './connection-guard.ts'
 import { readPieceRequest, uploadUrls } from './piece-http.ts'
 import { TokenBucket } from './rate.ts'
 
@@ -22,6 +24,14 @@ export interface PieceServerComponents {
 export interface PieceServerInit {
   /** Pieces sent at once. Default 32. */
   concurrency?: number
+  /** Longest a request may wait for a piece this node is still getting, whatever it asks. Default 15 s. */
+  maxWaitMs?: number
+  /** Upload-port connections one address may hold open. Default 256. */
+  connectionsPerAddress?: number
+  /** Upload-port connections in all. Default 32 × concurrency. */
+  maxConnections?: number
+  /** A connection that sends no complete request for this long is closed. Default 5 s. */
+  idleTimeoutMs?: number
   /** Requests waiting for an upload slot before more are answered "busy". Default 4 × concurrency. */
   maxQueue?: number
   /** Bytes per second across all uploads; 0 for no limit. */
@@ -55,14 +65,17 @@ const UPLOAD_DEADLINE_MS = 180_000
 export function createPieceServer (components: PieceServerComponents, init: PieceServerInit = {}): PieceServer {
   const logger = components.logger.child({ component: 'peer:piece-server' })
   const concurrency = init.concurrency ?? 32
+  const maxWaitMs = init.maxWaitMs ?? 15_000
   const uploads = new Limiter('upload', concurrency, init.maxQueue ?? concurrency * 4)
   const bucket = new TokenBucket(init.rateLimit ?? 0)
   const shutdown = new AbortController()
   const registers = components.metrics === undefined ? undefined : [components.metrics]
   const sent = registers === undefined ? undefined : new Counter({ name: 'damselfly_uploaded_bytes_total', help: 'Piece bytes sent to other peers, by transport (http: the upload port; libp2p: streams)', labelNames: ['transport'], registers })
   const requests = registers === undefined ? undefined : new Counter({ name: 'damselfly_piece_requests_total', help: 'Piece requests from other peers, by answer', labelNames: ['status'], registers })
+  const refused = registers === undefined ? undefined : new Counter({ name: 'damselfly_upload_connections_refused_total', help: 'Upload-port connections refused or dropped to stay within the per-address and total limits', registers })
   const secret = init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8')
   let http: Server | undefined
+  let guard: ConnectionGuard | undefined
   let uploaded = 0
   if (init.corruptPieces === true) logger.warn('TEST FAULT ACTIVE: every piece this peer uploads is corrupted')
 
@@ -74,6 +87,22 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
    * has sent the bytes and calls release.
    */
   async function produce (request: PieceRequest, remotePeer: string, signal: AbortSignal): Promise<Produced> {
+    // Waiting for a piece still on its way holds no upload slot (the blob
+    // service bounds the waits); only sending one does.
+    let data: Buffer | undefined
+    try {
+      data = await components.blobs.servePiece(request.digest, request.index, {
+        waitMs: Math.min(request.waitMs, maxWaitMs),
+        fetch: () => components.firstFetcherOf(request.digest, request.index),
+        signal
+      })
+    } catch (err) {
+      if (err instanceof QueueFullError) return { status: 'busy' }
+      if (isAbort(err) && shutdown.signal.aborted) throw err
+      logger.debug({ err: (err as Error).message, digest: request.digest, piece: request.index, peer: remotePeer }, 'could not produce a piece')
+      return { status: 'error', message: String((err as { code?: string }).code ?? 'error') }
+    }
+    if (data === undefined) return { status: 'not-found' }
     let release: () => void
     try {
       release = await uploads.acquire({ signal })
@@ -81,27 +110,11 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
       if (err instanceof QueueFullError) return { status: 'busy' }
       throw err
     }
-    try {
-      let data = await components.blobs.servePiece(request.digest, request.index, {
-        waitMs: request.waitMs,
-        fetch: () => components.firstFetcherOf(request.digest, request.index),
-        signal
-      })
-      if (data === undefined) {
-        release()
-        return { status: 'not-found' }
-      }
-      if (init.corruptPieces === true) {
-        data = Buffer.from(data)
-        data[Math.floor(data.length / 2)] = (data[Math.floor(data.length / 2)] as number) ^ 0x5a
-      }
-      return { status: 'ok', data, release }
-    } catch (err) {
-      release()
-      if (isAbort(err) && shutdown.signal.aborted) throw err
-      logger.debug({ err: (err as Error).message, digest: request.digest, piece: request.index, peer: remotePeer }, 'could not produce a piece')
-      return { status: 'error', message: String((err as { code?: string }).code ?? 'error') }
+    if (init.corruptPieces === true) {
+      data = Buffer.from(data)
+      data[Math.floor(data.length / 2)] = (data[Math.floor(data.length / 2)] as number) ^ 0x5a
     }
+    return { status: 'ok', data, release }
   }
 
   /** The libp2p transport: a JSON request, a JSON header, then the bytes. */
@@ -141,6 +154,7 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
       res.writeHead(asked.status, { 'content-type': 'application/json' }).end(JSON.stringify({ status: 'refused', message: asked.message }))
       return
     }
+    guard?.vouch(req.socket)
     const gone = new AbortController()
     res.once('close', () => { if (!res.writableFinished) gone.abort() })
     const signal = AbortSignal.any([shutdown.signal, gone.signal, AbortSignal.timeout(UPLOAD_DEADLINE_MS)])
@@ -177,14 +191,24 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
     async start () {
       await components.node.handle(PIECE_PROTOCOL, serveStream, { maxInboundStreams: concurrency * 8, maxOutboundStreams: 256 })
       if (init.http === undefined) return
-      const server = createServer({ keepAliveTimeout: 65_000, requestTimeout: UPLOAD_DEADLINE_MS }, (req, res) => {
+      const idleMs = init.idleTimeoutMs ?? 5_000
+      // Idle and half-sent connections are swept every second: a socket that
+      // never sends a whole request is gone within `idleMs` or so.
+      const server = createServer({ keepAliveTimeout: idleMs, headersTimeout: idleMs, requestTimeout: idleMs * 2, connectionsCheckingInterval: 1_000 }, (req, res) => {
+        connections.busy(req.socket, true)
+        res.once('close', () => { connections.busy(req.socket, false) })
         serveHttp(req, res).catch((err: unknown) => {
           if (!isAbort(err)) logger.debug({ err: (err as Error).message }, 'upload failed')
           res.destroy()
         })
       })
-      // Children keep connections open; bound them like the libp2p side bounds streams.
-      server.maxConnections = concurrency * 16
+      const connections = createConnectionGuard({
+        perAddress: init.connectionsPerAddress ?? 256,
+        total: init.maxConnections ?? concurrency * 32,
+        onRefused: () => { refused?.inc() }
+      })
+      server.on('connection', (socket: Socket) => { connections.admit(socket) })
+      guard = connections
       http = server
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject)

@@ -69,6 +69,7 @@ export const PeerConfig = Type.Object({
   authStaleIfError: Duration('10m', 'How old a yes may be and still be used while the origin is unreachable'),
   uploadConcurrency: Type.Integer({ minimum: 1, maximum: 1024, default: 32, description: 'Pieces this peer sends to other peers at once' }),
   uploadRateLimit: Size('0', 'Bytes per second this peer sends to other peers (0: unlimited)'),
+  uploadConnectionsPerAddress: Type.Integer({ minimum: 1, maximum: 65_535, default: 256, description: 'Upload-port connections one address may hold open; at the total limit (32 × uploadConcurrency) idle connections that never proved cluster membership are closed first' }),
   originCa: Type.String({ default: '', description: 'PEM file of extra CAs trusted for origin registries' }),
   proxy: PeerProxy,
   labels: Labels,
