@@ -188,6 +188,17 @@ export class AbortError extends DamselflyError {
   }
 }
 
+/**
+ * Work for a blob was cut short because the swarm dropped its piece table (it
+ * was reported wrong): an abort, but one that another attempt, under the new
+ * table, will get past.
+ */
+export class TableDroppedError extends AbortError {
+  constructor (digest: string) {
+    super(`fetching ${digest} under a piece table the swarm dropped`)
+  }
+}
+
 export class ClosedError extends DamselflyError {
   constructor (what: string) {
     super('DF_ERR_CLOSED', `${what} is closed`)
@@ -205,6 +216,16 @@ export class SchedulerUnavailableError extends DamselflyError {
 export class PeerUnavailableError extends DamselflyError {
   constructor (message: string, options: { cause?: unknown } = {}) {
     super('DF_ERR_PEER_UNAVAILABLE', message, options)
+  }
+}
+
+/** A parent has no copy of a piece to give (yet): one it was fetching has not landed, or it no longer holds one. */
+export class PieceNotHeldError extends PeerUnavailableError {}
+
+/** A parent's upload slots, or its room for waiting requests, are all taken: ask another, or again shortly. */
+export class PeerBusyError extends DamselflyError {
+  constructor (message: string) {
+    super('DF_ERR_PEER_BUSY', message)
   }
 }
 

@@ -78,6 +78,11 @@ export class PieceSet {
     return this.#held
   }
 
+  clear (): void {
+    this.#bits.fill(0)
+    this.#held = 0
+  }
+
   get complete (): boolean {
     return this.#held === this.count
   }

@@ -3,7 +3,7 @@ import { LRUCache } from 'lru-cache'
 import { raceSignal, withDeadline, type AbortOptions } from '../../src/abort.ts'
 import {
   BlobDigestMismatchError, BlobUnknownError, DeniedError, ManifestUnknownError, OriginProtocolError, OriginStatusError,
-  PieceDigestMismatchError, RangeNotSatisfiableError, RegistryNotAllowedError, StorageError, UnauthorizedError, isAbort
+  PieceDigestMismatchError, QueueFullError, RangeNotSatisfiableError, RegistryNotAllowedError, StorageError, TableDroppedError, UnauthorizedError, isAbort
 } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
 import type { Logger } from '../../src/logger.ts'
@@ -11,7 +11,7 @@ import { Counter } from '../../src/metrics.ts'
 import { parseDigest, sha256Hex } from '../../src/oci/digest.ts'
 import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
-import { choosePieceSize, pieceBounds, piecesCovering } from '../../src/pieces.ts'
+import { choosePieceSize, pieceBounds, pieceCount as pieceCountOf, piecesCovering } from '../../src/pieces.ts'
 import type { PieceStore } from '../piece-store/index.ts'
 import type { OriginCredentials } from '../origin/index.ts'
 import { verifyWhole } from './verify.ts'
@@ -79,6 +79,10 @@ export class DefaultBlobService implements BlobService {
   /** Piece requests that arrived for a task this node was told to take but has not adopted yet. */
   readonly #adoption = new Map<string, Set<() => void>>()
   readonly #shutdown = new AbortController()
+  readonly #maxPieceWaits: number
+  #pieceWaits = 0
+  /** Per blob with swarm fetches under way: aborted when the swarm drops its table. */
+  readonly #remoteFetches = new Map<string, { controller: AbortController, count: number }>()
   readonly #served: Counter | undefined
   readonly #fetched: Counter | undefined
   readonly #bytes: BlobByteCounts = { served: { local: 0, peer: 0, origin: 0 }, fetched: { peer: 0, origin: 0 } }
@@ -90,6 +94,7 @@ export class DefaultBlobService implements BlobService {
     this.#readahead = Math.max(1, init.readahead ?? 4)
     this.#maxRun = Math.max(1, init.maxRunPieces ?? 64)
     this.#attempts = Math.max(1, init.pieceAttempts ?? 3)
+    this.#maxPieceWaits = Math.max(1, init.maxPieceWaits ?? 256)
     this.#runs = new Limiter('origin requests', init.maxOriginRuns ?? 16, init.maxQueuedRuns ?? 1024)
     const maxPrefetches = Math.max(1, init.maxPrefetches ?? 2)
     this.#maxPrefetchQueue = maxPrefetches * 16
@@ -124,6 +129,13 @@ export class DefaultBlobService implements BlobService {
   byteCounts (): BlobByteCounts {
     const { served, fetched } = this.#bytes
     return { served: { ...served }, fetched: { ...fetched } }
+  }
+
+  async abandon (digest: string): Promise<void> {
+    const fetches = this.#remoteFetches.get(digest)
+    this.#remoteFetches.delete(digest)
+    fetches?.controller.abort(new TableDroppedError(digest))
+    await this.#store.keepTrusted(digest, 'the swarm dropped its piece table')
   }
 
   adopt (task: BlobTask): void {
@@ -165,18 +177,29 @@ export class DefaultBlobService implements BlobService {
   async servePiece (digest: string, index: number, options: ServePieceOptions): Promise<Buffer | undefined> {
     const held = await this.#store.readPiece(digest, index) ?? this.#landing.get(pieceKey(digest, index))?.data
     if (held !== undefined) return held
-    const signal = withDeadline(options.signal, Math.max(1, options.waitMs), 'waiting for a piece')
     const pending = this.#inflight.get(pieceKey(digest, index))
-    if (pending !== undefined) {
-      const landed = await raceSignal(pending, signal)
-      return landed.data ?? await this.#store.readPiece(digest, index)
+    const fetch = (): boolean => typeof options.fetch === 'function' ? options.fetch() : options.fetch
+    // Nothing here and nothing coming: say so now, whatever the request was willing to wait.
+    if (options.waitMs === 0 || (pending === undefined && !fetch())) return undefined
+    if (this.#pieceWaits >= this.#maxPieceWaits) throw new QueueFullError('piece waits')
+    this.#pieceWaits++
+    const signal = withDeadline(options.signal, options.waitMs, 'waiting for a piece')
+    try {
+      if (pending !== undefined) {
+        const landed = await raceSignal(pending, signal)
+        return landed.data ?? await this.#store.readPiece(digest, index)
+      }
+      const task = await this.#adopted(digest, signal)
+      const info = this.#store.info(digest)
+      if (!fetch() || task === undefined || info === undefined || index >= info.pieceCount) return undefined
+      return (await this.#acquire(task, index, Math.min(info.pieceCount - 1, index + this.#maxRun - 1), signal, Priority.ON_DEMAND, true)).data
+    } catch (err) {
+      // The wait ran out (not the asker leaving): nothing to give yet.
+      if (options.signal?.aborted !== true && signal.aborted) return undefined
+      throw err
+    } finally {
+      this.#pieceWaits--
     }
-    if (options.fetch === false || options.waitMs === 0) return undefined
-    const task = await this.#adopted(digest, signal)
-    const fetch = typeof options.fetch === 'function' ? options.fetch() : options.fetch
-    const info = this.#store.info(digest)
-    if (!fetch || task === undefined || info === undefined || index >= info.pieceCount) return undefined
-    return (await this.#acquire(task, index, Math.min(info.pieceCount - 1, index + this.#maxRun - 1), signal, Priority.ON_DEMAND, true)).data
   }
 
   prefetch (task: BlobTask): boolean {
@@ -265,11 +288,12 @@ export class DefaultBlobService implements BlobService {
         for (let i = first; i <= last; i++) {
           fill()
           const piece = i === first ? firstPiece : await (ahead.shift() as Promise<Piece>)
+          const { offset, length } = pieceBounds(i, task.size, info.pieceSize)
+          if (piece.data.length !== length) throw new StorageError(`piece ${i} of ${task.digest} is ${piece.data.length} bytes, expected ${length}`)
           if (i === info.pieceCount - 1) {
             await self.#written(task.digest)
             await self.#checkWhole(task)
           }
-          const { offset } = pieceBounds(i, task.size, info.pieceSize)
           const from = Math.max(start - offset, 0)
           const to = Math.min(end - offset + 1, piece.data.length)
           const slice = from === 0 && to === piece.data.length ? piece.data : piece.data.subarray(from, to)
@@ -309,7 +333,7 @@ export class DefaultBlobService implements BlobService {
    * node's copy evicted, and the origin's bytes are what the reader gets.
    */
   async #originPiece (task: BlobTask, index: number, signal: AbortSignal | undefined, priority: number): Promise<Piece> {
-    const pieceSize = this.#store.info(task.digest)?.pieceSize ?? choosePieceSize(task.size)
+    const pieceSize = choosePieceSize(task.size)
     const { offset, length } = pieceBounds(index, task.size, pieceSize)
     const release = await this.#runs.acquire({ signal: AbortSignal.any([this.#shutdown.signal, ...(signal === undefined ? [] : [signal])]), priority })
     let data: Buffer
@@ -326,7 +350,7 @@ export class DefaultBlobService implements BlobService {
     if (expected !== undefined && expected !== hex) {
       this.#logger.warn({ digest: task.digest, piece: index }, 'the origin contradicts the swarm\'s piece table; reporting it and dropping this copy')
       this.#components.remote?.mismatch?.(task, { piece: index, sha256: hex })
-      await this.#store.remove(task.digest, 'piece table contradicted by the origin')
+      await this.abandon(task.digest)
       return { data, source: 'origin', trusted: true }
     }
     await this.#store.writePiece(task.digest, index, data, { sha256: hex, source: 'origin' }).catch((err: unknown) => {
@@ -364,7 +388,8 @@ export class DefaultBlobService implements BlobService {
         if (stored !== undefined) return { data: stored, source: landed.source, trusted: landed.trusted || this.#store.isTrusted(task.digest, index) }
         lastError = new StorageError(`piece ${index} of ${task.digest} vanished from the cache after it landed`)
       } catch (err) {
-        if (signal?.aborted === true || isAbort(err)) throw err
+        // A dropped table cut the fetch short: the next attempt goes by the new one.
+        if (signal?.aborted === true || (isAbort(err) && !(err instanceof TableDroppedError))) throw err
         if (FINAL_ERRORS.some(E => err instanceof E)) throw err
         lastError = err
         this.#logger.debug({ err, digest: task.digest, piece: index, attempt }, 'piece fetch failed; trying again')
@@ -377,9 +402,17 @@ export class DefaultBlobService implements BlobService {
     const remote = this.#components.remote
     if (remote === undefined) return this.#startOriginRun(task, index, lastWanted, priority)
     const deferred = this.#register(task, index)
+    let fetches = this.#remoteFetches.get(task.digest)
+    if (fetches === undefined) {
+      fetches = { controller: new AbortController(), count: 0 }
+      this.#remoteFetches.set(task.digest, fetches)
+    }
+    fetches.count++
+    const mine = fetches
+    const signal = AbortSignal.any([this.#shutdown.signal, mine.controller.signal])
     void (async () => {
       try {
-        const got = await remote.fetch({ task, lastWanted, whole }, index, { signal: this.#shutdown.signal })
+        const got = await remote.fetch({ task, lastWanted, whole }, index, { signal })
         if (got.kind === 'origin') {
           // This node is the piece's first fetcher (or the swarm cannot help): the origin it is.
           this.#unregister(task, index, deferred)
@@ -389,6 +422,8 @@ export class DefaultBlobService implements BlobService {
         await this.#land(task, index, got.data, got.sha256, 'peer', deferred, got.trusted)
       } catch (err) {
         deferred.reject(err)
+      } finally {
+        if (--mine.count === 0 && this.#remoteFetches.get(task.digest) === mine) this.#remoteFetches.delete(task.digest)
       }
     })()
     return deferred.promise
@@ -396,8 +431,8 @@ export class DefaultBlobService implements BlobService {
 
   /** Registers pieces [index, …] that nobody is fetching yet as one origin request and starts it. */
   #startOriginRun (task: BlobTask, index: number, lastWanted: number, priority: number): Promise<Landed> {
-    const info = this.#store.info(task.digest)
-    const pieceCount = info?.pieceCount ?? 1
+    // The piece size follows from the blob's size alone: the store may have dropped the blob meanwhile.
+    const pieceCount = pieceCountOf(task.size, choosePieceSize(task.size))
     // Manifests have no Range support at the origin: one request covers all of it.
     const first = task.kind === 'manifest' ? 0 : index
     const maxRun = priority < Priority.ON_DEMAND ? Math.min(this.#maxRun, LOW_PRIORITY_RUN) : this.#maxRun
@@ -413,7 +448,7 @@ export class DefaultBlobService implements BlobService {
   }
 
   async #runOrigin (task: BlobTask, first: number, last: number, deferreds: Map<number, Deferred>, priority: number): Promise<void> {
-    const pieceSize = this.#store.info(task.digest)?.pieceSize ?? 1
+    const pieceSize = choosePieceSize(task.size)
     let i = first
     let release: (() => void) | undefined
     let body: Readable | undefined
@@ -498,7 +533,7 @@ export class DefaultBlobService implements BlobService {
         // The origin contradicts the table: the table is what is wrong. Say so, and drop this copy so the next attempt starts afresh.
         this.#logger.warn({ digest: task.digest, piece: index }, 'the origin contradicts the swarm\'s piece table; reporting it and dropping this copy')
         this.#components.remote?.mismatch?.(task, { piece: index, sha256 })
-        await this.#store.remove(task.digest, 'piece table contradicted by the origin')
+        await this.abandon(task.digest)
       }
       if (err instanceof PieceDigestMismatchError || err instanceof BlobDigestMismatchError) {
         if (!early) deferred.reject(err)

@@ -131,16 +131,23 @@ export interface BlobServiceInit {
   maxPrefetches?: number
   /** Attempts to get one piece (each may start a new origin request from that piece on). Default 3. */
   pieceAttempts?: number
+  /**
+   * Other peers' requests waiting at once for a piece this node is still
+   * getting; more are refused as busy (`QueueFullError`). Waits hold no
+   * upload slot, so this is what bounds them. Default 256.
+   */
+  maxPieceWaits?: number
 }
 
 export interface ServePieceOptions extends AbortOptions {
-  /** How long to wait for a piece this node is fetching (or was asked to fetch). */
+  /** How long to wait for a piece this node is fetching (or was asked to fetch); then `undefined`. */
   waitMs: number
   /**
-   * Start fetching the piece if it is neither held nor in flight (this node
-   * is its first fetcher). A function is asked only once the task is known
-   * here: the scheduler may name this node before its command to take the
-   * task has arrived.
+   * Whether this node was sent to the origin for the piece (first fetcher,
+   * confirmer, a seed's task): then a piece neither held nor in flight is
+   * fetched now, once the task is known here (the scheduler may name this
+   * node before its command to take the task has arrived). Otherwise such a
+   * request is answered at once, whatever it was willing to wait.
    */
   fetch: boolean | (() => boolean)
 }
@@ -150,9 +157,16 @@ export interface BlobService {
   /**
    * A verified piece for another peer: held, or in flight here and waited
    * for, or — when `fetch` is set and this node knows the task — fetched now.
-   * `undefined` when this node has nothing to give.
+   * `undefined` when this node has nothing to give (yet). Throws
+   * `QueueFullError` when too many requests wait already.
    */
   servePiece: (digest: string, index: number, options: ServePieceOptions) => Promise<Buffer | undefined>
+  /**
+   * The swarm dropped this blob's piece table: fetches from other peers under
+   * way for it stop (readers try again under the new table), and of the copy
+   * here only what is known genuine stays (see `PieceStore.keepTrusted`).
+   */
+  abandon: (digest: string) => Promise<void>
   /** Remembers a task (with its upstream) so pieces of it can be fetched for other peers. */
   adopt: (task: BlobTask) => void
   /**

@@ -220,6 +220,12 @@ export class DiskPieceStore implements PieceStore {
     return entry.digests.subarray(index * SHA256_BYTES, (index + 1) * SHA256_BYTES).toString('hex')
   }
 
+  tableHash (digest: string): string | undefined {
+    const entry = this.#entries.get(digest)
+    if (entry === undefined || !entry.known.complete) return undefined
+    return createHash('sha256').update(entry.digests).digest('hex')
+  }
+
   setPieceDigests (digest: string, digests: ReadonlyArray<[number, string]>): void {
     const entry = this.#entries.get(digest)
     if (entry === undefined) return
@@ -320,6 +326,19 @@ export class DiskPieceStore implements PieceStore {
     const entry = this.#entries.get(digest)
     if (entry === undefined) return
     await this.#drop(entry, reason)
+  }
+
+  async keepTrusted (digest: string, reason: string): Promise<void> {
+    const entry = this.#entries.get(digest)
+    if (entry === undefined || entry.verified) return
+    for (const i of [...entry.held]) if (!entry.trusted.has(i)) this.#dropPiece(entry, i, reason)
+    for (const i of [...entry.known]) {
+      if (entry.held.has(i)) continue
+      entry.known.delete(i)
+      entry.digests.fill(0, i * SHA256_BYTES, (i + 1) * SHA256_BYTES)
+    }
+    this.#markDirty(entry)
+    if (entry.held.size === 0) await this.#drop(entry, reason)
   }
 
   pin (digest: string): () => void {
@@ -479,6 +498,7 @@ export class DiskPieceStore implements PieceStore {
     }
     const actual = `${entry.digest.algorithm}:${actualHex}`
     entry.mismatch = actual
+    this.#events.emit('mismatch', entry.digest.value, createHash('sha256').update(entry.digests).digest('hex'))
     this.#metrics?.verifyFailures.inc({ source: 'blob' })
     this.#logger.error({ digest: entry.digest.value, actual }, 'blob does not match its digest; removing it')
     void this.#drop(entry, 'digest-mismatch')

@@ -56,6 +56,12 @@ export interface StoreEvents {
   piece: (digest: string, index: number, sha256: string, source: PieceSource) => void
   /** A blob is complete and its whole digest checked. */
   verified: (digest: string) => void
+  /**
+   * A blob whose every piece matched the table did not match its digest (it
+   * is being removed): the table is wrong. `table` is the SHA-256 of the
+   * table it was checked against (see `tableHash`).
+   */
+  mismatch: (digest: string, table: string) => void
   /** A blob (or a piece of it, when `index` is set) is gone: evicted, corrupt or removed. */
   removed: (digest: string, reason: string, index?: number) => void
 }
@@ -80,6 +86,8 @@ export interface PieceStore {
   isTrusted: (digest: string, index: number) => boolean
   /** The recorded SHA-256 (hex) of a piece, if known. */
   pieceDigest: (digest: string, index: number) => string | undefined
+  /** SHA-256 of a blob's whole piece table (every piece's SHA-256, concatenated), once every entry is known. */
+  tableHash: (digest: string) => string | undefined
   /** Records piece digests learned from the swarm's piece table. Conflicts drop the held piece. */
   setPieceDigests: (digest: string, digests: ReadonlyArray<[number, string]>) => void
 
@@ -100,6 +108,13 @@ export interface PieceStore {
   /** Resolves once a complete blob's whole digest has been checked (true) or found wrong (false). */
   verifyBlob: (digest: string) => Promise<boolean>
   remove: (digest: string, reason: string) => Promise<void>
+  /**
+   * The swarm's table for a blob was wrong: keeps what is known genuine (a
+   * blob verified whole here, or pieces taken from the origin or matched to
+   * confirmed entries) and forgets every other piece and table entry. A blob
+   * left with no piece is removed.
+   */
+  keepTrusted: (digest: string, reason: string) => Promise<void>
   /** Keeps a blob from eviction while it is read or written; call the returned function to release. */
   pin: (digest: string) => () => void
 

@@ -19,6 +19,8 @@ export interface ControlComponents {
   schedulerPeer: () => string | undefined
   /** The origin failed a whole-task fetch. */
   reportFailure: (digest: string, error: unknown) => void
+  /** Tells the scheduler again what this node holds of a blob. */
+  reannounce: (digest: string) => void
 }
 
 export interface ControlInit {
@@ -79,7 +81,9 @@ export function createControlHandler (components: ControlComponents, init: Contr
         }
       }
       case 'evict': {
-        await components.store.remove(command.digest, 'evicted by the scheduler')
+        // The table was reset swarm-wide: what is known genuine here stays, and is offered again.
+        await blobs.abandon(command.digest)
+        components.reannounce(command.digest)
         return { ok: true }
       }
     }

@@ -1,7 +1,7 @@
 import { setTimeout as sleep } from 'node:timers/promises'
 import { LRUCache } from 'lru-cache'
 import { withDeadline, type AbortOptions } from '../../src/abort.ts'
-import { PeerUnavailableError, ProtocolError, SchedulerUnavailableError, isAbort } from '../../src/errors.ts'
+import { PeerBusyError, PeerUnavailableError, PieceNotHeldError, ProtocolError, SchedulerUnavailableError, isAbort } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import { sha256Hex } from '../../src/oci/digest.ts'
@@ -28,7 +28,7 @@ export interface PieceFetcherInit {
   window?: number
   /** A plan is reused this long before the scheduler is asked again. Default 2 s. */
   planTtlMs?: number
-  /** How long a parent may take with a piece it is still fetching from the origin. Default 60 s. */
+  /** How long a parent may hold a request for a piece it is still fetching from the origin (then the plan is asked again). Default 15 s. */
   inProgressWaitMs?: number
   /** How long a parent that failed us is skipped. Default 30 s. */
   parentBackoffMs?: number
@@ -41,6 +41,11 @@ export interface PieceFetcherInit {
   planRetries?: number
   /** First pause before asking again; doubled each time, with jitter. Default 500 ms. */
   planRetryDelayMs?: number
+  /**
+   * How long parents that answer busy (or have not got an in-progress piece
+   * yet) are asked again, with growing pauses, before the origin is. Default 20 s.
+   */
+  busyPatienceMs?: number
 }
 
 interface Parent {
@@ -85,11 +90,12 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
   const logger = components.logger.child({ component: 'peer:fetcher' })
   const window = init.window ?? 64
   const planTtlMs = init.planTtlMs ?? 2_000
-  const inProgressWaitMs = init.inProgressWaitMs ?? 60_000
+  const inProgressWaitMs = init.inProgressWaitMs ?? 15_000
   const parentBackoffMs = init.parentBackoffMs ?? 30_000
   const barMs = init.barMs ?? 3_600_000
   const planRetries = init.planRetries ?? 2
   const planRetryDelayMs = init.planRetryDelayMs ?? 500
+  const busyPatienceMs = init.busyPatienceMs ?? 20_000
   const plans = new LRUCache<string, Plan>({ max: 1024 })
   const assigned = new LRUCache<string, Set<number>>({ max: 1024, ttl: 120_000 })
   const failing = new LRUCache<string, true>({ max: 4096, ttl: parentBackoffMs })
@@ -104,7 +110,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         bad: new Counter({ name: 'damselfly_peer_pieces_rejected_total', help: 'Pieces from parents that failed verification against the piece table', registers }),
         hedged: new Counter({ name: 'damselfly_pieces_hedged_total', help: 'Slow pieces asked of a second parent', registers }),
         planRetries: new Counter({ name: 'damselfly_scheduler_plan_retries_total', help: 'Plans asked for again because the connected scheduler did not answer in time', registers }),
-        fallbacks: new Counter({ name: 'damselfly_swarm_origin_fallbacks_total', help: 'Pieces fetched from the origin because the swarm could not deliver them', labelNames: ['reason'], registers })
+        fallbacks: new Counter({ name: 'damselfly_swarm_origin_fallbacks_total', help: 'Pieces fetched from the origin because the swarm could not deliver them', labelNames: ['reason'], registers }),
+        parentsBusy: new Counter({ name: 'damselfly_parents_busy_total', help: 'Pauses before asking parents again because they were busy or had not got a piece yet', registers })
       }
 
   function originOf (task: BlobTask): { registry: string, repo: string, kind: 'blob' | 'manifest' } {
@@ -202,7 +209,12 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       const io = messages(stream, 4096, 2 * length + 8192)
       await io.write({ digest: task.digest, index, waitMs }, { signal })
       const header = await io.read(PieceHeader, 'piece header', { signal })
-      if (header.status !== 'ok') throw new PeerUnavailableError(`${parent.info.peerId} answered ${header.status} for piece ${index}`)
+      if (header.status !== 'ok') {
+        const why = `${parent.info.peerId} answered ${header.status} for piece ${index}`
+        if (header.status === 'busy') throw new PeerBusyError(why)
+        if (header.status === 'not-found') throw new PieceNotHeldError(why)
+        throw new PeerUnavailableError(why)
+      }
       if (header.length !== length) throw new ProtocolError(`${parent.info.peerId} offered ${header.length} bytes for a ${length}-byte piece`)
       const data = Buffer.allocUnsafe(length)
       let off = 0
@@ -257,7 +269,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
    * Tries the parents in turn. While one is slow (well past the usual piece
    * time) the next is asked too, and the first verified answer wins.
    */
-  async function fromParents (task: BlobTask, index: number, p: Plan, holders: Parent[], fetchers: Parent[], options: AbortOptions): Promise<RemotePiece | undefined> {
+  async function fromParents (task: BlobTask, index: number, p: Plan, holders: Parent[], fetchers: Parent[], options: AbortOptions): Promise<RemotePiece | 'later' | undefined> {
     // Spread consecutive pieces over the best few holders; fetchers (in progress) come after.
     const spread = Math.min(holders.length, 3)
     const order = [...holders.slice(index % Math.max(1, spread)), ...holders.slice(0, index % Math.max(1, spread)), ...fetchers]
@@ -268,6 +280,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     const first = new Promise<RemotePiece | undefined>(resolve => { resolveFirst = resolve })
     let failed = 0
     let next = 0
+    /** Parents that were busy, or had not got the piece yet: worth asking again, not worth avoiding. */
+    let later = 0
     const launch = (): void => {
       if (next >= order.length) return
       const parent = order[next++] as Parent
@@ -276,7 +290,9 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         resolveFirst(piece)
         return piece
       }, (err: unknown) => {
-        if (!isAbort(err)) {
+        if (err instanceof PeerBusyError || (inProgress && err instanceof PieceNotHeldError)) {
+          later++
+        } else if (!isAbort(err)) {
           logger.debug({ parent: parent.info.peerId, piece: index, err: (err as Error).message }, 'parent failed a piece')
           if (!barred.has(parent.info.peerId)) failing.set(parent.info.peerId, true)
         }
@@ -302,7 +318,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     const winner = await first
     race.abort()
     await Promise.allSettled(attempts)
-    return winner
+    return winner ?? (later > 0 ? 'later' : undefined)
   }
 
   function forgetPlans (digest: string): void {
@@ -329,7 +345,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     mismatch (task, evidence) {
       assigned.delete(task.digest)
       forgetPlans(task.digest)
-      client.report({ kind: 'blob-mismatch', digest: task.digest, ...(evidence === undefined ? {} : { piece: evidence.piece, sha256: evidence.sha256 }) })
+      const table = evidence === undefined ? store.tableHash(task.digest) : undefined
+      client.report({ kind: 'blob-mismatch', digest: task.digest, ...(evidence === undefined ? {} : { piece: evidence.piece, sha256: evidence.sha256 }), ...(table === undefined ? {} : { table }) })
     },
     async fetch (ctx, index, options): Promise<RemotePiece | OriginDirective> {
       const { task } = ctx
@@ -338,6 +355,9 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         return { kind: 'origin', upTo: ctx.lastWanted }
       }
       const exclude = new Set<string>()
+      // Parents that were busy or not ready yet are asked again, after a pause, before the origin is.
+      const patience = withDeadline(options.signal, busyPatienceMs, 'busy parents')
+      let pauses = 0
       for (let round = 0; round < 3; round++) {
         let p = round === 0 ? cachedPlan(task.digest, index, ctx.whole) : undefined
         try {
@@ -360,7 +380,19 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         const fetchers = p.parents.filter(x => usable(x) && !holders.includes(x) && (confirmedEntry ? x.fetching : x.confirming)?.has(index) === true)
         if (holders.length + fetchers.length > 0) {
           const piece = await fromParents(task, index, p, holders, fetchers, options)
-          if (piece !== undefined) return piece
+          if (piece === 'later') {
+            const delay = Math.min(2_000, 100 * 2 ** pauses++)
+            const waited = await sleep(delay / 2 + Math.random() * delay, true, { signal: patience }).catch(() => false)
+            options.signal?.throwIfAborted()
+            if (waited) {
+              m?.parentsBusy.inc()
+              plans.delete(planKey(task.digest, ctx.whole))
+              round--
+              continue
+            }
+          } else if (piece !== undefined) {
+            return piece
+          }
           options.signal?.throwIfAborted()
         }
         for (const x of p.parents) if (!usable(x)) exclude.add(x.info.peerId)

@@ -38,6 +38,8 @@ export interface SwarmInit {
   uploadConcurrency: number
   /** Bytes/s across all uploads; 0 for no limit. */
   uploadRateLimit: number
+  /** Upload-port connections one address may hold. */
+  uploadConnectionsPerAddress?: number
   /** The HTTP upload port (the piece data plane); absent to send pieces over libp2p streams. */
   upload?: { host: string, port: number } | undefined
   clusterSecret?: string | undefined
@@ -125,13 +127,13 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
     const info = store.info(digest)
     if (info !== undefined) client.queue({ digest, size: info.size, verified: true })
   })
-  store.on('removed', (digest, reason, index) => {
+  store.on('removed', (digest, _reason, index) => {
     const info = store.info(digest)
     client.queue({ digest, size: info?.size ?? 0, remove: index === undefined ? true : [index] })
     if (index === undefined) fetcher.forget(digest)
-    // Pieces that each matched the table made a blob that does not match its digest: the table is wrong.
-    if (reason === 'digest-mismatch') client.report({ kind: 'blob-mismatch', digest })
   })
+  // Pieces that each matched the table made a blob that does not match its digest: the table is wrong.
+  store.on('mismatch', (digest, table) => { client.report({ kind: 'blob-mismatch', digest, table }) })
 
   const noteTask = (task: BlobTask): void => {
     origins.set(task.digest, { registry: task.upstream.origin, repo: task.repo, kind: task.kind })
@@ -181,7 +183,7 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
         blobs: services.blobs,
         metrics: components.metrics,
         firstFetcherOf: (digest, index) => fetcher.isFirstFetcher(digest, index) || (control?.isSeedTask(digest) ?? false)
-      }, { concurrency: init.uploadConcurrency, rateLimit: init.uploadRateLimit, corruptPieces: init.faults?.corruptPieces === true, http: init.upload, clusterSecret: init.clusterSecret })
+      }, { concurrency: init.uploadConcurrency, rateLimit: init.uploadRateLimit, ...(init.uploadConnectionsPerAddress === undefined ? {} : { connectionsPerAddress: init.uploadConnectionsPerAddress }), corruptPieces: init.faults?.corruptPieces === true, http: init.upload, clusterSecret: init.clusterSecret })
       await server.start()
       control = createControlHandler({
         logger,
@@ -191,7 +193,8 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
         origin: services.origin,
         upstreams: services.upstreams,
         schedulerPeer: () => client.peerId,
-        reportFailure: (digest) => { client.report({ kind: 'origin-failed', digest, code: 'seed' }) }
+        reportFailure: (digest) => { client.report({ kind: 'origin-failed', digest, code: 'seed' }) },
+        reannounce: (digest) => { client.reannounce(digest) }
       }, { seed: init.seed })
       await control.start()
       client.start()

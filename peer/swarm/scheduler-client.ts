@@ -44,6 +44,8 @@ export interface SchedulerClient {
   /** One request; throws SchedulerUnavailableError when the scheduler cannot be asked. */
   request: <T extends TSchema>(request: SchedulerRequest, schema: T, options?: AbortOptions & { waitMs?: number }) => Promise<Static<T>>
   queue: (update: TaskUpdate) => void
+  /** Announces again what this peer holds of one blob (its table was reset swarm-wide). */
+  reannounce: (digest: string) => void
   queueFact: (fact: Fact) => void
   setLoad: (load: Load) => void
   report: (report: Report) => void
@@ -119,14 +121,8 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
     }
     const inventory: TaskUpdate[] = []
     for (const blob of store.list()) {
-      const add: Array<[number, string]> = []
-      for (const i of store.heldPieces(blob.digest)) {
-        const hex = store.pieceDigest(blob.digest, i)
-        if (hex !== undefined) add.push([i, hex])
-      }
-      if (add.length === 0) continue
-      const origin = components.originOf(blob.digest)
-      inventory.push({ digest: blob.digest, size: blob.size, ...(blob.mediaType === undefined ? {} : { mediaType: blob.mediaType }), ...(origin === undefined ? {} : { origin }), add, ...(blob.verified ? { verified: true } : {}) })
+      const update = holdings(blob.digest)
+      if (update !== undefined) inventory.push(update)
     }
     for (const update of inventory) {
       chunk.push(update)
@@ -137,6 +133,20 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
     for (let i = 0; i < facts.length; i += 1000) await rawRequest(peerId, { type: 'announce', tasks: [], facts: facts.slice(i, i + 1000) }, AckResponse)
     pendingLoad ??= latestLoad
     logger.info({ blobs: inventory.length, facts: facts.length }, 'registered with the scheduler')
+  }
+
+  /** What this peer holds of one blob, as an announcement. */
+  function holdings (digest: string): TaskUpdate | undefined {
+    const blob = store.info(digest)
+    if (blob === undefined) return undefined
+    const add: Array<[number, string]> = []
+    for (const i of store.heldPieces(digest)) {
+      const hex = store.pieceDigest(digest, i)
+      if (hex !== undefined) add.push([i, hex])
+    }
+    if (add.length === 0) return undefined
+    const origin = components.originOf(digest)
+    return { digest, size: blob.size, ...(blob.mediaType === undefined ? {} : { mediaType: blob.mediaType }), ...(origin === undefined ? {} : { origin }), add, ...(blob.verified ? { verified: true } : {}) }
   }
 
   async function run (): Promise<void> {
@@ -240,6 +250,10 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
         if (update.mediaType !== undefined) existing.mediaType = update.mediaType
       }
       schedule()
+    },
+    reannounce (digest) {
+      const update = holdings(digest)
+      if (update !== undefined) this.queue(update)
     },
     queueFact (fact) {
       if (pendingFacts.length < 10_000) pendingFacts.push(fact)

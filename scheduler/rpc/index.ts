@@ -40,6 +40,8 @@ interface DigestWaiter {
 }
 
 const CONTROL_DEADLINE_MS = 30_000
+/** Requesters remembered per task, to be told when its table is dropped; past this, only holders are. */
+const MAX_INTERESTED = 4096
 
 /**
  * The scheduler's side of the peer protocol: one handler per message type,
@@ -61,7 +63,8 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
         requests: new Counter({ name: 'damselfly_scheduler_requests_total', help: 'Peer requests, by type and outcome', labelNames: ['type', 'outcome'], registers }),
         selection: new Histogram({ name: 'damselfly_scheduler_parent_selection_seconds', help: 'Time to answer a parents request', buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05], registers }),
         barred: new Counter({ name: 'damselfly_scheduler_parents_barred_total', help: 'Parents barred after sending bad pieces', registers }),
-        tablesDropped: new Counter({ name: 'damselfly_scheduler_tables_dropped_total', help: 'Provisional piece tables dropped after a peer reported them wrong', registers }),
+        tablesDropped: new Counter({ name: 'damselfly_scheduler_tables_dropped_total', help: 'Provisional piece tables reset after a peer reported them wrong', registers }),
+        disputesSettled: new Counter({ name: 'damselfly_scheduler_disputes_settled_total', help: 'Reports that a table was wrong, settled by independent fetches', labelNames: ['liar'], registers }),
         hosts: new Gauge({ name: 'damselfly_scheduler_hosts', help: 'Connected hosts', labelNames: ['seed'], registers, collect () { let seeds = 0; for (const h of state.hosts()) if (h.info.seed) seeds++; this.set({ seed: 'true' }, seeds); this.set({ seed: 'false' }, state.hostCount - seeds) } }),
         tasks: new Gauge({ name: 'damselfly_scheduler_tasks', help: 'Tasks (blobs) tracked', registers, collect () { this.set(state.taskCount) } })
       }
@@ -118,7 +121,7 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
         return
       }
       case 'blob-mismatch': {
-        disputed(host, r.digest, r.piece)
+        disputed(host, r)
         return
       }
       case 'origin-failed': {
@@ -134,14 +137,15 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
   }
 
   /** `host` says (or its origin bytes show) that a task's table is wrong. */
-  function disputed (host: HostRecord, digest: string, piece: number | undefined): void {
-    const outcome = trust.mismatch(host, digest, piece)
+  function disputed (host: HostRecord, report: { digest: string, piece?: number | undefined, sha256?: string | undefined, table?: string | undefined }): void {
+    const { digest, piece } = report
+    const outcome = trust.mismatch(host, report)
     if (outcome.action === 'ignored') {
       logger.warn({ digest, reporter: host.info.peerId, piece, why: outcome.why }, 'a report that a piece table is wrong was not acted on')
       return
     }
     m?.tablesDropped.inc()
-    logger.error({ digest, reporter: host.info.peerId, piece, authors: outcome.authors, holders: outcome.holders.length }, 'a provisional piece table was reported wrong: dropped everywhere, its authors barred')
+    logger.error({ digest, reporter: host.info.peerId, piece, authors: outcome.authors, holders: outcome.holders.length }, 'a provisional piece table was reported wrong: reset everywhere, its authors barred until independent fetches settle who lied')
     for (const holder of outcome.holders) {
       if (holder === host) continue
       void control(holder.info.peerId, { type: 'evict', digest }).catch(() => {})
@@ -187,17 +191,21 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
       case 'announce': {
         const host = registered(peerId)
         for (const update of request.tasks) {
-          const result = state.applyUpdate(host, update)
+          // A barred host's holdings (or a disputing party's) still count, but it writes and vouches for nothing.
+          const result = state.applyUpdate(host, update, trust.mayVouch(host, state.task(update.digest)))
           if (result.learned.length > 0 || update.remove !== undefined) wake(update.digest)
           // Origin bytes that disagree with the table say as much as a report would.
-          if (result.conflicts.length > 0 && !trust.isBarred(host)) {
-            disputed(host, update.digest, result.conflicts[0])
+          const conflict = result.conflicts[0]
+          if (conflict !== undefined) {
+            disputed(host, { digest: update.digest, piece: conflict, sha256: update.add?.find(([i]) => i === conflict)?.[1] })
             continue
           }
           const task = state.task(update.digest)
-          if (task === undefined) continue
-          if (result.certified) trust.certified(task)
-          else if (result.learned.length > 0) askVerifier(task)
+          if (task === undefined || result.learned.length === 0) continue
+          for (const verdict of trust.learned(task, result.learned)) {
+            m?.disputesSettled.inc({ liar: verdict.lied })
+          }
+          askVerifier(task)
         }
         for (const fact of request.facts ?? []) state.recordFact(fact)
         if (request.load !== undefined) {
@@ -216,7 +224,11 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
         const task = state.ensureTask(request.digest, request.size, { origin: request.origin })
         if (task === undefined) throw new ProtocolError(`size ${request.size} contradicts what the swarm knows of ${request.digest}`)
         if (request.first > request.last || request.first >= Math.max(1, task.pieceCount)) throw new ProtocolError('empty piece window')
-        const plan = scheduling.plan(task, host, request.first, request.last, new Set(request.exclude ?? []), request.whole ?? true)
+        const plan = scheduling.plan(task, host, request.first, request.last, new Set(request.exclude ?? []), { whole: request.whole ?? true, mayAuthor: (h) => trust.mayVouch(h, task) })
+        if (task.interested.size < MAX_INTERESTED && !task.interested.has(host.slot)) {
+          task.interested.add(host.slot)
+          host.tasks.add(task.digest)
+        }
         if (plan.startSeed !== undefined) void startSeed(plan.startSeed, task)
         m?.selection.observe((performance.now() - started) / 1000)
         const response: ParentsResponse = { ok: true, pieceSize: task.pieceSize, pieceCount: task.pieceCount, parents: plan.parents, digests: plan.digests, assigned: plan.assigned, ...(plan.provisional.length > 0 ? { provisional: plan.provisional } : {}) }

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto'
 import { LRUCache } from 'lru-cache'
 import type { Logger } from '../../src/logger.ts'
 import { isCertified, type HostRecord, type SwarmState, type TaskRecord } from '../state/index.ts'
@@ -10,19 +11,31 @@ export interface TrustInit {
   now?: () => number
 }
 
-/** A table dropped on someone's word, kept until a new table for the digest settles who lied. */
+/**
+ * A table reset on someone's word. Its entries are kept aside until new
+ * ones for the same pieces, written by hosts that are neither the reporter
+ * nor the entries' authors, show who was lying.
+ */
 interface Dispute {
-  digests: Buffer
-  known: Uint8Array
-  pieceCount: number
-  authors: string[]
+  /** Entry → its SHA-256 and author (peer id) in the table that was reset. */
+  entries: Map<number, { hex: string, author: string }>
   reporter: string
-  at: number
+  /** Entries a new, independent fetch has matched so far. */
+  matched: Set<number>
 }
 
 export type MismatchOutcome =
   | { action: 'ignored', why: string }
-  | { action: 'dropped', task: TaskRecord, holders: HostRecord[], authors: string[] }
+  /** `holders`: every host that holds or lately asked for pieces of it, to be told to drop them. */
+  | { action: 'reset', task: TaskRecord, holders: HostRecord[], authors: string[] }
+
+export interface Verdict {
+  digest: string
+  /** `author`: an entry differed from an independent fetch; `reporter`: every entry matched one. */
+  lied: 'author' | 'reporter'
+  liar: string
+  cleared: string[]
+}
 
 export interface TrustKeeper {
   /**
@@ -33,16 +46,23 @@ export interface TrustKeeper {
    */
   badPiece: (reporter: HostRecord, parent: HostRecord) => boolean
   /**
-   * A member says a task's table is wrong. A certified table (every entry
-   * vouched for by someone other than its author) stands whatever is said.
-   * A provisional one is dropped — holders evict, its authors are barred —
-   * and kept aside: once a new table for the digest is certified, equal
-   * tables mean the report was false, and the reporter is barred instead.
+   * A member says a task's table is wrong (its whole digest failed, or its
+   * origin bytes for a piece differ). A certified table, or a confirmed entry,
+   * stands whatever is said; so does a table the report was not about. A
+   * provisional one is reset — holders evict, its authors are barred, and
+   * neither they nor the reporter may write the next one — and the dispute is
+   * kept until new entries settle it.
    */
-  mismatch: (reporter: HostRecord, digest: string, piece: number | undefined) => MismatchOutcome
-  /** A task's table was just certified: settle the disputes about its digest. */
-  certified: (task: TaskRecord) => void
+  mismatch: (reporter: HostRecord, report: { digest: string, piece?: number | undefined, sha256?: string | undefined, table?: string | undefined }) => MismatchOutcome
+  /**
+   * New entries were written: where they cover a disputed table's, each match
+   * speaks for the old author, and one difference convicts it. When every old
+   * entry has been matched, the reporter lied. Returns the verdicts reached.
+   */
+  learned: (task: TaskRecord, pieces: readonly number[]) => Verdict[]
   isBarred: (host: HostRecord) => boolean
+  /** Barred, or party to an open dispute over this task: its word about the task counts for nothing. */
+  mayVouch: (host: HostRecord, task: TaskRecord | undefined) => boolean
 }
 
 export function createTrustKeeper (components: { state: SwarmState, logger: Logger }, init: TrustInit = {}): TrustKeeper {
@@ -54,13 +74,33 @@ export function createTrustKeeper (components: { state: SwarmState, logger: Logg
   const badReports = new LRUCache<string, Map<string, number>>({ max: 16_384 })
   const disputes = new LRUCache<string, Dispute[]>({ max: 4096, ttl: 6 * 3_600_000 })
 
-  const bar = (peerId: string, until: number): void => {
+  const bar = (peerId: string): void => {
     const host = state.hostByPeer(peerId)
-    if (host !== undefined) host.barredUntil = Math.max(host.barredUntil, until)
+    if (host !== undefined) host.barredUntil = Math.max(host.barredUntil, now() + barMs)
+  }
+  const unbar = (peerId: string): void => {
+    const host = state.hostByPeer(peerId)
+    if (host !== undefined) host.barredUntil = 0
+  }
+  const entry = (task: TaskRecord, i: number): string => task.digests.toString('hex', i * 32, i * 32 + 32)
+
+  /** Hosts party to an open dispute over `digest`. */
+  function parties (digest: string): Set<string> {
+    const out = new Set<string>()
+    for (const d of disputes.get(digest) ?? []) {
+      out.add(d.reporter)
+      for (const e of d.entries.values()) out.add(e.author)
+    }
+    return out
   }
 
   return {
     isBarred: (host) => host.barredUntil > now(),
+
+    mayVouch (host, task) {
+      if (host.barredUntil > now()) return false
+      return task === undefined || !parties(task.digest).has(host.info.peerId)
+    },
 
     badPiece (reporter, parent) {
       const t = now()
@@ -76,52 +116,72 @@ export function createTrustKeeper (components: { state: SwarmState, logger: Logg
       return true
     },
 
-    mismatch (reporter, digest, piece) {
+    mismatch (reporter, { digest, piece, sha256, table }) {
       const task = state.task(digest)
-      if (task === undefined) return { action: 'ignored', why: 'no such task' }
+      if (task === undefined || task.known.size === 0) return { action: 'ignored', why: 'no table' }
       if (isCertified(task)) return { action: 'ignored', why: 'the table is certified' }
-      if (piece !== undefined && task.confirmed.has(piece)) return { action: 'ignored', why: `piece ${piece} is confirmed` }
-      const authors = [...new Set(task.author)].filter(a => a !== 0).map(a => state.hostBySlot(a - 1)?.info.peerId)
-        .filter((p): p is string => p !== undefined && p !== reporter.info.peerId)
-      // A host doubting a table it wrote alone has nobody to accuse: the table just goes.
-      if (authors.length > 0) {
+      if (piece !== undefined) {
+        if (piece >= task.pieceCount || !task.known.has(piece)) return { action: 'ignored', why: `the table has no entry for piece ${piece}` }
+        if (task.confirmed.has(piece)) return { action: 'ignored', why: `piece ${piece} is confirmed` }
+        // A report about an entry since replaced: the table and the origin agree now.
+        if (sha256 !== undefined && entry(task, piece) === sha256) return { action: 'ignored', why: `the entry for piece ${piece} agrees with the origin` }
+      }
+      if (table !== undefined && (!task.known.complete || createHash('sha256').update(task.digests).digest('hex') !== table)) {
+        return { action: 'ignored', why: 'the report is about another table' }
+      }
+      const entries = new Map<number, { hex: string, author: string }>()
+      for (const i of task.known) {
+        const author = state.hostBySlot((task.author[i] ?? 0) - 1)?.info.peerId
+        if (author !== undefined && author !== reporter.info.peerId) entries.set(i, { hex: entry(task, i), author })
+      }
+      const authors = [...new Set([...entries.values()].map(e => e.author))]
+      // A host doubting only entries it wrote itself has nobody to accuse: the table just goes.
+      if (entries.size > 0) {
         const list = disputes.get(digest) ?? []
-        list.push({ digests: Buffer.from(task.digests), known: Buffer.from(task.known.toBase64(), 'base64'), pieceCount: task.pieceCount, authors, reporter: reporter.info.peerId, at: now() })
+        list.push({ entries, reporter: reporter.info.peerId, matched: new Set() })
         disputes.set(digest, list.slice(-8))
       }
-      const holders = [...task.complete, ...task.partial.keys()].map(s => state.hostBySlot(s)).filter((h): h is HostRecord => h !== undefined)
-      for (const author of authors) bar(author, now() + barMs)
-      state.dropTask(digest)
-      return { action: 'dropped', task, holders, authors }
+      for (const author of authors) bar(author)
+      const holders = [...new Set([...task.complete, ...task.partial.keys(), ...task.interested])]
+        .map(s => state.hostBySlot(s)).filter((h): h is HostRecord => h !== undefined)
+      state.resetTable(task)
+      return { action: 'reset', task, holders, authors }
     },
 
-    certified (task) {
+    learned (task, pieces) {
       const list = disputes.get(task.digest)
-      if (list === undefined) return
-      disputes.delete(task.digest)
+      if (list === undefined) return []
+      const verdicts: Verdict[] = []
+      const open: Dispute[] = []
       for (const d of list) {
-        let equal = d.pieceCount === task.pieceCount
-        for (let i = 0; equal && i < d.pieceCount; i++) {
-          if (!bitSet(d.known, i)) continue
-          if (!d.digests.subarray(i * 32, i * 32 + 32).equals(task.digests.subarray(i * 32, i * 32 + 32))) equal = false
+        let liar: string | undefined
+        for (const i of pieces) {
+          const old = d.entries.get(i)
+          const author = state.hostBySlot((task.author[i] ?? 0) - 1)?.info.peerId
+          // Only a fetch by someone outside the dispute settles anything.
+          if (old === undefined || author === undefined || author === d.reporter || author === old.author) continue
+          if (old.hex === entry(task, i)) d.matched.add(i)
+          else liar = old.author
         }
-        if (equal) {
-          logger.warn({ digest: task.digest, reporter: d.reporter, authors: d.authors }, 'a reported table turned out right: the reporter is barred, its authors cleared')
-          bar(d.reporter, now() + barMs)
-          for (const a of d.authors) {
-            const host = state.hostByPeer(a)
-            if (host !== undefined && host.info.peerId !== d.reporter) host.barredUntil = 0
-          }
+        const everyone = [...new Set([...d.entries.values()].map(e => e.author))]
+        if (liar !== undefined) {
+          logger.warn({ digest: task.digest, liar, reporter: d.reporter }, 'an independent fetch differs from a reported table: its author lied')
+          bar(liar)
+          const cleared = [d.reporter, ...everyone.filter(a => a !== liar)]
+          for (const a of cleared) unbar(a)
+          verdicts.push({ digest: task.digest, lied: 'author', liar, cleared })
+        } else if (d.matched.size === d.entries.size) {
+          logger.warn({ digest: task.digest, liar: d.reporter, authors: everyone }, 'independent fetches match a reported table: the report was false')
+          bar(d.reporter)
+          for (const a of everyone) unbar(a)
+          verdicts.push({ digest: task.digest, lied: 'reporter', liar: d.reporter, cleared: everyone })
         } else {
-          logger.warn({ digest: task.digest, authors: d.authors }, 'a reported table turned out wrong: its authors stay barred')
-          for (const a of d.authors) bar(a, now() + barMs)
+          open.push(d)
         }
       }
+      if (open.length === 0) disputes.delete(task.digest)
+      else disputes.set(task.digest, open)
+      return verdicts
     }
   }
-}
-
-/** PieceSet's serialised layout: bit i of byte i >> 3. */
-function bitSet (bits: Uint8Array, i: number): boolean {
-  return (((bits[i >> 3] ?? 0) >> (i & 7)) & 1) === 1
 }

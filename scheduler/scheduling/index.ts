@@ -39,7 +39,14 @@ const RECENT_HALF_LIFE_MS = 2_000
  * a second host sent to the origin for it — the requester, unless one is
  * already on its way, in which case the requester waits for that one.
  */
-export function createScheduling (state: SwarmState, init: SchedulingInit = {}): { plan: (task: TaskRecord, requester: HostRecord, first: number, last: number, exclude: ReadonlySet<string>, whole?: boolean) => ParentsPlan } {
+export interface PlanOptions {
+  /** The reader checks the whole digest (default true); false for a range, which needs confirmed entries. */
+  whole?: boolean
+  /** Whether a host may write entries of this task's table (not barred, not party to a dispute over it). Default: all may. */
+  mayAuthor?: (host: HostRecord) => boolean
+}
+
+export function createScheduling (state: SwarmState, init: SchedulingInit = {}): { plan: (task: TaskRecord, requester: HostRecord, first: number, last: number, exclude: ReadonlySet<string>, options?: PlanOptions) => ParentsPlan } {
   const maxParents = init.maxParents ?? 8
   const sampleSize = init.sampleSize ?? 32
   const partialScan = init.partialScan ?? 256
@@ -49,12 +56,12 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
   const usable = (host: HostRecord | undefined, requester: HostRecord, exclude: ReadonlySet<string>, t: number): host is HostRecord =>
     host !== undefined && host !== requester && host.barredUntil <= t && !exclude.has(host.info.peerId)
 
-  function pickSeed (task: TaskRecord, requester: HostRecord, exclude: ReadonlySet<string>, t: number): HostRecord | undefined {
+  function pickSeed (task: TaskRecord, requester: HostRecord, exclude: ReadonlySet<string>, t: number, mayAuthor: (host: HostRecord) => boolean): HostRecord | undefined {
     if (task.seedFailed || requester.info.seed) return undefined
     let best: HostRecord | undefined
     let bestLoad = Infinity
     for (const host of state.hosts()) {
-      if (!host.info.seed || !usable(host, requester, exclude, t)) continue
+      if (!host.info.seed || !usable(host, requester, exclude, t) || !mayAuthor(host)) continue
       const load = (host.activeUploads + decayed(host, t)) / host.info.uploadCapacity
       if (load < bestLoad) { best = host; bestLoad = load }
     }
@@ -99,10 +106,13 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
   }
 
   return {
-    plan (task, requester, first, last, exclude, whole = true) {
+    plan (task, requester, first, last, exclude, options = {}) {
+      const whole = options.whole ?? true
+      const mayAuthor = options.mayAuthor ?? ((host: HostRecord) => host.barredUntil <= now())
       const t = now()
       last = Math.min(last, task.pieceCount - 1)
-      const barred = requester.barredUntil > t
+      // A requester that may not write entries still fetches for itself, but is sent nowhere on the swarm's behalf.
+      const barred = !mayAuthor(requester)
       // Pieces a live, usable host is already fetching from the origin: waited for, not fetched again.
       const inProgress = new Map<number, PieceSet>()
       /** Of those, the ones a confirmer is fetching: what a range reader may wait for. */
@@ -161,7 +171,7 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
       const orphans = wanted.filter(i => !mine.includes(i) && !confirmLater.has(i) && !covered(i))
       let startSeed: HostRecord | undefined
       if (orphans.length > 0) {
-        const seed = pickSeed(task, requester, exclude, t)
+        const seed = pickSeed(task, requester, exclude, t, mayAuthor)
         if (seed !== undefined) {
           // A seed takes the whole task: it fetches whole blobs into the swarm.
           const all = new Set(orphans)

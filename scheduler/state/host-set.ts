@@ -28,6 +28,11 @@ export class HostSet {
     return true
   }
 
+  clear (): void {
+    this.#words.fill(0)
+    this.#size = 0
+  }
+
   delete (slot: number): boolean {
     if (!this.has(slot)) return false
     const w = slot >>> 5

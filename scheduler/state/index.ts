@@ -47,6 +47,8 @@ export interface TaskRecord {
   readonly confirmed: PieceSet
   /** A seed has been asked to take a copy and so certify the table. */
   verifierAsked: boolean
+  /** Hosts that asked where to get pieces of it lately: told to drop what they have if the table goes. */
+  readonly interested: Set<number>
   /** Hosts holding every piece. */
   readonly complete: HostSet
   /** Hosts holding some pieces. */
@@ -94,11 +96,17 @@ export interface SwarmState {
   tasks: () => IterableIterator<TaskRecord>
   readonly taskCount: number
   /** Applies a peer's update: holdings, table entries it may write, confirmations. */
-  applyUpdate: (host: HostRecord, update: TaskUpdate) => UpdateResult
+  /** `vouches` false (a barred host): its pieces are counted where they match, but it writes and confirms no entry. */
+  applyUpdate: (host: HostRecord, update: TaskUpdate, vouches?: boolean) => UpdateResult
   /** Forgets a host's holdings of one task (or one piece of it). */
   dropHolding: (host: HostRecord, digest: string, piece?: number) => void
   /** Forgets a task entirely: table, holders, assignments. */
   dropTask: (digest: string) => TaskRecord | undefined
+  /**
+   * Empties a task's table, holdings and assignments but keeps the task (and
+   * who was interested in it): its table was shown wrong and starts afresh.
+   */
+  resetTable: (task: TaskRecord) => void
   holds: (task: TaskRecord, slot: number, piece: number) => boolean
   hasHolder: (task: TaskRecord, piece: number) => boolean
 
@@ -210,6 +218,7 @@ class MemorySwarmState implements SwarmState {
       author: new Int32Array(count),
       confirmed: new PieceSet(count),
       verifierAsked: false,
+      interested: new Set(),
       complete: new HostSet(),
       partial: new Map(),
       pieceHolders: new Uint32Array(count),
@@ -224,7 +233,7 @@ class MemorySwarmState implements SwarmState {
     return task
   }
 
-  applyUpdate (host: HostRecord, update: TaskUpdate): UpdateResult {
+  applyUpdate (host: HostRecord, update: TaskUpdate, vouches = true): UpdateResult {
     const result: UpdateResult = { learned: [], certified: false, conflicts: [] }
     if (update.remove === true) {
       this.dropHolding(host, update.digest)
@@ -239,21 +248,23 @@ class MemorySwarmState implements SwarmState {
     // A holder re-announcing a whole blob it verified may write a table nobody
     // else has (a restarted scheduler learns tables this way); only where it
     // agrees with every entry already known.
-    const wholeVerified = update.verified === true && add.length === task.pieceCount &&
+    const wholeVerified = vouches && update.verified === true && add.length === task.pieceCount &&
       add.every(([i, hex]) => i < task.pieceCount && (!task.known.has(i) || this.#entry(task, i) === hex))
     if (add.length > 0) host.tasks.add(task.digest)
     let pieces = task.partial.get(host.slot)
     const wasComplete = task.complete.has(host.slot)
     for (const [index, hex] of add) {
       if (index >= task.pieceCount || wasComplete) continue
+      // A host sent to the origin for this piece speaks for the origin's bytes, whatever it says.
+      const fromTheOrigin = vouches && (fromOrigin.has(index) || task.assignee?.[index] === host.slot + 1 || task.confirmer?.[index] === host.slot + 1)
       if (task.known.has(index)) {
         // A holder whose bytes disagree with the table is not counted as holding them.
         if (this.#entry(task, index) !== hex) {
-          if (fromOrigin.has(index)) result.conflicts.push(index)
+          if (fromTheOrigin) result.conflicts.push(index)
           continue
         }
-        if (fromOrigin.has(index) && task.author[index] !== host.slot + 1) task.confirmed.add(index)
-      } else if (task.assignee?.[index] === host.slot + 1 || task.confirmer?.[index] === host.slot + 1 || wholeVerified) {
+        if (fromTheOrigin && task.author[index] !== host.slot + 1) task.confirmed.add(index)
+      } else if (vouches && (task.assignee?.[index] === host.slot + 1 || task.confirmer?.[index] === host.slot + 1 || wholeVerified)) {
         task.digests.write(hex, index * 32, 'hex')
         task.known.add(index)
         task.author[index] = host.slot + 1
@@ -278,7 +289,7 @@ class MemorySwarmState implements SwarmState {
       task.complete.add(host.slot)
     }
     // A whole blob that matched its digest vouches for every entry someone else wrote.
-    if (update.verified === true && task.complete.has(host.slot)) {
+    if (vouches && update.verified === true && task.complete.has(host.slot)) {
       for (let i = 0; i < task.pieceCount; i++) if (task.author[i] !== host.slot + 1) task.confirmed.add(i)
     }
     result.certified = !wasCertified && isCertified(task)
@@ -297,6 +308,7 @@ class MemorySwarmState implements SwarmState {
       return
     }
     if (piece === undefined) {
+      task.interested.delete(host.slot)
       if (task.complete.delete(host.slot)) { /* whole-task holder gone */ }
       const pieces = task.partial.get(host.slot)
       if (pieces !== undefined) {
@@ -330,6 +342,23 @@ class MemorySwarmState implements SwarmState {
     for (const slot of task.partial.keys()) this.#bySlot[slot]?.tasks.delete(digest)
     this.#tasks.delete(digest)
     return task
+  }
+
+  resetTable (task: TaskRecord): void {
+    task.digests.fill(0)
+    task.known.clear()
+    task.author.fill(0)
+    task.confirmed.clear()
+    task.complete.clear()
+    task.partial.clear()
+    task.pieceHolders.fill(0)
+    task.assignee = undefined
+    task.assignedUntil = undefined
+    task.confirmer = undefined
+    task.confirmerUntil = undefined
+    task.verifierAsked = false
+    task.seedFailed = false
+    task.lastActivity = this.#now()
   }
 
   holds (task: TaskRecord, slot: number, piece: number): boolean {

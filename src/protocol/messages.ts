@@ -123,7 +123,14 @@ export const Report = Type.Union([
    * not hash to its digest, or the origin sent this peer a piece (`piece`, with
    * the `sha256` it had) that disagrees with the table.
    */
-  Type.Object({ kind: Type.Literal('blob-mismatch'), digest: Digest, piece: Type.Optional(Index), sha256: Type.Optional(Sha256Hex) }),
+  Type.Object({
+    kind: Type.Literal('blob-mismatch'),
+    digest: Digest,
+    piece: Type.Optional(Index),
+    sha256: Type.Optional(Sha256Hex),
+    /** SHA-256 of the whole table the peer checked (its piece SHA-256s, concatenated), so a report about a table since replaced is told apart. */
+    table: Type.Optional(Sha256Hex)
+  }),
   /** This peer could not fetch pieces it was assigned from the origin. */
   Type.Object({ kind: Type.Literal('origin-failed'), digest: Digest, code: Type.String({ maxLength: 64 }) })
 ])
