@@ -12,7 +12,8 @@ import { buildMirrorApp } from './mirror/app.ts'
 import { createOriginClient } from './origin/index.ts'
 import { createPieceStore } from './piece-store/index.ts'
 import { createForwardProxy, type ForwardProxy } from './proxy/index.ts'
-import { createTagCache } from './tags/index.ts'
+import { createPublicContent } from './facts/public.ts'
+import { createTagCache } from './facts/tags.ts'
 import { createSwarm } from './swarm/index.ts'
 import { createUpstreamSelector } from './upstream/index.ts'
 import { ConfigError } from '../src/errors.ts'
@@ -45,6 +46,7 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
   const metrics = createMetricsRegistry({}, { processMetrics: true })
   const store = createPieceStore({ logger, metrics }, { dataDir, quotaBytes: config.cacheSize, memoryCacheBytes: config.memoryCacheSize })
   const tags = createTagCache({ logger }, { dataDir })
+  const publicContent = createPublicContent({ logger }, { dataDir })
 
   const ca = config.originCa === '' ? undefined : await readConfigFile(config.originCa, 'originCa')
   // One dispatcher for every origin: undici keeps a keep-alive pool per origin inside it.
@@ -62,7 +64,7 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
   })
   const scheduler = config.scheduler !== '' ? config.scheduler : deps.scheduler
   if (scheduler === undefined) throw new ConfigError('scheduler', 'no scheduler address and no embedded scheduler')
-  const swarm = await createSwarm({ logger, store, tags, metrics }, {
+  const swarm = await createSwarm({ logger, store, tags, publicContent, metrics }, {
     dataDir,
     listen: [`${config.p2pHost.includes(':') ? '/ip6' : '/ip4'}/${config.p2pHost}/tcp/${config.p2pPort}`],
     announce: config.announce,
@@ -108,6 +110,7 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     async start () {
       await store.start()
       await tags.start()
+      await publicContent.start()
       await swarm.start({ blobs, origin, upstreams })
       addresses.p2p = swarm.addrs()
       addresses.mirror = await listen(mirror, config.host, config.port)
@@ -123,6 +126,7 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
       await Promise.allSettled(listening.map(async app => { await app.close() }))
       await swarm.stop()
       await blobs.stop()
+      await publicContent.stop()
       await tags.stop()
       await store.stop()
       await dispatcher.close().catch(() => {})

@@ -13,7 +13,7 @@ import { Priority, type BlobService, type OpenBlob, type OpenBlobRequest } from 
 import type { Passthrough } from '../blobs/passthrough.ts'
 import type { OriginClient, OriginCredentials } from '../origin/index.ts'
 import type { PieceStore } from '../piece-store/index.ts'
-import type { TagCache, TagRecord } from '../tags/index.ts'
+import type { TagCache, TagRecord } from '../facts/tags.ts'
 import type { Upstream, UpstreamSelector } from '../upstream/index.ts'
 import { ociError, sendError } from './errors.ts'
 

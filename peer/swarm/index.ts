@@ -10,7 +10,8 @@ import type { PublicFacts } from '../auth/index.ts'
 import type { BlobService, BlobTask, OriginDirective, PieceSourceContext, RemotePiece, RemotePieceSource } from '../blobs/index.ts'
 import type { OriginClient } from '../origin/index.ts'
 import type { PieceStore } from '../piece-store/index.ts'
-import type { TagCache, TagRecord } from '../tags/index.ts'
+import type { PublicContent } from '../facts/public.ts'
+import type { TagCache, TagRecord } from '../facts/tags.ts'
 import type { UpstreamSelector } from '../upstream/index.ts'
 import { createControlHandler, type ControlHandler } from './control.ts'
 import { createPieceFetcher, type PieceFetcher } from './fetcher.ts'
@@ -22,6 +23,8 @@ export interface SwarmComponents {
   logger: Logger
   store: PieceStore
   tags: TagCache
+  /** What this peer saw registries serve anonymously; shared with the swarm. */
+  publicContent: PublicContent
   metrics?: Registry | undefined
 }
 
@@ -72,7 +75,7 @@ export interface Swarm extends RemotePieceSource {
  * and the piece server (what other peers ask of this one).
  */
 export async function createSwarm (components: SwarmComponents, init: SwarmInit): Promise<Swarm> {
-  const { store, tags } = components
+  const { store, tags, publicContent } = components
   const logger = components.logger.child({ component: 'peer:swarm' })
   const node: P2PNode = await createP2PNode({ logger }, {
     dataDir: init.dataDir,
@@ -83,7 +86,6 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
   })
   // lru-cache allocates its arrays for `max` up front: a node's cache holds thousands of blobs, not 100,000.
   const origins = new LRUCache<string, OriginRef>({ max: 16_384 })
-  const publicFacts = new LRUCache<string, Fact>({ max: 16_384 })
   let server: PieceServer | undefined
   let control: ControlHandler | undefined
   let loadTimer: NodeJS.Timeout | undefined
@@ -106,7 +108,7 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
     }),
     facts: () => [
       ...tags.entries().map(({ origin, repo, tag, record }): Fact => ({ kind: 'tag', registry: origin, repo, tag, digest: record.digest, size: record.size, seenAt: record.seenAt, ...(record.mediaType === undefined ? {} : { mediaType: record.mediaType }) })),
-      ...publicFacts.values()
+      ...publicContent.entries().map(({ origin, repo, digest, record }): Fact => ({ kind: 'public', registry: origin, repo, digest, size: record.size, ...(record.mediaType === undefined ? {} : { mediaType: record.mediaType }) }))
     ],
     originOf: (digest) => origins.get(digest)
   }, { address: init.scheduler })
@@ -144,17 +146,16 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
     addrs: () => node.addrs(),
     publicFacts: {
       async lookup (origin, repo, digest) {
-        const key = `${origin}\n${repo}\n${digest}`
-        const local = publicFacts.get(key)
-        const fact = local ?? (await client.request({ type: 'lookup-public', registry: origin, repo, digest }, LookupTagResponse).catch(() => undefined))?.fact
+        const local = publicContent.get(origin, repo, digest)
+        if (local !== undefined) return local
+        // The swarm answers only what more than one member has seen: one member's word opens nothing.
+        const fact = (await client.request({ type: 'lookup-public', registry: origin, repo, digest }, LookupTagResponse).catch(() => undefined))?.fact
         return fact?.kind === 'public' ? { size: fact.size, mediaType: fact.mediaType } : undefined
       },
       record (origin, repo, digest, size, mediaType) {
-        const key = `${origin}\n${repo}\n${digest}`
-        if (publicFacts.has(key)) return
-        const fact: Fact = { kind: 'public', registry: origin, repo, digest, size, ...(mediaType === undefined ? {} : { mediaType }) }
-        publicFacts.set(key, fact)
-        client.queueFact(fact)
+        if (publicContent.get(origin, repo, digest) !== undefined) return
+        publicContent.set(origin, repo, digest, { size, mediaType })
+        client.queueFact({ kind: 'public', registry: origin, repo, digest, size, ...(mediaType === undefined ? {} : { mediaType }) })
       }
     },
     async lookupTag (origin, repo, tag, options = {}) {

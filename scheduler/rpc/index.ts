@@ -191,8 +191,8 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
       case 'announce': {
         const host = registered(peerId)
         for (const update of request.tasks) {
-          // A barred host's holdings (or a disputing party's) still count, but it writes and vouches for nothing.
-          const result = state.applyUpdate(host, update, trust.mayVouch(host, state.task(update.digest)))
+          // A barred host's holdings still count, but it writes and vouches for nothing.
+          const result = state.applyUpdate(host, update, !trust.isBarred(host))
           if (result.learned.length > 0 || update.remove !== undefined) wake(update.digest)
           // Origin bytes that disagree with the table say as much as a report would.
           const conflict = result.conflicts[0]
@@ -201,13 +201,11 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
             continue
           }
           const task = state.task(update.digest)
-          if (task === undefined || result.learned.length === 0) continue
-          for (const verdict of trust.learned(task, result.learned)) {
-            m?.disputesSettled.inc({ liar: verdict.lied })
-          }
-          askVerifier(task)
+          if (task === undefined) continue
+          for (const verdict of trust.observed(task, host, result.observed)) m?.disputesSettled.inc({ liar: verdict.lied })
+          if (result.learned.length > 0) askVerifier(task)
         }
-        for (const fact of request.facts ?? []) state.recordFact(fact)
+        for (const fact of request.facts ?? []) state.recordFact(fact, host.info.peerId)
         if (request.load !== undefined) {
           host.activeUploads = request.load.activeUploads
           if (request.load.bytes !== undefined) host.bytes = request.load.bytes
@@ -224,7 +222,7 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
         const task = state.ensureTask(request.digest, request.size, { origin: request.origin })
         if (task === undefined) throw new ProtocolError(`size ${request.size} contradicts what the swarm knows of ${request.digest}`)
         if (request.first > request.last || request.first >= Math.max(1, task.pieceCount)) throw new ProtocolError('empty piece window')
-        const plan = scheduling.plan(task, host, request.first, request.last, new Set(request.exclude ?? []), { whole: request.whole ?? true, mayAuthor: (h) => trust.mayVouch(h, task) })
+        const plan = scheduling.plan(task, host, request.first, request.last, new Set(request.exclude ?? []), { whole: request.whole ?? true, mayAuthor: (h) => !trust.isBarred(h) })
         if (task.interested.size < MAX_INTERESTED && !task.interested.has(host.slot)) {
           task.interested.add(host.slot)
           host.tasks.add(task.digest)

@@ -49,20 +49,19 @@ export interface TrustKeeper {
    * A member says a task's table is wrong (its whole digest failed, or its
    * origin bytes for a piece differ). A certified table, or a confirmed entry,
    * stands whatever is said; so does a table the report was not about. A
-   * provisional one is reset — holders evict, its authors are barred, and
-   * neither they nor the reporter may write the next one — and the dispute is
-   * kept until new entries settle it.
+   * provisional one is reset — holders evict and its authors are barred —
+   * and the dispute is kept until independent fetches settle it.
    */
   mismatch: (reporter: HostRecord, report: { digest: string, piece?: number | undefined, sha256?: string | undefined, table?: string | undefined }) => MismatchOutcome
   /**
-   * New entries were written: where they cover a disputed table's, each match
-   * speaks for the old author, and one difference convicts it. When every old
-   * entry has been matched, the reporter lied. Returns the verdicts reached.
+   * `host` vouched for pieces of a task (took them from the origin, or
+   * verified the whole blob). Where it is neither the reporter nor the author
+   * of a disputed entry, each match speaks for that author, and one
+   * difference convicts it; once every old entry is matched, the reporter
+   * lied. Returns the verdicts reached.
    */
-  learned: (task: TaskRecord, pieces: readonly number[]) => Verdict[]
+  observed: (task: TaskRecord, host: HostRecord, pieces: ReadonlyArray<readonly [number, string]>) => Verdict[]
   isBarred: (host: HostRecord) => boolean
-  /** Barred, or party to an open dispute over this task: its word about the task counts for nothing. */
-  mayVouch: (host: HostRecord, task: TaskRecord | undefined) => boolean
 }
 
 export function createTrustKeeper (components: { state: SwarmState, logger: Logger }, init: TrustInit = {}): TrustKeeper {
@@ -84,23 +83,8 @@ export function createTrustKeeper (components: { state: SwarmState, logger: Logg
   }
   const entry = (task: TaskRecord, i: number): string => task.digests.toString('hex', i * 32, i * 32 + 32)
 
-  /** Hosts party to an open dispute over `digest`. */
-  function parties (digest: string): Set<string> {
-    const out = new Set<string>()
-    for (const d of disputes.get(digest) ?? []) {
-      out.add(d.reporter)
-      for (const e of d.entries.values()) out.add(e.author)
-    }
-    return out
-  }
-
   return {
     isBarred: (host) => host.barredUntil > now(),
-
-    mayVouch (host, task) {
-      if (host.barredUntil > now()) return false
-      return task === undefined || !parties(task.digest).has(host.info.peerId)
-    },
 
     badPiece (reporter, parent) {
       const t = now()
@@ -148,33 +132,35 @@ export function createTrustKeeper (components: { state: SwarmState, logger: Logg
       return { action: 'reset', task, holders, authors }
     },
 
-    learned (task, pieces) {
+    observed (task, host, pieces) {
       const list = disputes.get(task.digest)
       if (list === undefined) return []
+      const who = host.info.peerId
       const verdicts: Verdict[] = []
       const open: Dispute[] = []
       for (const d of list) {
         let liar: string | undefined
-        for (const i of pieces) {
-          const old = d.entries.get(i)
-          const author = state.hostBySlot((task.author[i] ?? 0) - 1)?.info.peerId
-          // Only a fetch by someone outside the dispute settles anything.
-          if (old === undefined || author === undefined || author === d.reporter || author === old.author) continue
-          if (old.hex === entry(task, i)) d.matched.add(i)
-          else liar = old.author
+        // Only a host outside the dispute settles anything.
+        if (who !== d.reporter) {
+          for (const [i, hex] of pieces) {
+            const old = d.entries.get(i)
+            if (old === undefined || old.author === who) continue
+            if (old.hex === hex) d.matched.add(i)
+            else liar = old.author
+          }
         }
-        const everyone = [...new Set([...d.entries.values()].map(e => e.author))]
+        const authors = [...new Set([...d.entries.values()].map(e => e.author))]
         if (liar !== undefined) {
-          logger.warn({ digest: task.digest, liar, reporter: d.reporter }, 'an independent fetch differs from a reported table: its author lied')
+          logger.warn({ digest: task.digest, liar, reporter: d.reporter, by: who }, 'an independent fetch differs from a reported table: its author lied')
           bar(liar)
-          const cleared = [d.reporter, ...everyone.filter(a => a !== liar)]
+          const cleared = [d.reporter, ...authors.filter(a => a !== liar)]
           for (const a of cleared) unbar(a)
           verdicts.push({ digest: task.digest, lied: 'author', liar, cleared })
         } else if (d.matched.size === d.entries.size) {
-          logger.warn({ digest: task.digest, liar: d.reporter, authors: everyone }, 'independent fetches match a reported table: the report was false')
+          logger.warn({ digest: task.digest, liar: d.reporter, authors, by: who }, 'independent fetches match a reported table: the report was false')
           bar(d.reporter)
-          for (const a of everyone) unbar(a)
-          verdicts.push({ digest: task.digest, lied: 'reporter', liar: d.reporter, cleared: everyone })
+          for (const a of authors) unbar(a)
+          verdicts.push({ digest: task.digest, lied: 'reporter', liar: d.reporter, cleared: authors })
         } else {
           open.push(d)
         }

@@ -75,6 +75,12 @@ export interface TaskRecord {
 export interface StateInit {
   /** Tag and public-content facts kept. Default 100,000 each. */
   maxFacts?: number
+  /**
+   * Different hosts that must say the same thing before a fact is handed out
+   * (a fact lets a peer serve content anonymously, or resolve a tag, while
+   * the registry is down: one member's word must not be enough). Default 2.
+   */
+  factQuorum?: number
   now?: () => number
 }
 
@@ -110,8 +116,11 @@ export interface SwarmState {
   holds: (task: TaskRecord, slot: number, piece: number) => boolean
   hasHolder: (task: TaskRecord, piece: number) => boolean
 
-  recordFact: (fact: Fact) => void
+  /** A host says a tag points at a digest, or that content is public. Counts once per host. */
+  recordFact: (fact: Fact, by: string) => void
+  /** The newest digest `factQuorum` different hosts say the tag points at. */
   tagFact: (registry: string, repo: string, tag: string) => Fact | undefined
+  /** That content is public, if `factQuorum` different hosts say so (alike). */
   publicFact: (registry: string, repo: string, digest: string) => Fact | undefined
 }
 
@@ -122,6 +131,12 @@ export interface UpdateResult {
   certified: boolean
   /** Pieces the host fetched from the origin whose SHA-256 disagrees with the table. */
   conflicts: number[]
+  /**
+   * What this host vouched for, piece by piece: SHA-256s it took from the
+   * origin itself, or of a whole blob it verified. Independent evidence in a
+   * dispute about the table.
+   */
+  observed: Array<[number, string]>
 }
 
 /** Whether every entry of the table has been confirmed by a host other than its author. */
@@ -139,13 +154,15 @@ class MemorySwarmState implements SwarmState {
   readonly #bySlot: Array<HostRecord | undefined> = []
   readonly #freeSlots: number[] = []
   readonly #tasks = new Map<string, TaskRecord>()
-  readonly #tags: LRUCache<string, Fact>
-  readonly #public: LRUCache<string, Fact>
+  readonly #tags: LRUCache<string, Vouched[]>
+  readonly #public: LRUCache<string, Vouched[]>
+  readonly #quorum: number
 
   constructor (init: StateInit) {
     this.#now = init.now ?? Date.now
     this.#tags = new LRUCache({ max: init.maxFacts ?? 100_000 })
     this.#public = new LRUCache({ max: init.maxFacts ?? 100_000 })
+    this.#quorum = Math.max(1, init.factQuorum ?? 2)
   }
 
   get hostCount (): number { return this.#byPeer.size }
@@ -234,7 +251,7 @@ class MemorySwarmState implements SwarmState {
   }
 
   applyUpdate (host: HostRecord, update: TaskUpdate, vouches = true): UpdateResult {
-    const result: UpdateResult = { learned: [], certified: false, conflicts: [] }
+    const result: UpdateResult = { learned: [], certified: false, conflicts: [], observed: [] }
     if (update.remove === true) {
       this.dropHolding(host, update.digest)
       if ((update.add === undefined || update.add.length === 0) && update.verified !== true) return result
@@ -257,6 +274,7 @@ class MemorySwarmState implements SwarmState {
       if (index >= task.pieceCount || wasComplete) continue
       // A host sent to the origin for this piece speaks for the origin's bytes, whatever it says.
       const fromTheOrigin = vouches && (fromOrigin.has(index) || task.assignee?.[index] === host.slot + 1 || task.confirmer?.[index] === host.slot + 1)
+      if (fromTheOrigin || wholeVerified) result.observed.push([index, hex])
       if (task.known.has(index)) {
         // A holder whose bytes disagree with the table is not counted as holding them.
         if (this.#entry(task, index) !== hex) {
@@ -290,7 +308,10 @@ class MemorySwarmState implements SwarmState {
     }
     // A whole blob that matched its digest vouches for every entry someone else wrote.
     if (vouches && update.verified === true && task.complete.has(host.slot)) {
-      for (let i = 0; i < task.pieceCount; i++) if (task.author[i] !== host.slot + 1) task.confirmed.add(i)
+      for (let i = 0; i < task.pieceCount; i++) {
+        if (task.author[i] !== host.slot + 1) task.confirmed.add(i)
+        if (!wholeVerified) result.observed.push([i, this.#entry(task, i)])
+      }
     }
     result.certified = !wasCertified && isCertified(task)
     task.lastActivity = this.#now()
@@ -369,22 +390,36 @@ class MemorySwarmState implements SwarmState {
     return task.complete.size > 0 || (task.pieceHolders[piece] as number) > 0
   }
 
-  recordFact (fact: Fact): void {
-    if (fact.kind === 'tag') {
-      const key = `${fact.registry}\n${fact.repo}\n${fact.tag}`
-      const before = this.#tags.get(key)
-      if (before === undefined || (before.kind === 'tag' && before.seenAt <= fact.seenAt)) this.#tags.set(key, fact)
-    } else {
-      this.#public.set(`${fact.registry}\n${fact.repo}\n${fact.digest}`, fact)
+  recordFact (fact: Fact, by: string): void {
+    const [map, key, same] = fact.kind === 'tag'
+      ? [this.#tags, `${fact.registry}\n${fact.repo}\n${fact.tag}`, (v: Fact) => v.kind === 'tag' && v.digest === fact.digest]
+      : [this.#public, `${fact.registry}\n${fact.repo}\n${fact.digest}`, (v: Fact) => v.kind === 'public' && v.size === fact.size && v.mediaType === fact.mediaType]
+    const candidates = map.get(key) ?? []
+    let vouched = candidates.find(c => same(c.fact))
+    if (vouched === undefined) {
+      vouched = { fact, by: new Set() }
+      // A few rival claims are kept; the least backed gives way.
+      candidates.push(vouched)
+      candidates.sort((a, b) => b.by.size - a.by.size)
+      if (candidates.length > MAX_CLAIMS) candidates.length = MAX_CLAIMS
+    } else if (fact.kind === 'tag' && vouched.fact.kind === 'tag' && fact.seenAt > vouched.fact.seenAt) {
+      vouched.fact = fact
     }
+    if (vouched.by.size < MAX_CLAIMS) vouched.by.add(by)
+    map.set(key, candidates)
   }
 
   tagFact (registry: string, repo: string, tag: string): Fact | undefined {
-    return this.#tags.get(`${registry}\n${repo}\n${tag}`)
+    let best: Fact | undefined
+    for (const c of this.#tags.get(`${registry}\n${repo}\n${tag}`) ?? []) {
+      if (c.by.size < this.#quorum || c.fact.kind !== 'tag') continue
+      if (best === undefined || (best.kind === 'tag' && c.fact.seenAt > best.seenAt)) best = c.fact
+    }
+    return best
   }
 
   publicFact (registry: string, repo: string, digest: string): Fact | undefined {
-    return this.#public.get(`${registry}\n${repo}\n${digest}`)
+    return (this.#public.get(`${registry}\n${repo}\n${digest}`) ?? []).find(c => c.by.size >= this.#quorum)?.fact
   }
 
   #extendAssignments (task: TaskRecord, slot: number): void {
@@ -404,6 +439,15 @@ class MemorySwarmState implements SwarmState {
     this.#tasks.delete(task.digest)
   }
 }
+
+/** A fact and the hosts that said it. */
+interface Vouched {
+  fact: Fact
+  by: Set<string>
+}
+
+/** Rival claims kept per fact, and hosts counted per claim. */
+const MAX_CLAIMS = 8
 
 /** How long a host may sit on an origin assignment without landing a piece of it. */
 export const ASSIGNMENT_LEASE_MS = 30_000

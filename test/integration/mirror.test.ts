@@ -163,9 +163,9 @@ describe('a single peer as a registry mirror', () => {
     const health = await request(`${peer.url}/healthy`)
     assert.equal(health.statusCode, 200)
     await health.body.dump()
-    // Only blobs/, the keys, the tag cache and the embedded scheduler's folder live in the data dir.
+    // Only blobs/, the keys, the remembered tags and public content, and the embedded scheduler's folder live in the data dir.
     const entries = (await readdir(peer.dataDir)).sort()
-    assert.deepEqual(entries.filter(e => !['blobs', 'peer.key', 'scheduler', 'tags.json'].includes(e)), [])
+    assert.deepEqual(entries.filter(e => !['blobs', 'peer.key', 'scheduler', 'tags.json', 'public.json'].includes(e)), [])
   })
 })
 

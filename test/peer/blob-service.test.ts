@@ -10,7 +10,7 @@ import { silentLogger } from '../../src/logger.ts'
 import { createMetricsRegistry } from '../../src/metrics.ts'
 import { MIB } from '../../src/pieces.ts'
 import { createAccessChecker } from '../../peer/auth/index.ts'
-import { createBlobService, type BlobService, type OpenBlobRequest } from '../../peer/blobs/index.ts'
+import { createBlobService, type BlobService, type OpenBlobRequest, type OriginDirective, type PieceSourceContext, type RemotePiece, type RemotePieceSource } from '../../peer/blobs/index.ts'
 import { createPieceStore, type PieceStore } from '../../peer/piece-store/index.ts'
 import { parseRegistryUrl } from '../../peer/upstream/index.ts'
 import { FakeOrigin } from '../fakes/origin.ts'
@@ -156,4 +156,95 @@ test('a background prefetch completes the blob without holding up on-demand read
   assert.ok(onDemandAt < gets.indexOf(bigGets[bigGets.length - 1] as typeof gets[number]), 'the on-demand read went ahead of the rest of the prefetch')
   assert.equal(store.info(bigDigest)?.verified, true)
   assert.equal(blobs.prefetch(opened.task), false, 'nothing to prefetch once complete')
+})
+
+/** A swarm that hands out the pieces the test gives it, verified against nothing but themselves. */
+class FakeSwarm implements RemotePieceSource {
+  readonly mismatches: Array<{ digest: string, evidence: { piece: number, sha256: string } | undefined }> = []
+  readonly #pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin'
+  constructor (pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin') {
+    this.#pieces = pieces
+  }
+
+  /** Where the swarm's table is written, as the real fetcher does before it hands out a piece. */
+  store: PieceStore | undefined
+
+  async fetch (ctx: PieceSourceContext, index: number): Promise<RemotePiece | OriginDirective> {
+    const got = this.#pieces(index)
+    if (got === 'origin') return { kind: 'origin', upTo: index }
+    const sha256 = createHash('sha256').update(got.data).digest('hex')
+    this.store?.setPieceDigests(ctx.task.digest, [[index, sha256]])
+    return { kind: 'piece', data: got.data, sha256, trusted: got.trusted }
+  }
+
+  mismatch (task: { digest: string }, evidence: { piece: number, sha256: string } | undefined): void {
+    this.mismatches.push({ digest: task.digest, evidence })
+  }
+}
+
+async function setupWithSwarm (t: TestContext, swarm: FakeSwarm): Promise<{ origin: FakeOrigin, store: PieceStore, blobs: BlobService }> {
+  const dir = await mkdtemp(join(tmpdir(), 'df-blobs-'))
+  const logger = silentLogger()
+  const origin = new FakeOrigin()
+  const store = createPieceStore({ logger }, { dataDir: dir, flushDelayMs: 5 })
+  await store.start()
+  const access = createAccessChecker({ logger, origin })
+  const blobs = createBlobService({ logger, store, origin, access, remote: swarm })
+  swarm.store = store
+  t.after(async () => {
+    await blobs.stop()
+    await store.stop()
+    await rm(dir, { recursive: true, force: true })
+  })
+  return { origin, store, blobs }
+}
+
+test('a range never sends a piece only its author vouches for: the origin is asked, and a table it contradicts is reported', async (t) => {
+  const data = randomBytes(4 * MIB)
+  const lie = Buffer.from(data.subarray(MIB, 2 * MIB))
+  lie[100] = (lie[100] as number) ^ 0xff
+  const swarm = new FakeSwarm(i => i === 1 ? { data: lie, trusted: false } : { data: data.subarray(i * MIB, (i + 1) * MIB), trusted: false })
+  const { origin, blobs } = await setupWithSwarm(t, swarm)
+  const digest = origin.addBlob('team/app', data)
+  const range = { start: MIB - 10, end: 2 * MIB + 10 }
+  assert.ok((await readAll(blobs, digest, range)).equals(data.subarray(range.start, range.end + 1)), 'the range is the origin\'s bytes')
+  assert.deepEqual(origin.requests.filter(r => r.method === 'GET').map(r => r.range), [
+    { start: 0, end: MIB - 1 }, { start: MIB, end: 2 * MIB - 1 }, { start: 2 * MIB, end: 3 * MIB - 1 }
+  ], 'each unconfirmed piece, from the origin')
+  assert.deepEqual(swarm.mismatches, [{ digest, evidence: { piece: 1, sha256: createHash('sha256').update(data.subarray(MIB, 2 * MIB)).digest('hex') } }])
+})
+
+test('a whole read of pieces that match a wrong table is cut before its last bytes', async (t) => {
+  const data = randomBytes(3 * MIB)
+  const swarm = new FakeSwarm(i => {
+    const piece = Buffer.from(data.subarray(i * MIB, (i + 1) * MIB))
+    if (i === 1) piece[7] = (piece[7] as number) ^ 1
+    return { data: piece, trusted: false }
+  })
+  const { origin, blobs, store } = await setupWithSwarm(t, swarm)
+  const digest = origin.addBlob('team/app', data)
+  const stream = await (await blobs.open(req(digest))).read(undefined)
+  let received = 0
+  await assert.rejects((async () => { for await (const chunk of stream) received += (chunk as Buffer).length })(), BlobDigestMismatchError)
+  assert.ok(received < data.length, `the last bytes are withheld (${received} of ${data.length})`)
+  assert.equal(store.info(digest), undefined, 'the copy is dropped')
+})
+
+// Regression: a blob dropped from the store while an origin run was under way was cut
+// into 1-byte "pieces" (the run took its piece size from the store), and those went out.
+test('a blob abandoned in the middle of a read never yields a piece of the wrong size', async (t) => {
+  const data = randomBytes(6 * MIB)
+  const swarm = new FakeSwarm(() => 'origin')
+  const { origin, blobs } = await setupWithSwarm(t, swarm)
+  const digest = origin.addBlob('team/app', data)
+  for (const range of [undefined, { start: 10, end: 5 * MIB }]) {
+    const stream = await (await blobs.open(req(digest))).read(range)
+    await blobs.abandon(digest)
+    const chunks: Buffer[] = []
+    const outcome = await (async () => { for await (const chunk of stream) chunks.push(chunk as Buffer) })().then(() => 'done', () => 'cut')
+    const got = Buffer.concat(chunks)
+    const want = range === undefined ? data : data.subarray(range.start, range.end + 1)
+    assert.ok(got.equals(want.subarray(0, got.length)), `every byte sent is right (${outcome} after ${got.length})`)
+    if (outcome === 'done') assert.equal(got.length, want.length)
+  }
 })

@@ -14,7 +14,7 @@ import { createBlobService } from '../../peer/blobs/index.ts'
 import { createPassthrough } from '../../peer/blobs/passthrough.ts'
 import { buildMirrorApp } from '../../peer/mirror/app.ts'
 import { createPieceStore } from '../../peer/piece-store/index.ts'
-import { createTagCache } from '../../peer/tags/index.ts'
+import { createTagCache } from '../../peer/facts/tags.ts'
 import { createUpstreamSelector } from '../../peer/upstream/index.ts'
 import { FakeOrigin } from '../fakes/origin.ts'
 
