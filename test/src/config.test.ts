@@ -92,6 +92,29 @@ describe('configuration: one YAML file, environment and flags over it, checked a
     assert.equal(failingKey(() => loadPeerConfig({ flags: { 'cluster-secret-file': secretFile, 'cluster-secret': 'another-secret-of-length' } })), 'swarm.clusterSecretFile')
   })
 
+  test('swarm ports bind loopback without a cluster secret, everywhere with one; a public bind without a secret is refused', () => {
+    const SECRET = 'a-secret-of-enough-length'
+    assert.equal(loadPeerConfig({}).p2pHost, '127.0.0.1')
+    assert.equal(loadPeerConfig({ flags: { 'cluster-secret': SECRET } }).p2pHost, '0.0.0.0')
+    assert.equal(loadPeerConfig({ flags: { 'p2p-host': '10.1.2.3', 'cluster-secret': SECRET } }).p2pHost, '10.1.2.3')
+    assert.equal(loadPeerConfig({ flags: { 'p2p-host': '::1' } }).p2pHost, '::1')
+    for (const host of ['0.0.0.0', '10.1.2.3', '::']) assert.equal(failingKey(() => loadPeerConfig({ flags: { 'p2p-host': host } })), 'p2pHost', host)
+    assert.throws(() => loadPeerConfig({ env: { DAMSELFLY_P2P_HOST: '0.0.0.0' } }), /p2pHost: binding 0\.0\.0\.0 without swarm\.clusterSecret/)
+    assert.equal(loadSchedulerConfig({}).host, '127.0.0.1')
+    assert.equal(loadSchedulerConfig({ flags: { 'cluster-secret': SECRET } }).host, '0.0.0.0')
+    assert.equal(failingKey(() => loadSchedulerConfig({ flags: { host: '0.0.0.0' } })), 'host')
+  })
+
+  test('only configured registries are served unless unlisted ones are allowed; upload connections are bounded per address', async () => {
+    assert.equal(loadPeerConfig({}).allowUnlistedRegistries, false)
+    assert.equal(loadPeerConfig({ flags: { 'allow-unlisted-registries': true } }).allowUnlistedRegistries, true)
+    // The old allow-list is gone: the configured registries are the list.
+    const old = await file('old.yaml', 'allowedRegistries: [harbor.example]\n')
+    assert.equal(failingKey(() => loadPeerConfig({ file: old })), 'allowedRegistries')
+    assert.equal(loadPeerConfig({}).uploadConnectionsPerAddress, 256)
+    assert.equal(failingKey(() => loadPeerConfig({ flags: { 'upload-connections-per-address': '0' } })), 'uploadConnectionsPerAddress')
+  })
+
   test('the CLI refuses a bad file before starting anything, naming the key', async () => {
     const bad = await file('cli.yaml', `dataDir: ${join(dir, 'data')}\nupload-port: 1\n`)
     const res = await runCli(['peer', '--config', bad])
