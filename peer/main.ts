@@ -14,7 +14,12 @@ import { createPieceStore } from './piece-store/index.ts'
 import { createForwardProxy, type ForwardProxy } from './proxy/index.ts'
 import { createPublicContent } from './facts/public.ts'
 import { createTagCache } from './facts/tags.ts'
+import { createControlHandler } from './jobs/control.ts'
+import { startLoadReport } from './jobs/load-report.ts'
+import { createManifestService } from './manifests/index.ts'
 import { createSwarm } from './swarm/index.ts'
+import { createUploadServer } from './upload/index.ts'
+import { TaskRegistry } from './upload/tasks.ts'
 import { createUpstreamSelector } from './upstream/index.ts'
 import { ConfigError } from '../src/errors.ts'
 
@@ -36,7 +41,10 @@ export interface Peer {
 
 /**
  * The peer's composition root: the only place that picks concrete classes.
- * Built in dependency order, stopped in reverse.
+ * Built in dependency order — piece store and facts, origin client, swarm
+ * (session and piece fetcher), access rule, blob service and manifests, then
+ * what sits on the data path: the upload server, the scheduler's commands,
+ * the mirror — and stopped in reverse. Nothing lower calls anything higher.
  */
 export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): Promise<Peer> {
   const logger = deps.logger
@@ -64,6 +72,7 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
   })
   const scheduler = config.scheduler !== '' ? config.scheduler : deps.scheduler
   if (scheduler === undefined) throw new ConfigError('scheduler', 'no scheduler address and no embedded scheduler')
+  // The swarm: membership, the session with the scheduler, the piece fetcher. Below the data path.
   const swarm = await createSwarm({ logger, store, tags, publicContent, metrics }, {
     dataDir,
     listen: [`${config.p2pHost.includes(':') ? '/ip6' : '/ip4'}/${config.p2pHost}/tcp/${config.p2pPort}`],
@@ -72,19 +81,39 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     seed: config.seed,
     location: config.labels.location,
     idc: config.labels.idc,
-    uploadConcurrency: config.uploadConcurrency,
-    uploadRateLimit: config.uploadRateLimit,
-    uploadConnectionsPerAddress: config.uploadConnectionsPerAddress,
-    upload: config.pieceTransport === 'http' ? { host: config.p2pHost, port: config.uploadPort } : undefined,
-    clusterSecret: config.clusterSecret,
-    faults: deps.faults
+    uploadCapacity: config.uploadConcurrency,
+    httpPieces: config.pieceTransport === 'http',
+    clusterSecret: config.clusterSecret
   })
   const access = createAccessChecker({ logger, origin, metrics, publicFacts: swarm.publicFacts }, {
     enabled: config.authCheck,
     ttlMs: config.authCacheTtl,
     staleIfErrorMs: config.authStaleIfError
   })
-  const blobs = createBlobService({ logger, store, origin, access, metrics, remote: swarm })
+  // The data path: cache, swarm, origin.
+  const blobs = createBlobService({ logger, store, origin, access, metrics, source: swarm.fetcher })
+  const manifests = createManifestService({ logger, origin, blobs, access, tags, swarm })
+  const passthrough = createPassthrough({ origin })
+
+  // Above it: what other peers ask of this one, and what the scheduler tells it to do.
+  const tasks = new TaskRegistry()
+  const uploads = createUploadServer({
+    logger,
+    node: swarm.node,
+    supply: blobs,
+    tasks,
+    metrics,
+    sentFor: (digest, index) => swarm.fetcher.isFirstFetcher(digest, index)
+  }, {
+    concurrency: config.uploadConcurrency,
+    rateLimit: config.uploadRateLimit,
+    connectionsPerAddress: config.uploadConnectionsPerAddress,
+    corruptPieces: deps.faults?.corruptPieces === true,
+    http: config.pieceTransport === 'http' ? { host: config.p2pHost, port: config.uploadPort } : undefined,
+    clusterSecret: config.clusterSecret
+  })
+  const control = createControlHandler({ logger, node: swarm.node, blobs, origin, upstreams, session: swarm.session, tasks }, { seed: config.seed })
+  let loadReport: { stop: () => void } | undefined
 
   let proxy: ForwardProxy | undefined
   if (config.proxy.enabled) {
@@ -96,8 +125,7 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
   }
 
   let ready = false
-  const passthrough = createPassthrough({ origin })
-  const mirrorComponents = { logger, blobs, passthrough, origin, access, store, tags, upstreams, metrics, swarm, ready: () => ready }
+  const mirrorComponents = { logger, blobs, manifests, passthrough, origin, upstreams, metrics, ready: () => ready }
   const mirror = buildMirrorApp(mirrorComponents, { serverFactory: proxy?.serverFactory })
   const extraMirrors = config.mirrors.map(m => ({ port: m.port, app: buildMirrorApp(mirrorComponents, { upstream: upstreams.requireTrusted(m.registry) }) }))
   const health = config.healthPort === 0 ? undefined : buildMirrorApp(mirrorComponents)
@@ -111,7 +139,16 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
       await store.start()
       await tags.start()
       await publicContent.start()
-      await swarm.start({ blobs, origin, upstreams })
+      // The upload port and the command handler are up before the scheduler hears of this peer.
+      await uploads.start()
+      await control.start()
+      await swarm.start({ upload: uploads.uploadUrls })
+      loadReport = startLoadReport({
+        session: swarm.session,
+        uploads: () => ({ active: uploads.activeUploads, bytes: uploads.uploadedBytes }),
+        parentRates: () => swarm.fetcher.parentRates(),
+        byteCounts: () => blobs.byteCounts()
+      })
       addresses.p2p = swarm.addrs()
       addresses.mirror = await listen(mirror, config.host, config.port)
       for (const m of extraMirrors) addresses.extra.push(await listen(m.app, config.host, m.port))
@@ -124,6 +161,9 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
       // Stop taking requests first; in-flight responses finish or are cut.
       proxy?.close()
       await Promise.allSettled(listening.map(async app => { await app.close() }))
+      loadReport?.stop()
+      control.stop()
+      uploads.stop()
       await swarm.stop()
       await blobs.stop()
       await publicContent.stop()

@@ -5,6 +5,7 @@ import { OriginUnavailableError, UnauthorizedError, isDamselflyError } from '../
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
+import type { PublicFacts } from '../facts/public.ts'
 import type { OriginClient, OriginCredentials } from '../origin/index.ts'
 import type { Upstream } from '../upstream/index.ts'
 
@@ -18,16 +19,6 @@ export interface Access {
   cached: boolean
   /** The origin could not be asked; an older decision (or a public fact) was used. */
   stale: boolean
-}
-
-export interface PublicFacts {
-  /**
-   * Whether (registry, repository, digest) was readable without credentials,
-   * as some peer of the swarm last saw it. A fact about content, never about
-   * a caller, so it may be shared.
-   */
-  lookup: (origin: string, repo: string, digest: string) => Promise<{ size: number, mediaType: string | undefined } | undefined>
-  record: (origin: string, repo: string, digest: string, size: number, mediaType: string | undefined) => void
 }
 
 export interface AccessCheckerComponents {

@@ -5,60 +5,10 @@ import type { Registry } from '../../src/metrics.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
 import type { AccessChecker, ContentKind } from '../auth/index.ts'
 import type { OriginClient, OriginCredentials } from '../origin/index.ts'
-import type { PieceStore } from '../piece-store/index.ts'
+import type { PieceWriter } from '../piece-store/index.ts'
+import type { PieceSource, SwarmTask } from '../swarm/source.ts'
 import type { Upstream } from '../upstream/index.ts'
 import { DefaultBlobService } from './blob-service.ts'
-
-/** Where a piece can come from besides the local cache and the origin: the swarm. */
-export interface PieceSourceContext {
-  task: BlobTask
-  /** Last piece this reader will want; lets a source plan ahead. */
-  lastWanted: number
-  /**
-   * The reader checks the whole blob's digest before it completes (a full
-   * read, a prefetch, a seed's fetch), so bytes that match a table entry only
-   * its author vouches for will do. False for a range read, which needs
-   * trusted pieces (see `RemotePiece.trusted`).
-   */
-  whole: boolean
-}
-
-/**
- * A source of verified pieces other than the origin (the swarm). `fetch`
- * returns the piece's bytes already verified against the swarm's piece table,
- * or tells the caller to fetch pieces `index..originUpTo` from the origin
- * itself (it was made their first fetcher, or the swarm cannot help). It must
- * never return unverified bytes.
- */
-export interface RemotePieceSource {
-  fetch: (ctx: PieceSourceContext, index: number, options: AbortOptions) => Promise<RemotePiece | OriginDirective>
-  /** The origin failed pieces this node was told to fetch; the swarm should hand them to someone else. */
-  originFailed?: (task: BlobTask, error: unknown) => void
-  /**
-   * The swarm's table for this blob is wrong: the origin sent `evidence.piece`
-   * with another SHA-256, or (no evidence) a blob assembled from pieces
-   * matching it did not match its digest.
-   */
-  mismatch?: (task: BlobTask, evidence: { piece: number, sha256: string } | undefined) => void
-}
-
-export interface RemotePiece {
-  kind: 'piece'
-  data: Buffer
-  sha256: string
-  /**
-   * The bytes are known genuine: they matched an entry someone other than its
-   * author vouched for, or came from a peer that took them from the origin to
-   * confirm such an entry. Only trusted pieces serve range reads.
-   */
-  trusted: boolean
-}
-
-export interface OriginDirective {
-  kind: 'origin'
-  /** Last piece (inclusive) of the run this node should fetch from the origin, starting at the asked index. */
-  upTo: number
-}
 
 /** One blob (or manifest by digest) and where it lives upstream. */
 export interface BlobTask {
@@ -70,6 +20,11 @@ export interface BlobTask {
   readonly mediaType: string | undefined
   /** Credentials of the caller that opened the task; used for the origin only, kept in memory only. */
   readonly credentials: OriginCredentials
+}
+
+/** What the swarm is told of a task: never the credentials. */
+export function swarmTask (task: BlobTask): SwarmTask {
+  return { digest: task.digest, size: task.size, origin: { registry: task.upstream.origin, repo: task.repo, kind: task.kind } }
 }
 
 export interface OpenBlobRequest {
@@ -110,12 +65,12 @@ export interface OpenBlob {
 
 export interface BlobServiceComponents {
   logger: Logger
-  store: PieceStore
+  store: PieceWriter
   origin: OriginClient
   access: AccessChecker
   metrics?: Registry | undefined
   /** The swarm, when there is one; consulted before the origin. */
-  remote?: RemotePieceSource | undefined
+  source?: PieceSource | undefined
 }
 
 export interface BlobServiceInit {
@@ -131,55 +86,27 @@ export interface BlobServiceInit {
   maxPrefetches?: number
   /** Attempts to get one piece (each may start a new origin request from that piece on). Default 3. */
   pieceAttempts?: number
-  /**
-   * Other peers' requests waiting at once for a piece this node is still
-   * getting; more are refused as busy (`QueueFullError`). Waits hold no
-   * upload slot, so this is what bounds them. Default 256.
-   */
-  maxPieceWaits?: number
 }
 
-export interface ServePieceOptions extends AbortOptions {
-  /** How long to wait for a piece this node is fetching (or was asked to fetch); then `undefined`. */
-  waitMs: number
-  /**
-   * Whether this node was sent to the origin for the piece (first fetcher,
-   * confirmer, a seed's task): then a piece neither held nor in flight is
-   * fetched now, once the task is known here (the scheduler may name this
-   * node before its command to take the task has arrived). Otherwise such a
-   * request is answered at once, whatever it was willing to wait.
-   */
-  fetch: boolean | (() => boolean)
+/** What other peers' requests for pieces are answered from (peer/upload). */
+export interface PieceSupply {
+  /** A verified piece held here (on disk, or landed and still being written). */
+  held: (digest: string, index: number) => Promise<Buffer | undefined>
+  /** The piece once a fetch under way here lands it; undefined when none is under way. */
+  whenLanded: (digest: string, index: number) => Promise<Buffer> | undefined
+  /** Gets a piece of a task this node was sent to the origin for (whole-read rules: the child checks it against the table). */
+  fetch: (task: BlobTask, index: number, signal: AbortSignal) => Promise<Buffer>
+  /** A task this node opened lately, with what it needs to fetch more of it. */
+  task: (digest: string) => BlobTask | undefined
 }
 
-export interface BlobService {
+export interface BlobService extends PieceSupply {
+  /** Checks the caller with the origin (or what is known of it) and tracks the blob: nothing is fetched yet. */
   open: (request: OpenBlobRequest, options?: AbortOptions) => Promise<OpenBlob>
   /**
-   * A verified piece for another peer: held, or in flight here and waited
-   * for, or — when `fetch` is set and this node knows the task — fetched now.
-   * `undefined` when this node has nothing to give (yet). Throws
-   * `QueueFullError` when too many requests wait already.
-   */
-  servePiece: (digest: string, index: number, options: ServePieceOptions) => Promise<Buffer | undefined>
-  /**
-   * The swarm dropped this blob's piece table: fetches from other peers under
-   * way for it stop (readers try again under the new table), and of the copy
-   * here only what is known genuine stays (see `PieceStore.keepTrusted`).
-   */
-  abandon: (digest: string) => Promise<void>
-  /** Remembers a task (with its upstream) so pieces of it can be fetched for other peers. */
-  adopt: (task: BlobTask) => void
-  /**
-   * Forgets every remembered task that carries exactly this credentials
-   * object (a finished preheat job's), so they are not kept past their job.
-   * Pieces already held are still served; missing ones are no longer fetched
-   * with them.
-   */
-  forget: (credentials: OriginCredentials) => void
-  /**
    * Fetches every missing piece of a task into the cache, in order, at the
-   * pace the sources allow. For seed peers and prefetch; uses `signal` for
-   * cancellation, not any caller's.
+   * pace the sources allow, and checks the whole digest. For seed peers,
+   * preheat and prefetch; uses `signal` for cancellation, not any caller's.
    */
   complete: (task: BlobTask, options?: ReadOptions) => Promise<void>
   /**
@@ -189,6 +116,23 @@ export interface BlobService {
    * complete, already running, or too many prefetches queued.
    */
   prefetch: (task: BlobTask) => boolean
+  /**
+   * Keeps a blob whose bytes are already in hand and verified against its
+   * digest (a manifest fetched by tag), cut into pieces as an origin run would.
+   */
+  keep: (task: BlobTask, bytes: Buffer) => Promise<void>
+  /**
+   * The swarm dropped this blob's piece table: fetches from other peers under
+   * way for it stop (readers try again under the new table), and of the copy
+   * here only what is known genuine stays (see `PieceWriter.keepTrusted`).
+   */
+  abandon: (digest: string) => Promise<void>
+  /**
+   * Forgets every task opened with exactly this credentials object (a
+   * finished preheat job's), so they are not kept past their job. Pieces
+   * already held are still served; missing ones are no longer fetched with them.
+   */
+  forget: (credentials: OriginCredentials) => void
   /** Bytes moved since start (the same numbers as the byte metrics, without a registry). */
   byteCounts: () => BlobByteCounts
   stop: () => Promise<void>

@@ -2,6 +2,16 @@ import { join } from 'node:path'
 import type { Logger } from '../../src/logger.ts'
 import { createPersistedLru } from './persisted-lru.ts'
 
+/**
+ * Whether (registry, repository, digest) was readable without credentials,
+ * as this peer or the swarm saw it. A fact about content, never about a
+ * caller, so it may be shared.
+ */
+export interface PublicFacts {
+  lookup: (origin: string, repo: string, digest: string) => Promise<{ size: number, mediaType: string | undefined } | undefined>
+  record: (origin: string, repo: string, digest: string, size: number, mediaType: string | undefined) => void
+}
+
 /** Content a registry let anyone read: what stays servable anonymously while that registry is down. */
 export interface PublicRecord {
   size: number

@@ -4,37 +4,29 @@ import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, t
 import { AbortError, NotFoundError, OriginUnavailableError, UnsupportedOperationError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, Histogram, type Registry } from '../../src/metrics.ts'
-import { parseDigest, sha256Hex } from '../../src/oci/digest.ts'
+import { parseDigest } from '../../src/oci/digest.ts'
 import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
 import { validateName, validateReference } from '../../src/oci/names.ts'
 import { formatContentRange, parseRangeSpec, resolveRange } from '../../src/oci/range.ts'
-import type { AccessChecker } from '../auth/index.ts'
 import { Priority, type BlobService, type OpenBlob, type OpenBlobRequest } from '../blobs/index.ts'
 import type { Passthrough } from '../blobs/passthrough.ts'
+import type { ManifestService } from '../manifests/index.ts'
 import type { OriginClient, OriginCredentials } from '../origin/index.ts'
-import type { PieceStore } from '../piece-store/index.ts'
-import type { TagCache, TagRecord } from '../facts/tags.ts'
 import type { Upstream, UpstreamSelector } from '../upstream/index.ts'
 import { ociError, sendError } from './errors.ts'
 
 export interface MirrorComponents {
   logger: Logger
   blobs: BlobService
-  origin: OriginClient
-  access: AccessChecker
-  store: PieceStore
-  tags: TagCache
-  upstreams: UpstreamSelector
-  metrics: Registry
+  manifests: ManifestService
   /** Content of registries nobody configured, when `allowUnlistedRegistries` lets requests name them. */
   passthrough: Passthrough
+  /** For `/v2/`, which reflects the origin's answer. */
+  origin: OriginClient
+  upstreams: UpstreamSelector
+  metrics: Registry
   /** True once every component is started; `/healthy` answers 503 until then. */
   ready: () => boolean
-  /** The swarm's memory of tags, for when this peer never saw a tag itself. */
-  swarm?: {
-    lookupTag: (origin: string, repo: string, tag: string, options?: { signal?: AbortSignal }) => Promise<TagRecord | undefined>
-    announceTag: (origin: string, repo: string, tag: string, record: TagRecord) => void
-  } | undefined
 }
 
 export interface MirrorInit {
@@ -60,6 +52,7 @@ const PREFETCH_HEADER = 'x-dragonfly-prefetch'
 const API_VERSION = { 'docker-distribution-api-version': 'registry/2.0' }
 /** RFC 9111 §5.5 style marker for a tag answered from memory while the origin is down. */
 const STALE_WARNING = '110 damselfly "Response is Stale"'
+const DEFAULT_MANIFEST_TYPE = 'application/vnd.oci.image.manifest.v1+json'
 
 type Route =
   | { kind: 'base' }
@@ -71,7 +64,7 @@ type Route =
  * this layer parses, picks the upstream, calls them and streams the reply.
  */
 export function buildMirrorApp (components: MirrorComponents, init: MirrorInit = {}): FastifyInstance {
-  const { blobs, origin, upstreams, tags, store } = components
+  const { blobs, origin, upstreams } = components
   const logger = components.logger.child({ component: 'peer:mirror' })
   const app = Fastify({
     loggerInstance: logger as FastifyBaseLogger,
@@ -199,67 +192,24 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
     const signal = clientSignal(reply)
     if (ref.kind === 'digest') {
       const opened = await open({ upstream, repo: name, digest: ref.value, kind: 'manifest', credentials }, signal)
-      return sendContent(reply, opened, undefined, opened.task.mediaType ?? 'application/vnd.oci.image.manifest.v1+json', isHead, signal)
+      return sendContent(reply, opened, undefined, opened.task.mediaType ?? DEFAULT_MANIFEST_TYPE, isHead, signal)
     }
-    const accept = acceptOf(request)
-    try {
-      const res = await origin.getManifest(upstream, name, ref.value, accept, credentials, { signal, method: isHead ? 'HEAD' : 'GET' })
-      let digest = res.digest
-      if (!upstream.trusted) {
-        // A registry nobody configured: its answer goes to its caller and is remembered nowhere.
-        if (digest !== undefined) reply.header('docker-content-digest', digest)
-        if (res.mediaType !== undefined) reply.header('content-type', res.mediaType)
-        reply.header('content-length', res.size)
-        return await reply.code(200).send(isHead ? undefined : res.body)
-      }
-      if (!isHead) {
-        const computed = `sha256:${sha256Hex(res.body)}`
-        if (digest === undefined) digest = computed
-        if (digest === computed) await remember(upstream, name, digest, res.body, res.mediaType, credentials)
-      }
-      if (digest !== undefined) {
-        const record = { digest, mediaType: res.mediaType, size: res.size, seenAt: Date.now() }
-        tags.set(upstream.origin, name, ref.value, record)
-        components.swarm?.announceTag(upstream.origin, name, ref.value, record)
-      }
-      if (digest !== undefined) reply.header('docker-content-digest', digest)
-      if (res.mediaType !== undefined) reply.header('content-type', res.mediaType)
-      reply.header('content-length', res.size)
-      return await reply.code(200).send(isHead ? undefined : res.body)
-    } catch (err) {
-      // The origin is down: answer with the last digest this tag was seen at,
-      // marked stale, if the content is still ours to serve.
-      if (!(err instanceof OriginUnavailableError) || !upstream.trusted) throw err
-      const last = tags.get(upstream.origin, name, ref.value) ?? await components.swarm?.lookupTag(upstream.origin, name, ref.value, { signal })
-      if (last === undefined) throw err
-      const opened = await blobs.open({ upstream, repo: name, digest: last.digest, kind: 'manifest', credentials }, { signal })
+    const answer = await components.manifests.byTag(upstream, name, ref.value, acceptOf(request), credentials, { signal, head: isHead })
+    if (answer.from === 'cache') {
+      // The origin is down: the tag's last digest, marked stale.
       reply.header('warning', STALE_WARNING)
-      reply.header('x-damselfly-stale', new Date(last.seenAt).toISOString())
-      return sendContent(reply, opened, undefined, last.mediaType ?? opened.task.mediaType ?? 'application/vnd.oci.image.manifest.v1+json', isHead, signal)
+      reply.header('x-damselfly-stale', new Date(answer.seenAt).toISOString())
+      return sendContent(reply, answer.opened, undefined, answer.mediaType ?? DEFAULT_MANIFEST_TYPE, isHead, signal)
     }
+    if (answer.digest !== undefined) reply.header('docker-content-digest', answer.digest)
+    if (answer.mediaType !== undefined) reply.header('content-type', answer.mediaType)
+    reply.header('content-length', answer.size)
+    return reply.code(200).send(answer.body)
   }
 
   /** The swarm and the cache for configured registries; a pass-through for any other. */
   async function open (request: OpenBlobRequest, signal: AbortSignal): Promise<OpenBlob> {
     return request.upstream.trusted ? blobs.open(request, { signal }) : components.passthrough.open(request, { signal })
-  }
-
-  /**
-   * A manifest fetched by tag is kept under its digest: containerd asks for it
-   * by digest right after resolving the tag, and the swarm can serve it later.
-   */
-  async function remember (upstream: Upstream, repo: string, digest: string, body: Buffer, mediaType: string | undefined, credentials: OriginCredentials): Promise<void> {
-    try {
-      parseDigest(digest)
-      components.access.remember(upstream, repo, 'manifest', digest, credentials, { size: body.length, mediaType })
-      const info = store.track(digest, body.length, { mediaType })
-      if (info.complete) return
-      for (let i = 0, offset = 0; offset < body.length; i++, offset += info.pieceSize) {
-        await store.writePiece(digest, i, body.subarray(offset, Math.min(body.length, offset + info.pieceSize)), { source: 'origin' })
-      }
-    } catch (err) {
-      logger.debug({ err, digest }, 'manifest not cached')
-    }
   }
 
   async function sendContent (reply: FastifyReply, opened: OpenBlob, range: { start: number, end: number } | undefined, contentType: string, isHead: boolean, signal: AbortSignal, priority: number = Priority.ON_DEMAND): Promise<void> {

@@ -11,9 +11,9 @@ export interface PieceStoreComponents {
 export interface PieceStoreInit {
   /** Root of everything the store writes; nothing is read or written outside it. */
   dataDir: string
-  /** Byte quota for piece data; least recently used blobs are evicted past it. Default 10 GiB. */
+  /** Byte quota for piece data; least recently used blobs are evicted past it. Default `DEFAULTS.cacheSize`. */
   quotaBytes?: number
-  /** Verified pieces kept in memory for repeated range reads. Default 32 MiB. */
+  /** Verified pieces kept in memory for repeated range reads. Default `DEFAULTS.memoryCacheSize`. */
   memoryCacheBytes?: number
   /** Metadata of a changing blob is written at most this often. Default 250 ms. */
   flushDelayMs?: number
@@ -57,52 +57,47 @@ export interface StoreEvents {
   /** A blob is complete and its whole digest checked. */
   verified: (digest: string) => void
   /**
-   * A blob whose every piece matched the table did not match its digest (it
-   * is being removed): the table is wrong. `table` is the SHA-256 of the
-   * table it was checked against (see `tableHash`).
+   * A blob whose every piece matched its recorded SHA-256 did not match its
+   * digest (it is being removed): the table those pieces were checked against
+   * is wrong. `table` is the SHA-256 of that table (the pieces' SHA-256s, concatenated).
    */
   mismatch: (digest: string, table: string) => void
   /** A blob (or a piece of it, when `index` is set) is gone: evicted, corrupt or removed. */
   removed: (digest: string, reason: string, index?: number) => void
 }
 
-export interface PieceStore {
-  start: () => Promise<void>
-  stop: () => Promise<void>
-
+/** What the data path reads through: held pieces, verified again on every read from disk. */
+export interface PieceReader {
   info: (digest: string) => BlobInfo | undefined
-  list: () => BlobInfo[]
-  /**
-   * Starts tracking a blob of known size (or returns the existing entry). A
-   * size that contradicts what is recorded drops the old entry: digests are
-   * immutable, so one of the two is wrong and the one on disk cannot be proven.
-   */
-  track: (digest: string, size: number, options?: { mediaType?: string | undefined }) => BlobInfo
-
   hasPiece: (digest: string, index: number) => boolean
-  /** Indices of held pieces. */
-  heldPieces: (digest: string) => number[]
   /** Whether a held piece is known genuine (see `WritePieceOptions.trusted`). */
   isTrusted: (digest: string, index: number) => boolean
-  /** The recorded SHA-256 (hex) of a piece, if known. */
+  /** The recorded SHA-256 (hex) of a held piece. */
   pieceDigest: (digest: string, index: number) => string | undefined
-  /** SHA-256 of a blob's whole piece table (every piece's SHA-256, concatenated), once every entry is known. */
-  tableHash: (digest: string) => string | undefined
-  /** Records piece digests learned from the swarm's piece table. Conflicts drop the held piece. */
-  setPieceDigests: (digest: string, digests: ReadonlyArray<[number, string]>) => void
-
   /**
    * Reads and re-verifies a held piece. Returns `undefined` when the piece is
    * not held or failed verification (it is then dropped and must be fetched
    * again); never returns bytes that do not match the recorded digest.
    */
   readPiece: (digest: string, index: number, options?: AbortOptions) => Promise<Buffer | undefined>
+  /** Keeps a blob from eviction while it is read or written; call the returned function to release. */
+  pin: (digest: string) => () => void
+}
+
+/** What the data path writes through. */
+export interface PieceWriter extends PieceReader {
+  /**
+   * Starts tracking a blob of known size (or returns the existing entry). A
+   * size that contradicts what is recorded drops the old entry: digests are
+   * immutable, so one of the two is wrong and the one on disk cannot be proven.
+   */
+  track: (digest: string, size: number, options?: { mediaType?: string | undefined }) => BlobInfo
   /**
    * Writes a piece. Throws `PieceDigestMismatchError` when `data` contradicts
-   * a known piece digest, and `BlobDigestMismatchError` when this piece
-   * completes the blob and the whole blob does not hash to its digest (the
-   * blob is then removed). Returns false when the quota left no room (the
-   * bytes are still good to serve, just not kept).
+   * the SHA-256 recorded for a piece already held, and
+   * `BlobDigestMismatchError` when this piece completes the blob and the whole
+   * blob does not hash to its digest (the blob is then removed). Returns false
+   * when the quota left no room (the bytes are still good to serve, just not kept).
    */
   writePiece: (digest: string, index: number, data: Buffer, options?: WritePieceOptions) => Promise<boolean>
   /** Resolves once a complete blob's whole digest has been checked (true) or found wrong (false). */
@@ -111,17 +106,29 @@ export interface PieceStore {
   /**
    * The swarm's table for a blob was wrong: keeps what is known genuine (a
    * blob verified whole here, or pieces taken from the origin or matched to
-   * confirmed entries) and forgets every other piece and table entry. A blob
-   * left with no piece is removed.
+   * confirmed entries) and drops every other piece. A blob left with no piece
+   * is removed.
    */
   keepTrusted: (digest: string, reason: string) => Promise<void>
-  /** Keeps a blob from eviction while it is read or written; call the returned function to release. */
-  pin: (digest: string) => () => void
+}
 
-  usage: () => { bytes: number, quotaBytes: number, blobs: number }
-
+/** What this peer announces to the swarm from: its inventory and what changes in it. */
+export interface PieceInventory {
+  info: (digest: string) => BlobInfo | undefined
+  list: () => BlobInfo[]
+  /** Indices of held pieces. */
+  heldPieces: (digest: string) => number[]
+  /** The recorded SHA-256 (hex) of a held piece. */
+  pieceDigest: (digest: string, index: number) => string | undefined
   on: <E extends keyof StoreEvents>(event: E, listener: StoreEvents[E]) => void
   off: <E extends keyof StoreEvents>(event: E, listener: StoreEvents[E]) => void
+}
+
+export interface PieceStore extends PieceWriter, PieceInventory {
+  start: () => Promise<void>
+  /** Waits for writes under way, writes pending metadata and closes every file. */
+  stop: () => Promise<void>
+  usage: () => { bytes: number, quotaBytes: number, blobs: number }
 }
 
 export function createPieceStore (components: PieceStoreComponents, init: PieceStoreInit): PieceStore {

@@ -8,16 +8,14 @@ import { sha256Hex } from '../../src/oci/digest.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
 import { PieceSet, pieceBounds } from '../../src/pieces.ts'
 import { DigestsResponse, PIECE_PROTOCOL, ParentsResponse, PieceHeader, type ParentInfo } from '../../src/protocol/messages.ts'
-import type { BlobTask, OriginDirective, PieceSourceContext, RemotePiece, RemotePieceSource } from '../blobs/index.ts'
-import type { PieceStore } from '../piece-store/index.ts'
 import type { PieceHttpClient } from './piece-http.ts'
+import type { OriginDirective, PieceSource, PieceSourceContext, RemotePiece, SwarmTask, TableEntry } from './source.ts'
 import type { SchedulerClient } from './scheduler-client.ts'
 
 export interface PieceFetcherComponents {
   logger: Logger
   node: P2PNode
   client: SchedulerClient
-  store: PieceStore
   metrics?: Registry | undefined
   /** The HTTP data plane; without it every piece goes over libp2p streams. */
   http?: PieceHttpClient | undefined
@@ -68,7 +66,7 @@ interface Plan {
   assigned: Set<number>
 }
 
-export interface PieceFetcher extends RemotePieceSource {
+export interface PieceFetcher extends PieceSource {
   /** Whether the scheduler made this node the first fetcher of a piece. */
   isFirstFetcher: (digest: string, index: number) => boolean
   /** Measured throughput per parent (bytes/s), for the load report. */
@@ -86,7 +84,7 @@ export interface PieceFetcher extends RemotePieceSource {
  * returned; a parent that sends bad bytes is barred and reported.
  */
 export function createPieceFetcher (components: PieceFetcherComponents, init: PieceFetcherInit = {}): PieceFetcher {
-  const { node, client, store } = components
+  const { node, client } = components
   const logger = components.logger.child({ component: 'peer:fetcher' })
   const window = init.window ?? 64
   const planTtlMs = init.planTtlMs ?? 2_000
@@ -97,6 +95,17 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
   const planRetryDelayMs = init.planRetryDelayMs ?? 500
   const busyPatienceMs = init.busyPatienceMs ?? 20_000
   const plans = new LRUCache<string, Plan>({ max: 1024 })
+  /** The swarm's piece table as heard, per blob: what origin bytes must match. */
+  const tables = new LRUCache<string, Map<number, TableEntry>>({ max: 1024, ttl: 600_000 })
+  const learn = (digest: string, entries: ReadonlyArray<readonly [number, string]>, provisional: ReadonlySet<number>): void => {
+    if (entries.length === 0) return
+    let table = tables.get(digest)
+    if (table === undefined) {
+      table = new Map()
+      tables.set(digest, table)
+    }
+    for (const [i, sha256] of entries) table.set(i, { sha256, provisional: provisional.has(i) })
+  }
   const assigned = new LRUCache<string, Set<number>>({ max: 1024, ttl: 120_000 })
   const failing = new LRUCache<string, true>({ max: 4096, ttl: parentBackoffMs })
   const barred = new LRUCache<string, true>({ max: 4096, ttl: barMs })
@@ -114,10 +123,6 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         parentsBusy: new Counter({ name: 'damselfly_parents_busy_total', help: 'Pauses before asking parents again because they were busy or had not got a piece yet', registers })
       }
 
-  function originOf (task: BlobTask): { registry: string, repo: string, kind: 'blob' | 'manifest' } {
-    return { registry: task.upstream.origin, repo: task.repo, kind: task.kind }
-  }
-
   /** Plans for a whole read and for a range differ (a range needs confirmed entries): cached apart. */
   const planKey = (digest: string, whole: boolean): string => `${digest}${whole ? '' : '#range'}`
 
@@ -127,7 +132,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       type: 'parents',
       digest: ctx.task.digest,
       size: ctx.task.size,
-      origin: originOf(ctx.task),
+      origin: ctx.task.origin,
       first: index,
       last,
       ...(exclude.size > 0 ? { exclude: [...exclude].slice(0, 256) } : {}),
@@ -148,7 +153,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       provisional: new Set(res.provisional ?? []),
       assigned: new Set(res.assigned)
     }
-    if (res.digests.length > 0) store.setPieceDigests(ctx.task.digest, res.digests)
+    learn(ctx.task.digest, res.digests, p.provisional)
     if (p.assigned.size > 0) {
       const mine = assigned.get(ctx.task.digest) ?? new Set<number>()
       for (const i of p.assigned) mine.add(i)
@@ -187,7 +192,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
   }
 
   /** The table's entry for a piece, and whether only its author vouches for it. */
-  async function expectedDigest (task: BlobTask, index: number, p: Plan, options: AbortOptions): Promise<{ hex: string, provisional: boolean }> {
+  async function expectedDigest (task: SwarmTask, index: number, p: Plan, options: AbortOptions): Promise<{ hex: string, provisional: boolean }> {
     const planned = p.digests.get(index)
     if (planned !== undefined) return { hex: planned, provisional: p.provisional.has(index) }
     // The piece was still being fetched when we planned; its first fetcher announces it as it lands.
@@ -197,12 +202,12 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     const provisional = res.provisional?.includes(index) === true
     p.digests.set(index, hex)
     if (provisional) p.provisional.add(index)
-    store.setPieceDigests(task.digest, [[index, hex]])
+    learn(task.digest, [[index, hex]], provisional ? new Set([index]) : new Set())
     return { hex, provisional }
   }
 
   /** The libp2p transport, for parents without an upload port (or when it is turned off). */
-  async function viaStream (parent: Parent, task: BlobTask, index: number, length: number, waitMs: number, signal: AbortSignal): Promise<Buffer> {
+  async function viaStream (parent: Parent, task: SwarmTask, index: number, length: number, waitMs: number, signal: AbortSignal): Promise<Buffer> {
     const stream = await node.openStream({ peerId: parent.info.peerId, addrs: parent.info.addrs }, PIECE_PROTOCOL, { signal })
     try {
       // The parent may send the whole piece before we read its header.
@@ -236,7 +241,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     }
   }
 
-  async function fetchFrom (parent: Parent, task: BlobTask, index: number, p: Plan, inProgress: boolean, signal: AbortSignal): Promise<RemotePiece> {
+  async function fetchFrom (parent: Parent, task: SwarmTask, index: number, p: Plan, inProgress: boolean, signal: AbortSignal): Promise<RemotePiece> {
     const started = performance.now()
     const { length } = pieceBounds(index, task.size, p.pieceSize)
     const waitMs = inProgress ? inProgressWaitMs : 0
@@ -269,7 +274,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
    * Tries the parents in turn. While one is slow (well past the usual piece
    * time) the next is asked too, and the first verified answer wins.
    */
-  async function fromParents (task: BlobTask, index: number, p: Plan, holders: Parent[], fetchers: Parent[], options: AbortOptions): Promise<RemotePiece | 'later' | undefined> {
+  async function fromParents (task: SwarmTask, index: number, p: Plan, holders: Parent[], fetchers: Parent[], options: AbortOptions): Promise<RemotePiece | 'later' | undefined> {
     // Spread consecutive pieces over the best few holders; fetchers (in progress) come after.
     const spread = Math.min(holders.length, 3)
     const order = [...holders.slice(index % Math.max(1, spread)), ...holders.slice(0, index % Math.max(1, spread)), ...fetchers]
@@ -324,6 +329,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
   function forgetPlans (digest: string): void {
     plans.delete(planKey(digest, true))
     plans.delete(planKey(digest, false))
+    tables.delete(digest)
   }
 
   return {
@@ -345,8 +351,10 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     mismatch (task, evidence) {
       assigned.delete(task.digest)
       forgetPlans(task.digest)
-      const table = evidence === undefined ? store.tableHash(task.digest) : undefined
-      client.report({ kind: 'blob-mismatch', digest: task.digest, ...(evidence === undefined ? {} : { piece: evidence.piece, sha256: evidence.sha256 }), ...(table === undefined ? {} : { table }) })
+      client.report({ kind: 'blob-mismatch', digest: task.digest, ...evidence })
+    },
+    expected (digest, index) {
+      return tables.get(digest)?.get(index)
     },
     async fetch (ctx, index, options): Promise<RemotePiece | OriginDirective> {
       const { task } = ctx

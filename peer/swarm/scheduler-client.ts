@@ -5,12 +5,12 @@ import type { Logger } from '../../src/logger.ts'
 import { call, type P2PNode } from '../../src/p2p/index.ts'
 import { AckResponse, ErrorResponse, RegisterResponse, SCHEDULER_PROTOCOL, type Fact, type HostInfo, type Load, type OriginRef, type Report, type SchedulerRequest, type TaskUpdate } from '../../src/protocol/messages.ts'
 import { Type } from '@sinclair/typebox'
-import type { PieceStore } from '../piece-store/index.ts'
+import type { PieceInventory } from '../piece-store/index.ts'
 
 export interface SchedulerClientComponents {
   logger: Logger
   node: P2PNode
-  store: PieceStore
+  store: PieceInventory
   hostInfo: () => HostInfo
   /** Everything this peer knows that the swarm may share (tags, public content). */
   facts: () => Fact[]

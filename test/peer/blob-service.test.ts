@@ -10,7 +10,8 @@ import { silentLogger } from '../../src/logger.ts'
 import { createMetricsRegistry } from '../../src/metrics.ts'
 import { MIB } from '../../src/pieces.ts'
 import { createAccessChecker } from '../../peer/auth/index.ts'
-import { createBlobService, type BlobService, type OpenBlobRequest, type OriginDirective, type PieceSourceContext, type RemotePiece, type RemotePieceSource } from '../../peer/blobs/index.ts'
+import { createBlobService, type BlobService, type OpenBlobRequest } from '../../peer/blobs/index.ts'
+import type { OriginDirective, PieceSource, PieceSourceContext, RemotePiece, TableEntry } from '../../peer/swarm/source.ts'
 import { createPieceStore, type PieceStore } from '../../peer/piece-store/index.ts'
 import { parseRegistryUrl } from '../../peer/upstream/index.ts'
 import { FakeOrigin } from '../fakes/origin.ts'
@@ -159,25 +160,31 @@ test('a background prefetch completes the blob without holding up on-demand read
 })
 
 /** A swarm that hands out the pieces the test gives it, verified against nothing but themselves. */
-class FakeSwarm implements RemotePieceSource {
-  readonly mismatches: Array<{ digest: string, evidence: { piece: number, sha256: string } | undefined }> = []
+class FakeSwarm implements PieceSource {
+  readonly mismatches: Array<{ digest: string, evidence: { piece: number, sha256: string } | { table: string } | undefined }> = []
+  /** The table this swarm hands out: each piece's SHA-256 as it gave it. */
+  readonly table = new Map<number, string>()
   readonly #pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin'
   constructor (pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin') {
     this.#pieces = pieces
   }
 
-  /** Where the swarm's table is written, as the real fetcher does before it hands out a piece. */
-  store: PieceStore | undefined
-
-  async fetch (ctx: PieceSourceContext, index: number): Promise<RemotePiece | OriginDirective> {
+  async fetch (_ctx: PieceSourceContext, index: number): Promise<RemotePiece | OriginDirective> {
     const got = this.#pieces(index)
     if (got === 'origin') return { kind: 'origin', upTo: index }
     const sha256 = createHash('sha256').update(got.data).digest('hex')
-    this.store?.setPieceDigests(ctx.task.digest, [[index, sha256]])
+    this.table.set(index, sha256)
     return { kind: 'piece', data: got.data, sha256, trusted: got.trusted }
   }
 
-  mismatch (task: { digest: string }, evidence: { piece: number, sha256: string } | undefined): void {
+  expected (_digest: string, index: number): TableEntry | undefined {
+    const sha256 = this.table.get(index)
+    return sha256 === undefined ? undefined : { sha256, provisional: true }
+  }
+
+  originFailed (): void {}
+
+  mismatch (task: { digest: string }, evidence: { piece: number, sha256: string } | { table: string } | undefined): void {
     this.mismatches.push({ digest: task.digest, evidence })
   }
 }
@@ -189,8 +196,7 @@ async function setupWithSwarm (t: TestContext, swarm: FakeSwarm): Promise<{ orig
   const store = createPieceStore({ logger }, { dataDir: dir, flushDelayMs: 5 })
   await store.start()
   const access = createAccessChecker({ logger, origin })
-  const blobs = createBlobService({ logger, store, origin, access, remote: swarm })
-  swarm.store = store
+  const blobs = createBlobService({ logger, store, origin, access, source: swarm })
   t.after(async () => {
     await blobs.stop()
     await store.stop()

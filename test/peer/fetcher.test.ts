@@ -6,20 +6,14 @@ import { createMetricsRegistry } from '../../src/metrics.ts'
 import type { P2PNode } from '../../src/p2p/index.ts'
 import type { ParentsResponse, SchedulerRequest } from '../../src/protocol/messages.ts'
 import { MIB } from '../../src/pieces.ts'
-import type { BlobTask } from '../../peer/blobs/index.ts'
-import type { PieceStore } from '../../peer/piece-store/index.ts'
 import { createPieceFetcher, type PieceFetcher } from '../../peer/swarm/fetcher.ts'
 import type { SchedulerClient } from '../../peer/swarm/scheduler-client.ts'
-import { parseRegistryUrl } from '../../peer/upstream/index.ts'
+import type { SwarmTask } from '../../peer/swarm/source.ts'
 
-const task: BlobTask = {
-  upstream: { ...parseRegistryUrl('http://registry.test:5000'), trusted: true },
-  repo: 'team/app',
+const task: SwarmTask = {
   digest: `sha256:${'ab'.repeat(32)}`,
-  kind: 'blob',
   size: 100 * MIB,
-  mediaType: undefined,
-  credentials: {}
+  origin: { registry: 'http://registry.test:5000', repo: 'team/app', kind: 'blob' }
 }
 
 /**
@@ -49,7 +43,6 @@ function fetcherWith (client: SchedulerClient, planRetryDelayMs = 5): { fetcher:
     logger: silentLogger(),
     node: { peerId: 'self' } as unknown as P2PNode,
     client,
-    store: { setPieceDigests () {} } as unknown as PieceStore,
     metrics
   }, { planRetries: 2, planRetryDelayMs })
   const counter = async (name: string): Promise<number> => {

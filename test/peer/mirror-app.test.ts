@@ -12,6 +12,7 @@ import { MIB } from '../../src/pieces.ts'
 import { createAccessChecker } from '../../peer/auth/index.ts'
 import { createBlobService } from '../../peer/blobs/index.ts'
 import { createPassthrough } from '../../peer/blobs/passthrough.ts'
+import { createManifestService } from '../../peer/manifests/index.ts'
 import { buildMirrorApp } from '../../peer/mirror/app.ts'
 import { createPieceStore } from '../../peer/piece-store/index.ts'
 import { createTagCache } from '../../peer/facts/tags.ts'
@@ -30,7 +31,8 @@ async function setup (t: TestContext, logger = silentLogger()): Promise<{ app: F
   const blobs = createBlobService({ logger, store, origin, access, metrics })
   const upstreams = createUpstreamSelector({ defaultRegistry: 'http://registry.test:5000' })
   const passthrough = createPassthrough({ origin })
-  const app = buildMirrorApp({ logger, blobs, passthrough, origin, access, store, tags, upstreams, metrics, ready: () => true })
+  const manifests = createManifestService({ logger, origin, blobs, access, tags })
+  const app = buildMirrorApp({ logger, blobs, manifests, passthrough, origin, upstreams, metrics, ready: () => true })
   await app.ready()
   t.after(async () => {
     await app.close()

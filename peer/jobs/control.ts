@@ -4,23 +4,21 @@ import { messages, type P2PNode } from '../../src/p2p/index.ts'
 import { CONTROL_PROTOCOL, ControlCommand, type ControlResponse } from '../../src/protocol/messages.ts'
 import type { BlobService } from '../blobs/index.ts'
 import type { OriginClient } from '../origin/index.ts'
-import type { PieceStore } from '../piece-store/index.ts'
-import { fetchImage } from '../preheat/index.ts'
+import type { SchedulerClient } from '../swarm/scheduler-client.ts'
+import type { TaskRegistry } from '../upload/tasks.ts'
 import type { UpstreamSelector } from '../upstream/index.ts'
+import { fetchImage } from './preheat.ts'
 
 export interface ControlComponents {
   logger: Logger
   node: P2PNode
   blobs: BlobService
-  store: PieceStore
   origin: OriginClient
   upstreams: UpstreamSelector
-  /** The scheduler's peer id while connected; commands from anyone else are refused. */
-  schedulerPeer: () => string | undefined
-  /** The origin failed a whole-task fetch. */
-  reportFailure: (digest: string, error: unknown) => void
-  /** Tells the scheduler again what this node holds of a blob. */
-  reannounce: (digest: string) => void
+  /** The session with the scheduler: who may send commands, and where failures go. */
+  session: SchedulerClient
+  /** Blobs this seed claims for other peers while it fetches them. */
+  tasks: TaskRegistry
 }
 
 export interface ControlInit {
@@ -30,16 +28,13 @@ export interface ControlInit {
 export interface ControlHandler {
   start: () => Promise<void>
   stop: () => void
-  /** Tasks the scheduler made this seed fetch whole; every piece of them is this node's to fetch. */
-  isSeedTask: (digest: string) => boolean
 }
 
-/** Commands from the scheduler: fetch a task (seeds), run a preheat (seeds), evict a bad blob. */
+/** Commands from the scheduler: fetch a task (seeds), run a preheat (seeds), drop a blob whose table was reset. */
 export function createControlHandler (components: ControlComponents, init: ControlInit): ControlHandler {
-  const { blobs, origin, upstreams } = components
+  const { blobs, origin, upstreams, session, tasks } = components
   const logger = components.logger.child({ component: 'peer:control' })
   const shutdown = new AbortController()
-  const seedTasks = new Map<string, number>()
 
   async function run (command: ControlCommand): Promise<ControlResponse> {
     switch (command.type) {
@@ -48,20 +43,22 @@ export function createControlHandler (components: ControlComponents, init: Contr
         // The scheduler relays what some peer asked for: only a registry configured here is fetched from.
         const upstream = upstreams.requireTrusted(command.origin.registry)
         // Children may ask for pieces as soon as the scheduler names us: claim the task first.
-        seedTasks.set(command.digest, Date.now())
-        components.store.track(command.digest, command.size, { mediaType: command.mediaType })
-        const credentials = await origin.authorize(upstream, command.origin.repo, undefined, { signal: shutdown.signal }).catch((err: unknown) => {
-          seedTasks.delete(command.digest)
+        const release = tasks.claim(command.digest)
+        let credentials
+        try {
+          credentials = await origin.authorize(upstream, command.origin.repo, undefined, { signal: shutdown.signal })
+        } catch (err) {
+          release()
           throw err
-        })
+        }
         const task = { upstream, repo: command.origin.repo, digest: command.digest, kind: command.origin.kind, size: command.size, mediaType: command.mediaType, credentials }
-        blobs.adopt(task)
+        tasks.adopt(task)
         logger.info({ digest: task.digest, size: task.size, repo: task.repo }, 'fetching a task into the swarm as its seed')
         void blobs.complete(task, { signal: shutdown.signal }).catch((err: unknown) => {
           if (shutdown.signal.aborted) return
           logger.warn({ digest: task.digest, err: (err as Error).message }, 'seed fetch failed')
-          components.reportFailure(task.digest, err)
-        }).finally(() => { seedTasks.delete(task.digest) })
+          session.report({ kind: 'origin-failed', digest: task.digest, code: 'seed' })
+        }).finally(release)
         return { ok: true }
       }
       case 'preheat': {
@@ -83,17 +80,16 @@ export function createControlHandler (components: ControlComponents, init: Contr
       case 'evict': {
         // The table was reset swarm-wide: what is known genuine here stays, and is offered again.
         await blobs.abandon(command.digest)
-        components.reannounce(command.digest)
+        session.reannounce(command.digest)
         return { ok: true }
       }
     }
   }
 
   return {
-    isSeedTask: (digest) => seedTasks.has(digest),
     async start () {
       await components.node.handle(CONTROL_PROTOCOL, async (stream, remotePeer) => {
-        if (remotePeer !== components.schedulerPeer()) throw new NotAuthorizedPeerError('control commands come from the scheduler only')
+        if (remotePeer !== session.peerId) throw new NotAuthorizedPeerError('control commands come from the scheduler only')
         const io = messages(stream)
         const command = await io.read(ControlCommand, 'control command', { signal: AbortSignal.timeout(10_000) })
         let response: ControlResponse
@@ -104,7 +100,7 @@ export function createControlHandler (components: ControlComponents, init: Contr
           response = { ok: false, code: typeof e.code === 'string' ? e.code : 'DF_ERR_INTERNAL', message: String(e.message).slice(0, 1000) }
         }
         await io.write(response, { signal: AbortSignal.timeout(10_000) })
-        await stream.close().catch(() => {})
+        await stream.close({ signal: AbortSignal.timeout(10_000) }).catch(() => {})
       }, { maxInboundStreams: 64 })
     },
     stop () {

@@ -1,32 +1,40 @@
 import { once } from 'node:events'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
+import { raceSignal, withDeadline } from '../../src/abort.ts'
+import { DEFAULTS } from '../../src/config/defaults.ts'
 import { QueueFullError, isAbort } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
+import { choosePieceSize, pieceCount } from '../../src/pieces.ts'
 import { PIECE_HTTP_PEER_HEADER, PIECE_PROTOCOL, PieceRequest } from '../../src/protocol/messages.ts'
-import type { BlobService } from '../blobs/index.ts'
+import type { PieceSupply } from '../blobs/index.ts'
+import { readPieceRequest, uploadUrls } from '../swarm/piece-http.ts'
 import { createConnectionGuard, type ConnectionGuard } from './connection-guard.ts'
-import { readPieceRequest, uploadUrls } from './piece-http.ts'
 import { TokenBucket } from './rate.ts'
+import type { TaskRegistry } from './tasks.ts'
 
-export interface PieceServerComponents {
+export interface UploadServerComponents {
   logger: Logger
+  /** The libp2p node: pieces are served on its piece protocol too. */
   node: P2PNode
-  blobs: BlobService
+  supply: PieceSupply
+  tasks: TaskRegistry
   metrics?: Registry | undefined
-  /** Whether this node is the first fetcher of a piece (so it should fetch it on demand). */
-  firstFetcherOf: (digest: string, index: number) => boolean
+  /** Whether the scheduler sent this node to the origin for a piece (so it fetches it when asked). */
+  sentFor: (digest: string, index: number) => boolean
 }
 
-export interface PieceServerInit {
-  /** Pieces sent at once. Default 32. */
+export interface UploadServerInit {
+  /** Pieces sent at once. Default `DEFAULTS.uploadConcurrency`. */
   concurrency?: number
+  /** Requests waiting at once for a piece this node is still getting; more are answered busy. Default 256. */
+  maxWaits?: number
   /** Longest a request may wait for a piece this node is still getting, whatever it asks. Default 15 s. */
   maxWaitMs?: number
-  /** Upload-port connections one address may hold open. Default 256. */
+  /** Upload-port connections one address may hold open. Default `DEFAULTS.uploadConnectionsPerAddress`. */
   connectionsPerAddress?: number
   /** Upload-port connections in all. Default 32 × concurrency. */
   maxConnections?: number
@@ -48,7 +56,7 @@ export interface PieceServerInit {
   clusterSecret?: string | undefined
 }
 
-export interface PieceServer {
+export interface UploadServer {
   start: () => Promise<void>
   stop: () => void
   readonly activeUploads: number
@@ -62,10 +70,20 @@ const SEND_CHUNK = 256 * 1024
 /** Longest any upload may take, waiting included. */
 const UPLOAD_DEADLINE_MS = 180_000
 
-export function createPieceServer (components: PieceServerComponents, init: PieceServerInit = {}): PieceServer {
-  const logger = components.logger.child({ component: 'peer:piece-server' })
-  const concurrency = init.concurrency ?? 32
+/**
+ * What other peers ask of this one: pieces, over the HTTP upload port and the
+ * libp2p piece protocol. A piece held here is sent; one still on its way is
+ * waited for (without holding an upload slot; waits are bounded); one this
+ * node was sent to the origin for is fetched; anything else is a "not here"
+ * at once, whatever the request was willing to wait.
+ */
+export function createUploadServer (components: UploadServerComponents, init: UploadServerInit = {}): UploadServer {
+  const logger = components.logger.child({ component: 'peer:upload' })
+  const { supply, tasks } = components
+  const concurrency = init.concurrency ?? DEFAULTS.uploadConcurrency
   const maxWaitMs = init.maxWaitMs ?? 15_000
+  const maxWaits = init.maxWaits ?? 256
+  let waits = 0
   const uploads = new Limiter('upload', concurrency, init.maxQueue ?? concurrency * 4)
   const bucket = new TokenBucket(init.rateLimit ?? 0)
   const shutdown = new AbortController()
@@ -86,16 +104,36 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
    * busy), then get the piece. An ok answer holds its slot until the caller
    * has sent the bytes and calls release.
    */
+  /** The piece, or undefined when this node has nothing to give (yet). Throws QueueFullError when too many wait already. */
+  async function piece (request: PieceRequest, signal: AbortSignal): Promise<Buffer | undefined> {
+    const { digest, index } = request
+    const held = await supply.held(digest, index)
+    if (held !== undefined) return held
+    const landing = supply.whenLanded(digest, index)
+    const mine = (): boolean => components.sentFor(digest, index) || tasks.claimed(digest)
+    if (request.waitMs === 0 || (landing === undefined && !mine())) return undefined
+    if (waits >= maxWaits) throw new QueueFullError('piece waits')
+    waits++
+    const deadline = withDeadline(signal, Math.min(request.waitMs, maxWaitMs), 'waiting for a piece')
+    try {
+      if (landing !== undefined) return await raceSignal(landing, deadline)
+      const task = tasks.get(digest) ?? supply.task(digest) ?? await tasks.adopted(digest, deadline)
+      if (task === undefined || !mine() || index >= pieceCount(task.size, choosePieceSize(task.size))) return undefined
+      return await supply.fetch(task, index, deadline)
+    } catch (err) {
+      // The wait ran out (not the asker leaving): nothing to give yet.
+      if (!signal.aborted && deadline.aborted) return undefined
+      throw err
+    } finally {
+      waits--
+    }
+  }
+
   async function produce (request: PieceRequest, remotePeer: string, signal: AbortSignal): Promise<Produced> {
-    // Waiting for a piece still on its way holds no upload slot (the blob
-    // service bounds the waits); only sending one does.
+    // Waiting for a piece still on its way holds no upload slot; only sending one does.
     let data: Buffer | undefined
     try {
-      data = await components.blobs.servePiece(request.digest, request.index, {
-        waitMs: Math.min(request.waitMs, maxWaitMs),
-        fetch: () => components.firstFetcherOf(request.digest, request.index),
-        signal
-      })
+      data = await piece(request, signal)
     } catch (err) {
       if (err instanceof QueueFullError) return { status: 'busy' }
       if (isAbort(err) && shutdown.signal.aborted) throw err
@@ -203,7 +241,7 @@ export function createPieceServer (components: PieceServerComponents, init: Piec
         })
       })
       const connections = createConnectionGuard({
-        perAddress: init.connectionsPerAddress ?? 256,
+        perAddress: init.connectionsPerAddress ?? DEFAULTS.uploadConnectionsPerAddress,
         total: init.maxConnections ?? concurrency * 32,
         onRefused: () => { refused?.inc() }
       })
