@@ -11,6 +11,34 @@ const boundaries = {
   'scheduler/**/*.ts': ['**/peer/**']
 }
 
+// Inside the peer, each folder imports only those built before it (peer/main.ts builds them
+// in this order; docs/architecture.md says what each does). A folder may import anything
+// from an earlier layer, nothing from its own layer but itself, nothing from a later one.
+const peerLayers = [
+  ['piece-store', 'facts', 'upstream'],
+  ['origin'],
+  ['swarm'],
+  ['auth'],
+  ['blobs'],
+  ['manifests', 'upload'],
+  ['jobs', 'mirror', 'proxy']
+]
+const peerRules = peerLayers.flatMap((layer, depth) => layer.map(folder => {
+  const later = peerLayers.slice(depth + 1).flat()
+  const siblings = layer.filter(other => other !== folder)
+  return {
+    files: [`peer/${folder}/**/*.ts`],
+    rules: {
+      'no-restricted-imports': ['error', {
+        patterns: [
+          { group: ['**/scheduler/**', '**/cli/**'], message: 'peer/ and scheduler/ meet only through src/' },
+          ...[...later, ...siblings].map(other => ({ group: [`**/peer/${other}/**`, `../${other}/**`], message: `peer/${folder} is built before peer/${other}: it may not import it (see docs/architecture.md)` }))
+        ]
+      }]
+    }
+  }
+}))
+
 export default [
   ...neostandard({ ts: true, ignores: ['node_modules/**', 'bench/results/**', 'bench/.scratch/**', 'deploy/**/*.json'] }),
   {
@@ -41,6 +69,8 @@ export default [
     files: [files],
     rules: { 'no-restricted-imports': ['error', { patterns: [{ group, message: 'peer/ and scheduler/ meet only through src/' }] }] }
   })),
+  // After the folder-wide rules, which they include: the last matching rule wins.
+  ...peerRules,
   {
     // The scheduler's status page runs in a browser, as a module, unbuilt.
     files: ['scheduler/ui/**/*.js'],

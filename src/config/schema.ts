@@ -1,4 +1,5 @@
 import { Type, type Static, type TInteger, type TString, type TUnion } from '@sinclair/typebox'
+import { DEFAULTS } from './defaults.ts'
 
 /**
  * Configuration schemas. Each is at once the validator, the static type, the
@@ -62,14 +63,14 @@ export const PeerConfig = Type.Object({
   mirrors: Type.Array(PeerMirror, { default: [], description: 'Extra mirror listeners, each serving one registry to clients that send no registry header' }),
   scheduler: Type.String({ default: '', description: 'Scheduler address (host:port or a multiaddr); empty runs an embedded single-node scheduler' }),
   seed: Type.Boolean({ default: false, description: 'Seed peer: preferred first fetcher from the origin; fetches whole blobs; runs preheats' }),
-  cacheSize: Size('10GiB', 'Byte quota of the piece cache; least recently used blobs are evicted past it'),
-  memoryCacheSize: Size('32MiB', 'Verified pieces kept in memory: the latest written and read, for children fetching a piece just after it lands and for repeated range reads'),
+  cacheSize: Size(DEFAULTS.cacheSize, 'Byte quota of the piece cache; least recently used blobs are evicted past it'),
+  memoryCacheSize: Size(DEFAULTS.memoryCacheSize, 'Verified pieces kept in memory: the latest written and read, for children fetching a piece just after it lands and for repeated range reads'),
   authCheck: Type.Boolean({ default: true, description: 'Serve cached content only to callers the origin accepts (turn off only for public-only registries)' }),
   authCacheTtl: Duration('60s', 'How long an origin yes/no for (registry, repository, digest, credentials) is reused'),
   authStaleIfError: Duration('10m', 'How old a yes may be and still be used while the origin is unreachable'),
-  uploadConcurrency: Type.Integer({ minimum: 1, maximum: 1024, default: 32, description: 'Pieces this peer sends to other peers at once' }),
+  uploadConcurrency: Type.Integer({ minimum: 1, maximum: 1024, default: DEFAULTS.uploadConcurrency, description: 'Pieces this peer sends to other peers at once' }),
   uploadRateLimit: Size('0', 'Bytes per second this peer sends to other peers (0: unlimited)'),
-  uploadConnectionsPerAddress: Type.Integer({ minimum: 1, maximum: 65_535, default: 256, description: 'Upload-port connections one address may hold open; at the total limit (32 × uploadConcurrency) idle connections that never proved cluster membership are closed first' }),
+  uploadConnectionsPerAddress: Type.Integer({ minimum: 1, maximum: 65_535, default: DEFAULTS.uploadConnectionsPerAddress, description: 'Upload-port connections one address may hold open; at the total limit (32 × uploadConcurrency) idle connections that never proved cluster membership are closed first' }),
   originCa: Type.String({ default: '', description: 'PEM file of extra CAs trusted for origin registries' }),
   proxy: PeerProxy,
   labels: Labels,
