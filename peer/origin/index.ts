@@ -8,8 +8,9 @@ import {
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
+import { parseChallenge } from '../../src/oci/challenge.ts'
+import { MAX_TOKEN_BYTES, basicAuthorization, parsePullToken, pullTokenUrl } from '../../src/oci/token.ts'
 import type { Upstream } from '../upstream/index.ts'
-import { parseChallenge } from './challenge.ts'
 import { createHash } from 'node:crypto'
 import { LRUCache } from 'lru-cache'
 
@@ -200,7 +201,7 @@ export function createOriginClient (components: OriginClientComponents, init: Or
   const tokens = new LRUCache<string, { credentials: OriginCredentials, until: number }>({ max: 1024 })
 
   async function authorize (upstream: Upstream, repo: string, identity: RegistryIdentity | undefined, options: AbortOptions): Promise<OriginCredentials> {
-    const basic = identity === undefined ? undefined : `Basic ${Buffer.from(`${identity.username}:${identity.password}`).toString('base64')}`
+    const basic = identity === undefined ? undefined : basicAuthorization(identity.username, identity.password)
     const key = `${upstream.origin}\n${repo}\n${basic === undefined ? '-' : createHash('sha256').update(basic).digest('base64url')}`
     const cached = tokens.get(key)
     if (cached !== undefined && cached.until > Date.now()) return cached.credentials
@@ -210,18 +211,13 @@ export function createOriginClient (components: OriginClientComponents, init: Or
     const challenge = ping.statusCode === 401 ? parseChallenge(header(ping, 'www-authenticate')) : undefined
     let credentials: OriginCredentials = basic === undefined ? {} : { authorization: basic }
     let ttl = 300_000
-    if (challenge?.scheme === 'bearer' && challenge.params.realm !== undefined) {
-      const realm = new URL(challenge.params.realm)
-      if (realm.protocol !== 'https:' && realm.protocol !== 'http:') throw new OriginProtocolError('token realm is not an http(s) URL')
-      if (challenge.params.service !== undefined) realm.searchParams.set('service', challenge.params.service)
-      realm.searchParams.set('scope', `repository:${repo}:pull`)
+    const realm = pullTokenUrl(challenge, repo)
+    if (realm !== undefined) {
       const res = await send('GET', realm.toString(), basic === undefined ? {} : { authorization: basic }, { signal })
       if (res.statusCode !== 200) return failure(res, realm.toString(), { reference: 'token' })
-      const body = JSON.parse((await readBounded(res.body, 256 * 1024, true)).toString('utf8')) as { token?: string, access_token?: string, expires_in?: number }
-      const token = body.token ?? body.access_token
-      if (typeof token !== 'string' || token === '') throw new OriginProtocolError('token endpoint returned no token')
-      credentials = { authorization: `Bearer ${token}` }
-      ttl = Math.max(10, (typeof body.expires_in === 'number' ? body.expires_in : 60) - 30) * 1000
+      const token = parsePullToken(await readBounded(res.body, MAX_TOKEN_BYTES, true))
+      credentials = { authorization: token.authorization }
+      ttl = Math.max(10, (token.expiresIn ?? 60) - 30) * 1000
     }
     tokens.set(key, { credentials, until: Date.now() + ttl })
     return credentials

@@ -10,8 +10,10 @@ import {
   AbortError, BlobDigestMismatchError, BlobUnknownError, DeniedError, ManifestUnknownError, MirrorStatusError,
   NotFoundError, OriginProtocolError, PeerUnavailableError, StorageError, TimeoutError, UnauthorizedError, isAbort, isDamselflyError
 } from '../errors.ts'
+import { parseChallenge } from '../oci/challenge.ts'
 import { parseDigest, type Digest } from '../oci/digest.ts'
 import { DEFAULT_MANIFEST_ACCEPT, INDEX_MEDIA_TYPES } from '../oci/media-types.ts'
+import { MAX_TOKEN_BYTES, basicAuthorization, parsePullToken, pullTokenUrl } from '../oci/token.ts'
 import { formatPlatform, hostPlatform, type ImageRef, type Platform } from './reference.ts'
 
 export { parseImageRef, parsePlatform, formatPlatform, hostPlatform, type ImageRef, type Platform } from './reference.ts'
@@ -86,7 +88,7 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
   const peer = new URL(init.peer)
   const metadataTimeoutMs = init.metadataTimeoutMs ?? 60_000
   const idleTimeoutMs = init.idleTimeoutMs ?? 60_000
-  const basic = init.username === undefined ? undefined : `Basic ${Buffer.from(`${init.username}:${init.password ?? ''}`).toString('base64')}`
+  const basic = init.username === undefined ? undefined : basicAuthorization(init.username, init.password ?? '')
   // One authorization per repository: Basic as given, or a bearer token from the registry's realm.
   const authorizations = new Map<string, string>()
 
@@ -123,20 +125,8 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
    * for a pull token, directly, as containerd and skopeo do.
    */
   async function bearerToken (ref: ImageRef, challenge: string | undefined, signal: AbortSignal): Promise<string | undefined> {
-    const m = challenge === undefined ? null : /^\s*bearer\s+(.*)$/is.exec(challenge)
-    if (m === null) return undefined
-    const params: Record<string, string> = {}
-    for (const p of (m[1] as string).matchAll(/([a-zA-Z_]+)\s*=\s*"([^"]*)"/g)) params[(p[1] as string).toLowerCase()] = p[2] as string
-    if (params.realm === undefined) return undefined
-    let realm: URL
-    try {
-      realm = new URL(params.realm)
-    } catch {
-      throw new OriginProtocolError('the registry\'s token realm is not a URL')
-    }
-    if (realm.protocol !== 'https:' && realm.protocol !== 'http:') throw new OriginProtocolError('the registry\'s token realm is not an http(s) URL')
-    if (params.service !== undefined) realm.searchParams.set('service', params.service)
-    realm.searchParams.set('scope', `repository:${ref.repository}:pull`)
+    const realm = pullTokenUrl(parseChallenge(challenge), ref.repository)
+    if (realm === undefined) return undefined
     const deadline = withDeadline(signal, metadataTimeoutMs, 'registry token request')
     let res: Dispatcher.ResponseData
     try {
@@ -144,18 +134,10 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
     } catch (err) {
       throw transportError(err, deadline, `the registry's token service at ${realm.origin}`)
     }
-    const body = await readBounded(res.body, 256 * 1024)
+    const body = await readBounded(res.body, MAX_TOKEN_BYTES)
     if (res.statusCode === 401 || res.statusCode === 403) return undefined
     if (res.statusCode !== 200) throw new OriginProtocolError(`the registry's token service answered ${res.statusCode}`)
-    let parsed: { token?: unknown, access_token?: unknown }
-    try {
-      parsed = JSON.parse(body.toString('utf8')) as typeof parsed
-    } catch {
-      throw new OriginProtocolError('the registry\'s token service answered something other than JSON')
-    }
-    const token = typeof parsed.token === 'string' && parsed.token !== '' ? parsed.token : parsed.access_token
-    if (typeof token !== 'string' || token === '') throw new OriginProtocolError('the registry\'s token service returned no token')
-    return `Bearer ${token}`
+    return parsePullToken(body).authorization
   }
 
   function unauthorized (ref: ImageRef, challenge: string | undefined): UnauthorizedError {
