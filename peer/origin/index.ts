@@ -1,14 +1,13 @@
 import { Readable } from 'node:stream'
 import type { Dispatcher } from 'undici'
 import { backoff, sleep, withDeadline, type AbortOptions } from '../../src/abort.ts'
-import {
-  BlobUnknownError, DeniedError, ManifestUnknownError, OriginProtocolError, OriginStatusError, OriginUnavailableError,
-  RangeNotSatisfiableError, TooManyRequestsError, UnauthorizedError, isAbort, redactUrl
-} from '../../src/errors.ts'
+import { OriginProtocolError, OriginStatusError, OriginUnavailableError, RangeNotSatisfiableError, isAbort, redactUrl } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
 import { parseChallenge } from '../../src/oci/challenge.ts'
+import { MAX_ERROR_BODY_BYTES, MAX_MANIFEST_BYTES, header, readBounded } from '../../src/oci/response.ts'
+import { refusalError } from '../../src/oci/status.ts'
 import { MAX_TOKEN_BYTES, basicAuthorization, parsePullToken, pullTokenUrl } from '../../src/oci/token.ts'
 import type { Upstream } from '../upstream/index.ts'
 import { createHash } from 'node:crypto'
@@ -80,10 +79,8 @@ export interface ProxiedResponse {
   body: Readable
 }
 
-/** Manifests above this are refused (the distribution registry's own limit is 4 MiB). */
-export const MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-const MAX_ERROR_BODY = 64 * 1024
 const RETRY_STATUSES = new Set([500, 502, 503, 504])
+const ORIGIN_REFUSALS = { unauthorized: 'the origin requires authentication', denied: 'the origin denied access', rateLimited: 'the origin is rate limiting' }
 
 interface Limits {
   signal: AbortSignal | undefined
@@ -182,18 +179,9 @@ export function createOriginClient (components: OriginClientComponents, init: Or
 
   async function failure (res: Dispatcher.ResponseData, url: string, what: { digest?: string, reference?: string }): Promise<never> {
     const status = res.statusCode
-    const body = await readBounded(res.body, MAX_ERROR_BODY).catch(() => undefined)
-    switch (status) {
-      case 401:
-        throw new UnauthorizedError('the origin requires authentication', header(res, 'www-authenticate'))
-      case 403:
-        throw new DeniedError('the origin denied access')
-      case 404:
-        if (what.digest !== undefined) throw new BlobUnknownError(what.digest)
-        throw new ManifestUnknownError(what.reference ?? 'manifest')
-      case 429:
-        throw new TooManyRequestsError('the origin is rate limiting', header(res, 'retry-after'))
-    }
+    const body = await readBounded(res.body, MAX_ERROR_BODY_BYTES, { truncate: true }).catch(() => undefined)
+    const refused = refusalError(status, res, { digest: what.digest, manifest: what.reference, ...ORIGIN_REFUSALS })
+    if (refused !== undefined) throw refused
     if (status >= 500) throw new OriginUnavailableError(`origin answered ${status} for ${redactUrl(url)}`)
     throw new OriginStatusError(status, url, body?.toString('utf8'))
   }
@@ -215,7 +203,7 @@ export function createOriginClient (components: OriginClientComponents, init: Or
     if (realm !== undefined) {
       const res = await send('GET', realm.toString(), basic === undefined ? {} : { authorization: basic }, { signal })
       if (res.statusCode !== 200) return failure(res, realm.toString(), { reference: 'token' })
-      const token = parsePullToken(await readBounded(res.body, MAX_TOKEN_BYTES, true))
+      const token = parsePullToken(await readBounded(res.body, MAX_TOKEN_BYTES))
       credentials = { authorization: token.authorization }
       ttl = Math.max(10, (token.expiresIn ?? 60) - 30) * 1000
     }
@@ -283,7 +271,7 @@ export function createOriginClient (components: OriginClientComponents, init: Or
         res.body.destroy()
         throw new OriginProtocolError(`manifest ${reference} is larger than ${MAX_MANIFEST_BYTES} bytes`)
       }
-      const body = method === 'HEAD' ? Buffer.alloc(0) : await readBounded(res.body, MAX_MANIFEST_BYTES, true)
+      const body = method === 'HEAD' ? Buffer.alloc(0) : await readBounded(res.body, MAX_MANIFEST_BYTES)
       if (method === 'HEAD') await res.body.dump().catch(() => {})
       return {
         status: res.statusCode,
@@ -305,11 +293,6 @@ export function createOriginClient (components: OriginClientComponents, init: Or
   }
 }
 
-function header (res: Dispatcher.ResponseData, name: string): string | undefined {
-  const v = res.headers[name]
-  return Array.isArray(v) ? v[0] : v
-}
-
 export function parseContentRange (value: string | undefined): { start: number, end: number, size: number | undefined } | undefined {
   if (value === undefined) return undefined
   const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(value.trim())
@@ -319,22 +302,6 @@ export function parseContentRange (value: string | undefined): { start: number, 
   const size = m[3] === '*' ? undefined : Number(m[3])
   if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || end < start) return undefined
   return { start, end, size }
-}
-
-async function readBounded (body: Readable, max: number, strict = false): Promise<Buffer> {
-  const chunks: Buffer[] = []
-  let total = 0
-  for await (const chunk of body) {
-    const b = chunk as Buffer
-    total += b.length
-    if (total > max) {
-      body.destroy()
-      if (strict) throw new OriginProtocolError(`response larger than ${max} bytes`)
-      break
-    }
-    chunks.push(b)
-  }
-  return Buffer.concat(chunks)
 }
 
 /** A readable that skips `skip` bytes of `source` and ends after `length` more. */

@@ -7,12 +7,14 @@ import { pipeline } from 'node:stream/promises'
 import { Agent, type Dispatcher } from 'undici'
 import { withDeadline } from '../abort.ts'
 import {
-  AbortError, BlobDigestMismatchError, BlobUnknownError, DeniedError, ManifestUnknownError, MirrorStatusError,
-  NotFoundError, OriginProtocolError, PeerUnavailableError, StorageError, TimeoutError, UnauthorizedError, isAbort, isDamselflyError
+  AbortError, BlobDigestMismatchError, MirrorStatusError, NotFoundError, OriginProtocolError, PeerUnavailableError, StorageError,
+  TimeoutError, UnauthorizedError, isAbort, isDamselflyError
 } from '../errors.ts'
 import { parseChallenge } from '../oci/challenge.ts'
 import { parseDigest, type Digest } from '../oci/digest.ts'
 import { DEFAULT_MANIFEST_ACCEPT, INDEX_MEDIA_TYPES } from '../oci/media-types.ts'
+import { MAX_ERROR_BODY_BYTES, MAX_MANIFEST_BYTES, header, readBounded } from '../oci/response.ts'
+import { ociErrorMessage, refusalError } from '../oci/status.ts'
 import { MAX_TOKEN_BYTES, basicAuthorization, parsePullToken, pullTokenUrl } from '../oci/token.ts'
 import { formatPlatform, hostPlatform, type ImageRef, type Platform } from './reference.ts'
 
@@ -77,8 +79,6 @@ interface Descriptor {
   platform?: Platform
 }
 
-const MAX_MANIFEST = 4 * 1024 * 1024
-const MAX_ERROR_BODY = 64 * 1024
 const REF_NAME = 'org.opencontainers.image.ref.name'
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json'
 
@@ -114,7 +114,7 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
       const challenge = header(res, 'www-authenticate')
       await res.body.dump().catch(() => {})
       const token = await bearerToken(ref, challenge, limits.signal)
-      if (token === undefined) throw unauthorized(ref, challenge)
+      if (token === undefined) throw new UnauthorizedError(unauthorized(ref), challenge)
       authorizations.set(key, token)
     }
   }
@@ -140,27 +140,22 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
     return parsePullToken(body).authorization
   }
 
-  function unauthorized (ref: ImageRef, challenge: string | undefined): UnauthorizedError {
+  function unauthorized (ref: ImageRef): string {
     const where = `${ref.registry.name}/${ref.repository}`
-    return new UnauthorizedError(basic === undefined
-      ? `${where} requires credentials`
-      : `the registry refused the credentials of ${JSON.stringify(init.username)} for ${where}`, challenge)
+    return basic === undefined ? `${where} requires credentials` : `the registry refused the credentials of ${JSON.stringify(init.username)} for ${where}`
   }
 
   async function failure (res: Dispatcher.ResponseData, ref: ImageRef, urlPath: string, what: { digest?: string, reference?: string }): Promise<never> {
-    const body = await readBounded(res.body, MAX_ERROR_BODY).catch(() => Buffer.alloc(0))
-    const why = ociMessage(body)
-    switch (res.statusCode) {
-      case 401: throw unauthorized(ref, header(res, 'www-authenticate'))
-      case 403:
-        // The peer refuses registries it is not configured for before asking them anything.
-        if (header(res, 'x-dragonfly-error-type') === 'proxy') throw new DeniedError(`the peer at ${peer.origin} refused ${ref.registry.name}${why === undefined ? '' : `: ${why}`}`)
-        throw new DeniedError(`the registry denied access to ${ref.registry.name}/${ref.repository}${why === undefined ? '' : `: ${why}`}`)
-      case 404:
-        if (what.digest !== undefined) throw new BlobUnknownError(what.digest)
-        throw new ManifestUnknownError(`${ref.registry.name}/${ref.repository}:${what.reference ?? ''}`)
-    }
-    throw new MirrorStatusError(res.statusCode, `${peer.origin}${urlPath}`, why)
+    const body = await readBounded(res.body, MAX_ERROR_BODY_BYTES).catch(() => Buffer.alloc(0))
+    const why = ociErrorMessage(body)
+    const because = why === undefined ? '' : `: ${why}`
+    // The peer refuses registries it is not configured for before asking them anything.
+    const denied = header(res, 'x-dragonfly-error-type') === 'proxy'
+      ? `the peer at ${peer.origin} refused ${ref.registry.name}${because}`
+      : `the registry denied access to ${ref.registry.name}/${ref.repository}${because}`
+    // A 429 or 5xx is the peer's answer (it says why in the body), not the registry's.
+    throw refusalError(res.statusCode, res, { digest: what.digest, manifest: `${ref.registry.name}/${ref.repository}:${what.reference ?? ''}`, unauthorized: unauthorized(ref), denied }) ??
+      new MirrorStatusError(res.statusCode, `${peer.origin}${urlPath}`, why)
   }
 
   /** A manifest, whole in memory (bounded) and checked against the digest it was asked by or announced with. */
@@ -171,7 +166,7 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
     if (res.statusCode !== 200) return failure(res, ref, urlPath, { reference })
     let body: Buffer
     try {
-      body = await readBounded(res.body, MAX_MANIFEST)
+      body = await readBounded(res.body, MAX_MANIFEST_BYTES)
     } catch (err) {
       throw transportError(err, deadline)
     }
@@ -372,36 +367,6 @@ async function addToIndex (root: string, entry: Descriptor & { annotations?: Rec
   const tag = entry.annotations?.[REF_NAME]
   const kept = manifests.filter(m => tag !== undefined ? m.annotations?.[REF_NAME] !== tag : !(m.digest === entry.digest && m.annotations?.[REF_NAME] === undefined))
   await writeIfChanged(file, `${JSON.stringify({ schemaVersion: 2, mediaType: OCI_INDEX, manifests: [...kept, entry] }, null, 2)}\n`)
-}
-
-function header (res: Dispatcher.ResponseData, name: string): string | undefined {
-  const value = res.headers[name]
-  return Array.isArray(value) ? value[0] : value
-}
-
-async function readBounded (body: Dispatcher.ResponseData['body'], max: number): Promise<Buffer> {
-  const chunks: Buffer[] = []
-  let total = 0
-  for await (const chunk of body) {
-    total += (chunk as Buffer).length
-    if (total > max) {
-      body.destroy()
-      throw new OriginProtocolError(`answer larger than ${max} bytes`)
-    }
-    chunks.push(chunk as Buffer)
-  }
-  return Buffer.concat(chunks)
-}
-
-function ociMessage (body: Buffer): string | undefined {
-  try {
-    const parsed = JSON.parse(body.toString('utf8')) as { errors?: Array<{ message?: unknown }> }
-    const message = parsed.errors?.[0]?.message
-    return typeof message === 'string' ? message : undefined
-  } catch {
-    const text = body.toString('utf8').trim()
-    return text === '' ? undefined : text.slice(0, 200)
-  }
 }
 
 /** Aborts stay aborts (the caller's reason); anything else on the wire means the peer is not there for us. */
