@@ -13,12 +13,13 @@ import {
 import { parseChallenge } from '../oci/challenge.ts'
 import { parseDigest, type Digest } from '../oci/digest.ts'
 import { DEFAULT_MANIFEST_ACCEPT, INDEX_MEDIA_TYPES } from '../oci/media-types.ts'
+import { formatPlatform, hostPlatform, pickPlatform, type Platform } from '../oci/platform.ts'
 import { MAX_ERROR_BODY_BYTES, MAX_MANIFEST_BYTES, header, readBounded } from '../oci/response.ts'
 import { ociErrorMessage, refusalError } from '../oci/status.ts'
 import { MAX_TOKEN_BYTES, basicAuthorization, parsePullToken, pullTokenUrl } from '../oci/token.ts'
-import { formatPlatform, hostPlatform, type ImageRef, type Platform } from './reference.ts'
+import type { ImageRef } from './reference.ts'
 
-export { parseImageRef, parsePlatform, formatPlatform, hostPlatform, type ImageRef, type Platform } from './reference.ts'
+export { parseImageRef, platformFlag, type ImageRef } from './reference.ts'
 
 /**
  * `damselfly get`: fetches blobs and images through the local peer as any
@@ -303,12 +304,6 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
       await own?.close()
     }
   }
-}
-
-function pickPlatform (manifests: Descriptor[], want: Platform): Descriptor | undefined {
-  const candidates = manifests.filter(m => m.platform?.os === want.os && m.platform.architecture === want.architecture)
-  if (want.variant !== undefined) return candidates.find(m => m.platform?.variant === want.variant)
-  return candidates[0]
 }
 
 async function blobPath (root: string, digest: Digest): Promise<string> {
