@@ -51,7 +51,7 @@ export default [
   },
   {
     // Only the CLI, tests and benchmarks talk to a terminal.
-    files: ['src/cli/**/*.ts', 'test/**/*.ts', 'bench/**/*.ts'],
+    files: ['cli/**/*.ts', 'test/**/*.ts', 'bench/**/*.ts'],
     rules: { 'no-console': 'off' }
   }
 ]

@@ -4,7 +4,7 @@ import { readFile, readdir } from 'node:fs/promises'
 import path from 'node:path'
 import { test, type TestContext } from 'node:test'
 import { BlobUnknownError, DeniedError, MirrorStatusError, UnauthorizedError } from '../../src/errors.ts'
-import { createImageGetter, parseImageRef, type ImageGetter } from '../../src/get/index.ts'
+import { createImageGetter, parseImageRef, type ImageGetter } from '../../cli/get/index.ts'
 import { ALICE, startTokenOrigin, type TokenOrigin, type TokenOriginOptions } from '../helpers/token-origin.ts'
 import { tmpDir } from '../helpers/tmp.ts'
 

@@ -1,8 +1,8 @@
 import { parseClientRegistry, type ClientRegistry } from '../clients/registry.ts'
-import { ConfigError, isDamselflyError } from '../errors.ts'
-import { parseDigest } from '../oci/digest.ts'
-import { isTag, validateName } from '../oci/names.ts'
-import { parsePlatform, type Platform } from '../oci/platform.ts'
+import { ConfigError, isDamselflyError } from '../../src/errors.ts'
+import { parseDigest } from '../../src/oci/digest.ts'
+import { isTag, validateName } from '../../src/oci/names.ts'
+import { parsePlatform, type Platform } from '../../src/oci/platform.ts'
 
 /** An image or blob reference as `damselfly get` takes it. */
 export interface ImageRef {

@@ -1,10 +1,10 @@
 import path from 'node:path'
 import { parseArgs } from 'node:util'
-import { parseEndpoint } from '../clients/registry.ts'
-import { AbortError, ConfigError, isDamselflyError } from '../errors.ts'
-import { createImageGetter, parseImageRef, platformFlag } from '../get/index.ts'
-import { parseDigest } from '../oci/digest.ts'
-import { hostPlatform, type Platform } from '../oci/platform.ts'
+import { parseEndpoint } from './clients/registry.ts'
+import { AbortError, ConfigError, isDamselflyError } from '../src/errors.ts'
+import { createImageGetter, parseImageRef, platformFlag } from './get/index.ts'
+import { parseDigest } from '../src/oci/digest.ts'
+import { hostPlatform, type Platform } from '../src/oci/platform.ts'
 import { createProgressRenderer, formatBytes } from './progress.ts'
 
 const HELP = `Fetch a blob, or a whole image into an OCI layout, through the peer, verified

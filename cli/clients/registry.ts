@@ -1,6 +1,6 @@
 import { isIP } from 'node:net'
-import { ConfigError } from '../errors.ts'
-import { DOCKER_HUB_API_HOST, isDockerHub, parseHost, withoutDefaultPort } from '../oci/hosts.ts'
+import { ConfigError } from '../../src/errors.ts'
+import { DOCKER_HUB_API_HOST, isDockerHub, parseHost, withoutDefaultPort } from '../../src/oci/hosts.ts'
 
 /**
  * A registry as a client configuration names it. Clients key their settings
