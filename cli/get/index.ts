@@ -115,7 +115,7 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
       const challenge = header(res, 'www-authenticate')
       await res.body.dump().catch(() => {})
       const token = await bearerToken(ref, challenge, limits.signal)
-      if (token === undefined) throw new UnauthorizedError(unauthorized(ref), challenge)
+      if (token === undefined) throw new UnauthorizedError(unauthorizedMessage(ref), challenge)
       authorizations.set(key, token)
     }
   }
@@ -141,7 +141,7 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
     return parsePullToken(body).authorization
   }
 
-  function unauthorized (ref: ImageRef): string {
+  function unauthorizedMessage (ref: ImageRef): string {
     const where = `${ref.registry.name}/${ref.repository}`
     return basic === undefined ? `${where} requires credentials` : `the registry refused the credentials of ${JSON.stringify(init.username)} for ${where}`
   }
@@ -155,7 +155,7 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
       ? `the peer at ${peer.origin} refused ${ref.registry.name}${because}`
       : `the registry denied access to ${ref.registry.name}/${ref.repository}${because}`
     // A 429 or 5xx is the peer's answer (it says why in the body), not the registry's.
-    throw refusalError(res.statusCode, res, { digest: what.digest, manifest: `${ref.registry.name}/${ref.repository}:${what.reference ?? ''}`, unauthorized: unauthorized(ref), denied }) ??
+    throw refusalError(res.statusCode, res, { digest: what.digest, manifest: `${ref.registry.name}/${ref.repository}:${what.reference ?? ''}`, unauthorized: unauthorizedMessage(ref), denied }) ??
       new MirrorStatusError(res.statusCode, `${peer.origin}${urlPath}`, why)
   }
 
