@@ -3,6 +3,7 @@ import type { AbortOptions } from '../../src/abort.ts'
 import type { Logger } from '../../src/logger.ts'
 import { DEFAULT_MANIFEST_ACCEPT, INDEX_MEDIA_TYPES } from '../../src/oci/media-types.ts'
 import { sha256Hex } from '../../src/oci/digest.ts'
+import { matchesPlatform, parsePlatform, type Platform } from '../../src/oci/platform.ts'
 import type { PreheatBlobResult } from '../../src/protocol/messages.ts'
 import type { BlobService } from '../blobs/index.ts'
 import type { OriginClient, OriginCredentials } from '../origin/index.ts'
@@ -23,7 +24,7 @@ export interface ImageRef {
   platform?: string | undefined
 }
 
-interface Descriptor { digest: string, size: number, mediaType?: string, platform?: { os?: string, architecture?: string, variant?: string } }
+interface Descriptor { digest: string, size: number, mediaType?: string, platform?: Partial<Platform> }
 
 /**
  * Fetches every blob of an image into the cache (and so into the swarm):
@@ -68,15 +69,11 @@ export async function fetchImage (components: ImageWalkComponents, ref: ImageRef
     await walkManifest(topBody)
     return results
   }
-  const wanted = (parsed.manifests ?? []).filter(d => ref.platform === undefined || platformOf(d) === ref.platform || `${d.platform?.os ?? ''}/${d.platform?.architecture ?? ''}` === ref.platform)
+  const want = ref.platform === undefined ? undefined : parsePlatform(ref.platform)
+  const wanted = (parsed.manifests ?? []).filter(d => ref.platform === undefined || (want !== undefined && matchesPlatform(d.platform, want)))
   for (const d of wanted) {
     const body = await fetchOne(d, 'manifest')
     if (body !== undefined) await walkManifest(body)
   }
   return results
-}
-
-function platformOf (d: Descriptor): string {
-  const p = d.platform
-  return [p?.os ?? '', p?.architecture ?? '', ...(p?.variant === undefined ? [] : [p.variant])].join('/')
 }

@@ -1,15 +1,15 @@
 import { Readable } from 'node:stream'
 import type { Dispatcher } from 'undici'
 import { backoff, sleep, withDeadline, type AbortOptions } from '../../src/abort.ts'
-import {
-  BlobUnknownError, DeniedError, ManifestUnknownError, OriginProtocolError, OriginStatusError, OriginUnavailableError,
-  RangeNotSatisfiableError, TooManyRequestsError, UnauthorizedError, isAbort, redactUrl
-} from '../../src/errors.ts'
+import { OriginProtocolError, OriginStatusError, OriginUnavailableError, RangeNotSatisfiableError, isAbort, redactUrl } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
+import { parseChallenge } from '../../src/oci/challenge.ts'
+import { MAX_ERROR_BODY_BYTES, MAX_MANIFEST_BYTES, header, readBounded } from '../../src/oci/response.ts'
+import { refusalError } from '../../src/oci/status.ts'
+import { MAX_TOKEN_BYTES, basicAuthorization, parsePullToken, pullTokenUrl } from '../../src/oci/token.ts'
 import type { Upstream } from '../upstream/index.ts'
-import { parseChallenge } from './challenge.ts'
 import { createHash } from 'node:crypto'
 import { LRUCache } from 'lru-cache'
 
@@ -79,10 +79,8 @@ export interface ProxiedResponse {
   body: Readable
 }
 
-/** Manifests above this are refused (the distribution registry's own limit is 4 MiB). */
-export const MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-const MAX_ERROR_BODY = 64 * 1024
 const RETRY_STATUSES = new Set([500, 502, 503, 504])
+const ORIGIN_REFUSALS = { unauthorized: 'the origin requires authentication', denied: 'the origin denied access', rateLimited: 'the origin is rate limiting' }
 
 interface Limits {
   signal: AbortSignal | undefined
@@ -181,18 +179,9 @@ export function createOriginClient (components: OriginClientComponents, init: Or
 
   async function failure (res: Dispatcher.ResponseData, url: string, what: { digest?: string, reference?: string }): Promise<never> {
     const status = res.statusCode
-    const body = await readBounded(res.body, MAX_ERROR_BODY).catch(() => undefined)
-    switch (status) {
-      case 401:
-        throw new UnauthorizedError('the origin requires authentication', header(res, 'www-authenticate'))
-      case 403:
-        throw new DeniedError('the origin denied access')
-      case 404:
-        if (what.digest !== undefined) throw new BlobUnknownError(what.digest)
-        throw new ManifestUnknownError(what.reference ?? 'manifest')
-      case 429:
-        throw new TooManyRequestsError('the origin is rate limiting', header(res, 'retry-after'))
-    }
+    const body = await readBounded(res.body, MAX_ERROR_BODY_BYTES, { truncate: true }).catch(() => undefined)
+    const refused = refusalError(status, res, { digest: what.digest, manifest: what.reference, ...ORIGIN_REFUSALS })
+    if (refused !== undefined) throw refused
     if (status >= 500) throw new OriginUnavailableError(`origin answered ${status} for ${redactUrl(url)}`)
     throw new OriginStatusError(status, url, body?.toString('utf8'))
   }
@@ -200,7 +189,7 @@ export function createOriginClient (components: OriginClientComponents, init: Or
   const tokens = new LRUCache<string, { credentials: OriginCredentials, until: number }>({ max: 1024 })
 
   async function authorize (upstream: Upstream, repo: string, identity: RegistryIdentity | undefined, options: AbortOptions): Promise<OriginCredentials> {
-    const basic = identity === undefined ? undefined : `Basic ${Buffer.from(`${identity.username}:${identity.password}`).toString('base64')}`
+    const basic = identity === undefined ? undefined : basicAuthorization(identity.username, identity.password)
     const key = `${upstream.origin}\n${repo}\n${basic === undefined ? '-' : createHash('sha256').update(basic).digest('base64url')}`
     const cached = tokens.get(key)
     if (cached !== undefined && cached.until > Date.now()) return cached.credentials
@@ -210,18 +199,13 @@ export function createOriginClient (components: OriginClientComponents, init: Or
     const challenge = ping.statusCode === 401 ? parseChallenge(header(ping, 'www-authenticate')) : undefined
     let credentials: OriginCredentials = basic === undefined ? {} : { authorization: basic }
     let ttl = 300_000
-    if (challenge?.scheme === 'bearer' && challenge.params.realm !== undefined) {
-      const realm = new URL(challenge.params.realm)
-      if (realm.protocol !== 'https:' && realm.protocol !== 'http:') throw new OriginProtocolError('token realm is not an http(s) URL')
-      if (challenge.params.service !== undefined) realm.searchParams.set('service', challenge.params.service)
-      realm.searchParams.set('scope', `repository:${repo}:pull`)
+    const realm = pullTokenUrl(challenge, repo)
+    if (realm !== undefined) {
       const res = await send('GET', realm.toString(), basic === undefined ? {} : { authorization: basic }, { signal })
       if (res.statusCode !== 200) return failure(res, realm.toString(), { reference: 'token' })
-      const body = JSON.parse((await readBounded(res.body, 256 * 1024, true)).toString('utf8')) as { token?: string, access_token?: string, expires_in?: number }
-      const token = body.token ?? body.access_token
-      if (typeof token !== 'string' || token === '') throw new OriginProtocolError('token endpoint returned no token')
-      credentials = { authorization: `Bearer ${token}` }
-      ttl = Math.max(10, (typeof body.expires_in === 'number' ? body.expires_in : 60) - 30) * 1000
+      const token = parsePullToken(await readBounded(res.body, MAX_TOKEN_BYTES))
+      credentials = { authorization: token.authorization }
+      ttl = Math.max(10, (token.expiresIn ?? 60) - 30) * 1000
     }
     tokens.set(key, { credentials, until: Date.now() + ttl })
     return credentials
@@ -287,7 +271,7 @@ export function createOriginClient (components: OriginClientComponents, init: Or
         res.body.destroy()
         throw new OriginProtocolError(`manifest ${reference} is larger than ${MAX_MANIFEST_BYTES} bytes`)
       }
-      const body = method === 'HEAD' ? Buffer.alloc(0) : await readBounded(res.body, MAX_MANIFEST_BYTES, true)
+      const body = method === 'HEAD' ? Buffer.alloc(0) : await readBounded(res.body, MAX_MANIFEST_BYTES)
       if (method === 'HEAD') await res.body.dump().catch(() => {})
       return {
         status: res.statusCode,
@@ -309,11 +293,6 @@ export function createOriginClient (components: OriginClientComponents, init: Or
   }
 }
 
-function header (res: Dispatcher.ResponseData, name: string): string | undefined {
-  const v = res.headers[name]
-  return Array.isArray(v) ? v[0] : v
-}
-
 export function parseContentRange (value: string | undefined): { start: number, end: number, size: number | undefined } | undefined {
   if (value === undefined) return undefined
   const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(value.trim())
@@ -323,22 +302,6 @@ export function parseContentRange (value: string | undefined): { start: number, 
   const size = m[3] === '*' ? undefined : Number(m[3])
   if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || end < start) return undefined
   return { start, end, size }
-}
-
-async function readBounded (body: Readable, max: number, strict = false): Promise<Buffer> {
-  const chunks: Buffer[] = []
-  let total = 0
-  for await (const chunk of body) {
-    const b = chunk as Buffer
-    total += b.length
-    if (total > max) {
-      body.destroy()
-      if (strict) throw new OriginProtocolError(`response larger than ${max} bytes`)
-      break
-    }
-    chunks.push(b)
-  }
-  return Buffer.concat(chunks)
 }
 
 /** A readable that skips `skip` bytes of `source` and ends after `length` more. */

@@ -7,7 +7,8 @@ import type { FastifyServerFactory } from 'fastify'
 import type { Dispatcher } from 'undici'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
-import { canonicalHost, type UpstreamSelector } from '../upstream/index.ts'
+import { canonicalHost } from '../../src/oci/hosts.ts'
+import type { UpstreamSelector } from '../upstream/index.ts'
 import type { CertificateAuthority } from './certs.ts'
 
 export interface ForwardProxyComponents {

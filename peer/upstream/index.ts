@@ -1,5 +1,5 @@
-import { isIP } from 'node:net'
 import { InvalidRegistryError, RegistryNotAllowedError } from '../../src/errors.ts'
+import { canonicalHost, parseHost, withoutDefaultPort } from '../../src/oci/hosts.ts'
 
 /**
  * An origin registry, normalised. `origin` (scheme://host[:port]) is the
@@ -35,10 +35,6 @@ export interface UpstreamInit {
    */
   allowUnlisted?: boolean
 }
-
-/** Docker Hub's names for itself; all mean the registry API host. */
-const DOCKER_HUB_ALIASES = new Set(['docker.io', 'index.docker.io', 'registry-1.docker.io', 'registry.hub.docker.com'])
-const DOCKER_HUB_API = 'registry-1.docker.io'
 
 export interface UpstreamSelector {
   readonly default: Upstream
@@ -125,44 +121,12 @@ export function parseRegistryUrl (value: string): Upstream {
 }
 
 function makeUpstream (scheme: 'http' | 'https', host: string): Upstream {
-  const defaultPort = scheme === 'https' ? ':443' : ':80'
-  const h = host.endsWith(defaultPort) ? host.slice(0, -defaultPort.length) : host
+  const h = withoutDefaultPort(scheme, host)
   return { origin: `${scheme}://${h}`, scheme, host: h, trusted: false }
-}
-
-/** Docker Hub's aliases made one host; every other host as it is. */
-export function canonicalHost (host: string): string {
-  return DOCKER_HUB_ALIASES.has(host) ? DOCKER_HUB_API : host
 }
 
 /** host | host:port | [ipv6] | [ipv6]:port, with RFC 1123 labels. */
 function validateHost (authority: string, original: string): string {
-  let hostname = authority
-  let port: string | undefined
-  if (authority.startsWith('[')) {
-    const close = authority.indexOf(']')
-    if (close === -1) throw new InvalidRegistryError(original, 'unterminated IPv6 literal')
-    hostname = authority.slice(1, close)
-    const rest = authority.slice(close + 1)
-    if (rest !== '') {
-      if (!rest.startsWith(':')) throw new InvalidRegistryError(original, 'malformed host')
-      port = rest.slice(1)
-    }
-    if (isIP(hostname) !== 6) throw new InvalidRegistryError(original, 'malformed IPv6 address')
-  } else {
-    const colon = authority.lastIndexOf(':')
-    if (colon !== -1) {
-      hostname = authority.slice(0, colon)
-      port = authority.slice(colon + 1)
-    }
-    if (hostname.length === 0 || hostname.length > 253) throw new InvalidRegistryError(original, 'malformed host')
-    if (isIP(hostname) === 0 && !hostname.split('.').every(label => /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/.test(label))) {
-      throw new InvalidRegistryError(original, 'malformed host')
-    }
-  }
-  if (port !== undefined) {
-    const n = Number(port)
-    if (!/^\d{1,5}$/.test(port) || n < 1 || n > 65535) throw new InvalidRegistryError(original, 'port must be 1-65535')
-  }
+  parseHost(authority, (why) => { throw new InvalidRegistryError(original, why) })
   return authority
 }

@@ -127,7 +127,7 @@ test('the entrypoint is the damselfly CLI, and the ports are the defaults', () =
 test('what the image copies is all the program imports at run time, and no devDependency', async () => {
   const copied = ops(final, 'COPY').map(c => copyArgs(c.args)).filter(c => c.from === undefined).flatMap(c => c.sources.map(s => s.replace(/\/$/, '')))
   const dirs = copied.filter(s => !s.includes('.'))
-  assert.deepEqual([...dirs].sort(), ['bin', 'peer', 'scheduler', 'src'])
+  assert.deepEqual([...dirs].sort(), ['bin', 'cli', 'peer', 'scheduler', 'src'])
   const runtime = new Set(Object.keys(pkg.dependencies))
   const builtins = new Set(builtinModules)
   let files = 0

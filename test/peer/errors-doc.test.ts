@@ -27,7 +27,7 @@ async function documented (): Promise<Map<string, { status: string, oci: string 
 test('every error code raised in the source is documented in docs/errors.md', async () => {
   const docs = await documented()
   const raised = new Set<string>()
-  for (const dir of ['src', 'peer', 'scheduler']) {
+  for (const dir of ['src', 'peer', 'scheduler', 'cli']) {
     for (const file of await sources(dir)) {
       for (const m of (await readFile(file, 'utf8')).matchAll(/'(DF_ERR_[A-Z_]+)'/g)) raised.add(m[1] as string)
     }

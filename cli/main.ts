@@ -3,10 +3,10 @@ import { readFileSync } from 'node:fs'
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import type { TObject } from '@sinclair/typebox'
 import { join } from 'node:path'
-import { PeerConfig, SchedulerConfig, loadPeerConfig, loadSchedulerConfig, settingsOf, type Setting } from '../config/index.ts'
-import { ConfigError, isDamselflyError } from '../errors.ts'
-import { createLogger, type Logger } from '../logger.ts'
-import { VERSION } from '../version.ts'
+import { PeerConfig, SchedulerConfig, loadPeerConfig, loadSchedulerConfig, settingsOf, type Setting } from '../src/config/index.ts'
+import { ConfigError, isDamselflyError } from '../src/errors.ts'
+import { createLogger, type Logger } from '../src/logger.ts'
+import { VERSION } from '../src/version.ts'
 
 /**
  * The `damselfly` command. The only module that reads argv and the
@@ -75,14 +75,14 @@ async function runPeer (argv: string[]): Promise<number> {
   if (flags === undefined) return 0
   const config = loadPeerConfig({ file: flags.config as string | undefined, env: process.env, flags })
   const logger = createLogger({ level: config.logLevel, base: { service: 'peer' } })
-  const { createPeer } = await import('../../peer/main.ts')
+  const { createPeer } = await import('../peer/main.ts')
   const faults = testFaults(logger)
   if (config.scheduler !== '') {
     const peer = await createPeer(config, { logger, faults })
     return runUntilSignal(logger, peer)
   }
   // No scheduler named: run one in this process, on loopback, for this peer alone.
-  const { createScheduler } = await import('../../scheduler/main.ts')
+  const { createScheduler } = await import('../scheduler/main.ts')
   const scheduler = await createScheduler({
     dataDir: join(config.dataDir, 'scheduler'),
     host: '127.0.0.1',
@@ -113,7 +113,7 @@ async function runScheduler (argv: string[]): Promise<number> {
   if (flags === undefined) return 0
   const config = loadSchedulerConfig({ file: flags.config as string | undefined, env: process.env, flags })
   const logger = createLogger({ level: config.logLevel, base: { service: 'scheduler' } })
-  const { createScheduler } = await import('../../scheduler/main.ts')
+  const { createScheduler } = await import('../scheduler/main.ts')
   const scheduler = await createScheduler(config, { logger })
   return runUntilSignal(logger, scheduler)
 }

@@ -1,16 +1,16 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util'
-import { containerdHostsFile, renderContainerdHostsToml } from '../clients/containerd.ts'
-import { mergeDaemonJson } from '../clients/docker.ts'
-import { childPath, readOptional, writeConfigFile, type WriteResult } from '../clients/files.ts'
-import { nydusRegistryHost, renderNydusdConfig, renderSnapshotterHostsToml } from '../clients/nydus.ts'
-import { renderRegistriesConf } from '../clients/registries-conf.ts'
-import { parseClientRegistry, parseEndpoint, type ClientRegistry } from '../clients/registry.ts'
-import { ConfigError } from '../errors.ts'
+import { containerdHostsFile, renderContainerdHostsToml } from './clients/containerd.ts'
+import { mergeDaemonJson } from './clients/docker.ts'
+import { childPath, readOptional, writeConfigFile, type WriteResult } from './clients/files.ts'
+import { nydusRegistryHost, renderNydusdConfig, renderSnapshotterHostsToml } from './clients/nydus.ts'
+import { renderRegistriesConf } from './clients/registries-conf.ts'
+import { parseClientRegistry, parseEndpoint, type ClientRegistry } from './clients/registry.ts'
+import { ConfigError } from '../src/errors.ts'
 import path from 'node:path'
 
 /**
  * `damselfly config <client>`: writes or prints the configuration that points
- * a container client at the local peer. The renderers live in src/clients/;
+ * a container client at the local peer. The renderers live in cli/clients/;
  * this module only reads flags, prints and reports what it wrote.
  */
 

@@ -1,7 +1,8 @@
 import { parseClientRegistry, type ClientRegistry } from '../clients/registry.ts'
-import { ConfigError, isDamselflyError } from '../errors.ts'
-import { parseDigest } from '../oci/digest.ts'
-import { isTag, validateName } from '../oci/names.ts'
+import { ConfigError, isDamselflyError } from '../../src/errors.ts'
+import { parseDigest } from '../../src/oci/digest.ts'
+import { isTag, validateName } from '../../src/oci/names.ts'
+import { parsePlatform, type Platform } from '../../src/oci/platform.ts'
 
 /** An image or blob reference as `damselfly get` takes it. */
 export interface ImageRef {
@@ -66,27 +67,9 @@ export function parseImageRef (value: string): ImageRef {
   return { registry, repository: path, tag, digest }
 }
 
-export interface Platform {
-  os: string
-  architecture: string
-  variant?: string | undefined
-}
-
-export function parsePlatform (value: string): Platform {
-  const parts = value.trim().split('/')
-  if (parts.length < 2 || parts.length > 3 || parts.some(p => !/^[a-z0-9_.-]{1,32}$/.test(p))) {
-    throw new ConfigError('--platform', `${JSON.stringify(value)}: expected os/arch[/variant], e.g. linux/amd64`)
-  }
-  return { os: parts[0] as string, architecture: parts[1] as string, variant: parts[2] }
-}
-
-const ARCH: Record<string, string> = { x64: 'amd64', arm64: 'arm64', arm: 'arm', ia32: '386', ppc64: 'ppc64le', s390x: 's390x', riscv64: 'riscv64', loong64: 'loong64' }
-
-/** The platform of this machine as image indexes name it. */
-export function hostPlatform (): Platform {
-  return { os: process.platform === 'win32' ? 'windows' : process.platform, architecture: ARCH[process.arch] ?? process.arch }
-}
-
-export function formatPlatform (p: Platform): string {
-  return `${p.os}/${p.architecture}${p.variant === undefined ? '' : `/${p.variant}`}`
+/** `--platform os/arch[/variant]`. */
+export function platformFlag (value: string): Platform {
+  const platform = parsePlatform(value)
+  if (platform === undefined) throw new ConfigError('--platform', `${JSON.stringify(value)}: expected os/arch[/variant], e.g. linux/amd64`)
+  return platform
 }

@@ -5,16 +5,21 @@ import path from 'node:path'
 import { Transform } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { Agent, type Dispatcher } from 'undici'
-import { withDeadline } from '../abort.ts'
+import { withDeadline } from '../../src/abort.ts'
 import {
-  AbortError, BlobDigestMismatchError, BlobUnknownError, DeniedError, ManifestUnknownError, MirrorStatusError,
-  NotFoundError, OriginProtocolError, PeerUnavailableError, StorageError, TimeoutError, UnauthorizedError, isAbort, isDamselflyError
-} from '../errors.ts'
-import { parseDigest, type Digest } from '../oci/digest.ts'
-import { DEFAULT_MANIFEST_ACCEPT, INDEX_MEDIA_TYPES } from '../oci/media-types.ts'
-import { formatPlatform, hostPlatform, type ImageRef, type Platform } from './reference.ts'
+  AbortError, BlobDigestMismatchError, MirrorStatusError, NotFoundError, OriginProtocolError, PeerUnavailableError, StorageError,
+  TimeoutError, UnauthorizedError, isAbort, isDamselflyError
+} from '../../src/errors.ts'
+import { parseChallenge } from '../../src/oci/challenge.ts'
+import { parseDigest, type Digest } from '../../src/oci/digest.ts'
+import { DEFAULT_MANIFEST_ACCEPT, INDEX_MEDIA_TYPES } from '../../src/oci/media-types.ts'
+import { formatPlatform, hostPlatform, pickPlatform, type Platform } from '../../src/oci/platform.ts'
+import { MAX_ERROR_BODY_BYTES, MAX_MANIFEST_BYTES, header, readBounded } from '../../src/oci/response.ts'
+import { ociErrorMessage, refusalError } from '../../src/oci/status.ts'
+import { MAX_TOKEN_BYTES, basicAuthorization, parsePullToken, pullTokenUrl } from '../../src/oci/token.ts'
+import type { ImageRef } from './reference.ts'
 
-export { parseImageRef, parsePlatform, formatPlatform, hostPlatform, type ImageRef, type Platform } from './reference.ts'
+export { parseImageRef, platformFlag, type ImageRef } from './reference.ts'
 
 /**
  * `damselfly get`: fetches blobs and images through the local peer as any
@@ -75,8 +80,6 @@ interface Descriptor {
   platform?: Platform
 }
 
-const MAX_MANIFEST = 4 * 1024 * 1024
-const MAX_ERROR_BODY = 64 * 1024
 const REF_NAME = 'org.opencontainers.image.ref.name'
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json'
 
@@ -86,7 +89,7 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
   const peer = new URL(init.peer)
   const metadataTimeoutMs = init.metadataTimeoutMs ?? 60_000
   const idleTimeoutMs = init.idleTimeoutMs ?? 60_000
-  const basic = init.username === undefined ? undefined : `Basic ${Buffer.from(`${init.username}:${init.password ?? ''}`).toString('base64')}`
+  const basic = init.username === undefined ? undefined : basicAuthorization(init.username, init.password ?? '')
   // One authorization per repository: Basic as given, or a bearer token from the registry's realm.
   const authorizations = new Map<string, string>()
 
@@ -112,7 +115,7 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
       const challenge = header(res, 'www-authenticate')
       await res.body.dump().catch(() => {})
       const token = await bearerToken(ref, challenge, limits.signal)
-      if (token === undefined) throw unauthorized(ref, challenge)
+      if (token === undefined) throw new UnauthorizedError(unauthorizedMessage(ref), challenge)
       authorizations.set(key, token)
     }
   }
@@ -123,20 +126,8 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
    * for a pull token, directly, as containerd and skopeo do.
    */
   async function bearerToken (ref: ImageRef, challenge: string | undefined, signal: AbortSignal): Promise<string | undefined> {
-    const m = challenge === undefined ? null : /^\s*bearer\s+(.*)$/is.exec(challenge)
-    if (m === null) return undefined
-    const params: Record<string, string> = {}
-    for (const p of (m[1] as string).matchAll(/([a-zA-Z_]+)\s*=\s*"([^"]*)"/g)) params[(p[1] as string).toLowerCase()] = p[2] as string
-    if (params.realm === undefined) return undefined
-    let realm: URL
-    try {
-      realm = new URL(params.realm)
-    } catch {
-      throw new OriginProtocolError('the registry\'s token realm is not a URL')
-    }
-    if (realm.protocol !== 'https:' && realm.protocol !== 'http:') throw new OriginProtocolError('the registry\'s token realm is not an http(s) URL')
-    if (params.service !== undefined) realm.searchParams.set('service', params.service)
-    realm.searchParams.set('scope', `repository:${ref.repository}:pull`)
+    const realm = pullTokenUrl(parseChallenge(challenge), ref.repository)
+    if (realm === undefined) return undefined
     const deadline = withDeadline(signal, metadataTimeoutMs, 'registry token request')
     let res: Dispatcher.ResponseData
     try {
@@ -144,41 +135,28 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
     } catch (err) {
       throw transportError(err, deadline, `the registry's token service at ${realm.origin}`)
     }
-    const body = await readBounded(res.body, 256 * 1024)
+    const body = await readBounded(res.body, MAX_TOKEN_BYTES)
     if (res.statusCode === 401 || res.statusCode === 403) return undefined
     if (res.statusCode !== 200) throw new OriginProtocolError(`the registry's token service answered ${res.statusCode}`)
-    let parsed: { token?: unknown, access_token?: unknown }
-    try {
-      parsed = JSON.parse(body.toString('utf8')) as typeof parsed
-    } catch {
-      throw new OriginProtocolError('the registry\'s token service answered something other than JSON')
-    }
-    const token = typeof parsed.token === 'string' && parsed.token !== '' ? parsed.token : parsed.access_token
-    if (typeof token !== 'string' || token === '') throw new OriginProtocolError('the registry\'s token service returned no token')
-    return `Bearer ${token}`
+    return parsePullToken(body).authorization
   }
 
-  function unauthorized (ref: ImageRef, challenge: string | undefined): UnauthorizedError {
+  function unauthorizedMessage (ref: ImageRef): string {
     const where = `${ref.registry.name}/${ref.repository}`
-    return new UnauthorizedError(basic === undefined
-      ? `${where} requires credentials`
-      : `the registry refused the credentials of ${JSON.stringify(init.username)} for ${where}`, challenge)
+    return basic === undefined ? `${where} requires credentials` : `the registry refused the credentials of ${JSON.stringify(init.username)} for ${where}`
   }
 
   async function failure (res: Dispatcher.ResponseData, ref: ImageRef, urlPath: string, what: { digest?: string, reference?: string }): Promise<never> {
-    const body = await readBounded(res.body, MAX_ERROR_BODY).catch(() => Buffer.alloc(0))
-    const why = ociMessage(body)
-    switch (res.statusCode) {
-      case 401: throw unauthorized(ref, header(res, 'www-authenticate'))
-      case 403:
-        // The peer refuses registries it is not configured for before asking them anything.
-        if (header(res, 'x-dragonfly-error-type') === 'proxy') throw new DeniedError(`the peer at ${peer.origin} refused ${ref.registry.name}${why === undefined ? '' : `: ${why}`}`)
-        throw new DeniedError(`the registry denied access to ${ref.registry.name}/${ref.repository}${why === undefined ? '' : `: ${why}`}`)
-      case 404:
-        if (what.digest !== undefined) throw new BlobUnknownError(what.digest)
-        throw new ManifestUnknownError(`${ref.registry.name}/${ref.repository}:${what.reference ?? ''}`)
-    }
-    throw new MirrorStatusError(res.statusCode, `${peer.origin}${urlPath}`, why)
+    const body = await readBounded(res.body, MAX_ERROR_BODY_BYTES).catch(() => Buffer.alloc(0))
+    const why = ociErrorMessage(body)
+    const because = why === undefined ? '' : `: ${why}`
+    // The peer refuses registries it is not configured for before asking them anything.
+    const denied = header(res, 'x-dragonfly-error-type') === 'proxy'
+      ? `the peer at ${peer.origin} refused ${ref.registry.name}${because}`
+      : `the registry denied access to ${ref.registry.name}/${ref.repository}${because}`
+    // A 429 or 5xx is the peer's answer (it says why in the body), not the registry's.
+    throw refusalError(res.statusCode, res, { digest: what.digest, manifest: `${ref.registry.name}/${ref.repository}:${what.reference ?? ''}`, unauthorized: unauthorizedMessage(ref), denied }) ??
+      new MirrorStatusError(res.statusCode, `${peer.origin}${urlPath}`, why)
   }
 
   /** A manifest, whole in memory (bounded) and checked against the digest it was asked by or announced with. */
@@ -189,7 +167,7 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
     if (res.statusCode !== 200) return failure(res, ref, urlPath, { reference })
     let body: Buffer
     try {
-      body = await readBounded(res.body, MAX_MANIFEST)
+      body = await readBounded(res.body, MAX_MANIFEST_BYTES)
     } catch (err) {
       throw transportError(err, deadline)
     }
@@ -328,12 +306,6 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
   }
 }
 
-function pickPlatform (manifests: Descriptor[], want: Platform): Descriptor | undefined {
-  const candidates = manifests.filter(m => m.platform?.os === want.os && m.platform.architecture === want.architecture)
-  if (want.variant !== undefined) return candidates.find(m => m.platform?.variant === want.variant)
-  return candidates[0]
-}
-
 async function blobPath (root: string, digest: Digest): Promise<string> {
   const dir = path.join(root, 'blobs', digest.algorithm)
   await mkdir(dir, { recursive: true })
@@ -390,36 +362,6 @@ async function addToIndex (root: string, entry: Descriptor & { annotations?: Rec
   const tag = entry.annotations?.[REF_NAME]
   const kept = manifests.filter(m => tag !== undefined ? m.annotations?.[REF_NAME] !== tag : !(m.digest === entry.digest && m.annotations?.[REF_NAME] === undefined))
   await writeIfChanged(file, `${JSON.stringify({ schemaVersion: 2, mediaType: OCI_INDEX, manifests: [...kept, entry] }, null, 2)}\n`)
-}
-
-function header (res: Dispatcher.ResponseData, name: string): string | undefined {
-  const value = res.headers[name]
-  return Array.isArray(value) ? value[0] : value
-}
-
-async function readBounded (body: Dispatcher.ResponseData['body'], max: number): Promise<Buffer> {
-  const chunks: Buffer[] = []
-  let total = 0
-  for await (const chunk of body) {
-    total += (chunk as Buffer).length
-    if (total > max) {
-      body.destroy()
-      throw new OriginProtocolError(`answer larger than ${max} bytes`)
-    }
-    chunks.push(chunk as Buffer)
-  }
-  return Buffer.concat(chunks)
-}
-
-function ociMessage (body: Buffer): string | undefined {
-  try {
-    const parsed = JSON.parse(body.toString('utf8')) as { errors?: Array<{ message?: unknown }> }
-    const message = parsed.errors?.[0]?.message
-    return typeof message === 'string' ? message : undefined
-  } catch {
-    const text = body.toString('utf8').trim()
-    return text === '' ? undefined : text.slice(0, 200)
-  }
 }
 
 /** Aborts stay aborts (the caller's reason); anything else on the wire means the peer is not there for us. */

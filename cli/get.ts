@@ -1,9 +1,10 @@
 import path from 'node:path'
 import { parseArgs } from 'node:util'
-import { parseEndpoint } from '../clients/registry.ts'
-import { AbortError, ConfigError, isDamselflyError } from '../errors.ts'
-import { createImageGetter, hostPlatform, parseImageRef, parsePlatform } from '../get/index.ts'
-import { parseDigest } from '../oci/digest.ts'
+import { parseEndpoint } from './clients/registry.ts'
+import { AbortError, ConfigError, isDamselflyError } from '../src/errors.ts'
+import { createImageGetter, parseImageRef, platformFlag } from './get/index.ts'
+import { parseDigest } from '../src/oci/digest.ts'
+import { hostPlatform, type Platform } from '../src/oci/platform.ts'
 import { createProgressRenderer, formatBytes } from './progress.ts'
 
 const HELP = `Fetch a blob, or a whole image into an OCI layout, through the peer, verified
@@ -106,7 +107,7 @@ function parseRequest (values: Record<string, string | boolean | undefined>, pos
   peer: string
   oci: string | undefined
   output: string | undefined
-  platform: ReturnType<typeof parsePlatform> | undefined
+  platform: Platform | undefined
 } {
   if (positionals.length !== 1) throw new ConfigError('reference', 'give exactly one reference, e.g. harbor.example/team/app@sha256:…')
   const ref = parseImageRef(positionals[0] as string)
@@ -121,7 +122,7 @@ function parseRequest (values: Record<string, string | boolean | undefined>, pos
     if (output === '' || output.endsWith(path.sep)) throw new ConfigError('--output', 'name a file')
   }
   if (values['password-stdin'] === true && values.username === undefined) throw new ConfigError('--password-stdin', 'needs --username')
-  const platform = values.platform === undefined ? undefined : parsePlatform(values.platform as string)
+  const platform = values.platform === undefined ? undefined : platformFlag(values.platform as string)
   return { ref, peer, oci, output, platform }
 }
 

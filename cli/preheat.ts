@@ -1,6 +1,6 @@
 import { setTimeout as delay } from 'node:timers/promises'
 import { request } from 'undici'
-import { DamselflyError } from '../errors.ts'
+import { DamselflyError } from '../src/errors.ts'
 
 interface JobView {
   id: string

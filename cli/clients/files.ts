@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto'
 import { constants } from 'node:fs'
 import { copyFile, mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises'
 import path from 'node:path'
-import { ConfigError, StorageError } from '../errors.ts'
+import { ConfigError, StorageError } from '../../src/errors.ts'
 
 export interface WriteResult {
   file: string

@@ -1,5 +1,6 @@
 import { isIP } from 'node:net'
-import { ConfigError } from '../errors.ts'
+import { ConfigError } from '../../src/errors.ts'
+import { DOCKER_HUB_API_HOST, isDockerHub, parseHost, withoutDefaultPort } from '../../src/oci/hosts.ts'
 
 /**
  * A registry as a client configuration names it. Clients key their settings
@@ -26,9 +27,7 @@ export interface Endpoint {
   readonly hostname: string
 }
 
-const DOCKER_HUB_NAMES = new Set(['docker.io', 'index.docker.io', 'registry-1.docker.io', 'registry.hub.docker.com'])
-export const DOCKER_HUB_SERVER = 'https://registry-1.docker.io'
-const LABEL = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/
+export const DOCKER_HUB_SERVER = `https://${DOCKER_HUB_API_HOST}`
 
 /**
  * `host[:port]` (https) or `http(s)://host[:port]`. Everything else is refused
@@ -37,7 +36,7 @@ const LABEL = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/
  */
 export function parseClientRegistry (value: string, flag = '--registry'): ClientRegistry {
   const { scheme, host } = parseAuthority(value, flag, 'https')
-  if (DOCKER_HUB_NAMES.has(host)) return { name: 'docker.io', server: DOCKER_HUB_SERVER, scheme: 'https', dockerHub: true }
+  if (isDockerHub(host)) return { name: 'docker.io', server: DOCKER_HUB_SERVER, scheme: 'https', dockerHub: true }
   return { name: host, server: `${scheme}://${host}`, scheme, dockerHub: false }
 }
 
@@ -73,29 +72,6 @@ function parseAuthority (raw: string, flag: string, defaultScheme: 'http' | 'htt
   if (/[/\\?#]/.test(rest)) fail('a registry is a host, without a path, query or fragment')
   if (rest.includes('@')) fail('credentials do not belong in the address')
   const authority = rest.toLowerCase()
-  let hostname = authority
-  let port: string | undefined
-  if (authority.startsWith('[')) {
-    const close = authority.indexOf(']')
-    if (close === -1) fail('unterminated IPv6 literal')
-    hostname = authority.slice(1, close)
-    const after = authority.slice(close + 1)
-    if (after !== '') {
-      if (!after.startsWith(':')) fail('malformed host')
-      port = after.slice(1)
-    }
-    if (isIP(hostname) !== 6) fail('malformed IPv6 address')
-  } else {
-    const colon = authority.lastIndexOf(':')
-    if (colon !== -1) {
-      hostname = authority.slice(0, colon)
-      port = authority.slice(colon + 1)
-    }
-    if (hostname === '' || hostname.length > 253) fail('malformed host')
-    if (isIP(hostname) === 0 && !hostname.split('.').every(label => LABEL.test(label))) fail('malformed host name')
-  }
-  if (port !== undefined && (!/^\d{1,5}$/.test(port) || Number(port) < 1 || Number(port) > 65535)) fail('port must be 1-65535')
-  const defaultPort = scheme === 'https' ? '443' : '80'
-  const host = port === undefined || port === defaultPort ? authority.replace(/:\d+$/, '') : authority
-  return { scheme, host, hostname }
+  const { hostname } = parseHost(authority, fail)
+  return { scheme, host: withoutDefaultPort(scheme, authority), hostname }
 }

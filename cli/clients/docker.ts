@@ -1,5 +1,5 @@
 import { isDeepStrictEqual } from 'node:util'
-import { ConfigError } from '../errors.ts'
+import { ConfigError } from '../../src/errors.ts'
 import type { Endpoint } from './registry.ts'
 
 /**

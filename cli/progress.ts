@@ -1,4 +1,4 @@
-import type { GetEvent } from '../get/index.ts'
+import type { GetEvent } from './get/index.ts'
 
 export interface ProgressOutput {
   write: (text: string) => unknown
