@@ -3,7 +3,7 @@ import { Readable } from 'node:stream'
 import { test } from 'node:test'
 import { silentLogger } from '../../src/logger.ts'
 import type { BlobService } from '../../peer/blobs/index.ts'
-import { fetchImage } from '../../peer/preheat/index.ts'
+import { fetchImage } from '../../peer/jobs/preheat.ts'
 import { parseRegistryUrl } from '../../peer/upstream/index.ts'
 import { FakeOrigin } from '../fakes/origin.ts'
 
