@@ -68,26 +68,19 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
     return best
   }
 
-  function assign (task: TaskRecord, slot: number, pieces: Iterable<number>, t: number): void {
+  /** Sends a host to the origin for pieces, as first fetcher or as confirmer, on a lease its progress renews. */
+  function lease (task: TaskRecord, role: 'first' | 'confirmer', slot: number, pieces: Iterable<number>, t: number): void {
     // The host now has a stake in this task; its departure must release the assignment.
     state.hostBySlot(slot)?.tasks.add(task.digest)
-    task.assignee ??= new Int32Array(task.pieceCount)
-    task.assignedUntil ??= new Float64Array(task.pieceCount)
+    const who = role === 'first' ? (task.assignee ??= new Int32Array(task.pieceCount)) : (task.confirmer ??= new Int32Array(task.pieceCount))
+    const until = role === 'first' ? (task.assignedUntil ??= new Float64Array(task.pieceCount)) : (task.confirmerUntil ??= new Float64Array(task.pieceCount))
     for (const i of pieces) {
-      task.assignee[i] = slot + 1
-      task.assignedUntil[i] = t + ASSIGNMENT_LEASE_MS
+      who[i] = slot + 1
+      until[i] = t + ASSIGNMENT_LEASE_MS
     }
   }
-
-  function assignConfirmer (task: TaskRecord, slot: number, pieces: Iterable<number>, t: number): void {
-    state.hostBySlot(slot)?.tasks.add(task.digest)
-    task.confirmer ??= new Int32Array(task.pieceCount)
-    task.confirmerUntil ??= new Float64Array(task.pieceCount)
-    for (const i of pieces) {
-      task.confirmer[i] = slot + 1
-      task.confirmerUntil[i] = t + ASSIGNMENT_LEASE_MS
-    }
-  }
+  const assign = (task: TaskRecord, slot: number, pieces: Iterable<number>, t: number): void => { lease(task, 'first', slot, pieces, t) }
+  const assignConfirmer = (task: TaskRecord, slot: number, pieces: Iterable<number>, t: number): void => { lease(task, 'confirmer', slot, pieces, t) }
 
   function score (host: HostRecord, requester: HostRecord, t: number): number {
     const capacity = host.info.uploadCapacity
