@@ -1,7 +1,7 @@
 import type { Readable } from 'node:stream'
 import { LRUCache } from 'lru-cache'
 import type { AbortOptions } from '../../src/abort.ts'
-import { BlobDigestMismatchError, RegistryNotAllowedError, StorageError } from '../../src/errors.ts'
+import { RegistryNotAllowedError } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
 import type { Logger } from '../../src/logger.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
@@ -122,22 +122,7 @@ export class DefaultBlobService implements BlobService {
 
   async complete (task: BlobTask, options: ReadOptions = {}): Promise<void> {
     this.#tasks.set(task.digest, task)
-    const info = this.#store.track(task.digest, task.size, { mediaType: task.mediaType })
-    const unpin = this.#store.pin(task.digest)
-    try {
-      const last = info.pieceCount - 1
-      for (let i = 0; i <= last; i++) {
-        if (this.#store.hasPiece(task.digest, i)) continue
-        await this.#acquisition.acquire(task, i, last, options.signal, options.priority ?? Priority.ON_DEMAND, true)
-      }
-      await this.#acquisition.written(task.digest)
-      if (!await this.#store.verifyBlob(task.digest)) {
-        if (this.#store.info(task.digest)?.complete !== true) throw new StorageError(`blob ${task.digest} could not be kept whole in the cache`)
-        throw new BlobDigestMismatchError(task.digest, 'unknown')
-      }
-    } finally {
-      unpin()
-    }
+    await this.#reader.fill(task, options)
   }
 
   async keep (task: BlobTask, bytes: Buffer): Promise<void> {

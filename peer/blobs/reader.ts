@@ -30,11 +30,13 @@ export interface ReaderInit {
 /**
  * Streams the verified bytes of a blob, or of a range of it, in order.
  *
- * A whole-blob read may send any piece that matched the swarm's table, and
- * hashes what it sends (unless the cache already verified the blob): its last
- * bytes leave only once the whole digest matched. A range has no digest to
- * check, so it is sent only pieces known genuine; a piece that is not is
- * taken from the origin (which confirms the swarm's entry, or shows it wrong).
+ * A whole read of a blob not yet verified here may send any piece that
+ * matched the swarm's table, and hashes what it sends: its last bytes leave
+ * only once the whole digest matched, and then it vouches for the blob in the
+ * cache, which saves the cache a second pass. Any other read (a range, or the
+ * whole of a verified blob) has no hash of its own to lean on, so it is sent
+ * only pieces known genuine; a piece that is not is taken from the origin
+ * (which confirms the swarm's entry, or shows it wrong).
  */
 export class BlobReader {
   readonly #logger: Logger
@@ -57,6 +59,24 @@ export class BlobReader {
 
   /** The first piece is in hand before this resolves, so a failure to start is a clean error rather than a cut response. */
   async read (task: BlobTask, range: ByteRange | undefined, options: ReadOptions): Promise<Readable> {
+    return this.#read(task, range, options, true)
+  }
+
+  /**
+   * Makes the cache hold the whole blob, verified: a whole read whose bytes
+   * go nowhere (a prefetch, a preheat, a seed's fetch), so they count as
+   * fetched but not as served.
+   */
+  async fill (task: BlobTask, options: ReadOptions): Promise<void> {
+    if (this.#store.track(task.digest, task.size, { mediaType: task.mediaType }).verified) return
+    const stream = await this.#read(task, undefined, options, false)
+    for await (const chunk of stream) void chunk
+    if (this.#store.info(task.digest)?.verified !== true && !await this.#store.verifyBlob(task.digest)) {
+      throw new StorageError(`blob ${task.digest} could not be kept whole in the cache`)
+    }
+  }
+
+  async #read (task: BlobTask, range: ByteRange | undefined, options: ReadOptions, serving: boolean): Promise<Readable> {
     const info = this.#store.track(task.digest, task.size, { mediaType: task.mediaType })
     if (task.size === 0) {
       if (!await this.#store.verifyBlob(task.digest)) throw new BlobDigestMismatchError(task.digest, 'the empty blob')
@@ -64,12 +84,12 @@ export class BlobReader {
     }
     const start = range?.start ?? 0
     const end = range?.end ?? task.size - 1
-    const whole = start === 0 && end === task.size - 1
+    const hashing = start === 0 && end === task.size - 1 && !info.verified
     const { first, last } = piecesCovering(start, end, info.pieceSize)
     const unpin = this.#store.pin(task.digest)
     const signal = options.signal
     const priority = options.priority ?? Priority.ON_DEMAND
-    const usable = async (i: number): Promise<Piece> => this.#usable(task, i, last, signal, priority, whole)
+    const usable = async (i: number): Promise<Piece> => this.#usable(task, i, last, signal, priority, hashing)
     let firstPiece: Piece
     try {
       firstPiece = await usable(first)
@@ -96,25 +116,20 @@ export class BlobReader {
           const piece = i === first ? firstPiece : await (ahead.shift() as Promise<Piece>)
           const { offset, length } = pieceBounds(i, task.size, info.pieceSize)
           if (piece.data.length !== length) throw new StorageError(`piece ${i} of ${task.digest} is ${piece.data.length} bytes, expected ${length}`)
-          if (i === info.pieceCount - 1) {
-            await self.#acquisition.written(task.digest)
-            await self.#checkWhole(task)
-          }
           const from = Math.max(start - offset, 0)
           const to = Math.min(end - offset + 1, piece.data.length)
           const slice = from === 0 && to === piece.data.length ? piece.data : piece.data.subarray(from, to)
-          self.#counters.served(piece.source, slice.length)
+          if (serving) self.#counters.served(piece.source, slice.length)
           yield { data: slice, sha256: piece.sha256 }
         }
       } finally {
         unpin()
       }
     }
-    // Whatever the cache keeps of it, a whole read hashes what it sends unless the cache already vouched for the whole blob.
     async function * bytes (): AsyncGenerator<Buffer> {
       for await (const piece of pieces()) yield piece.data
     }
-    if (!whole || info.verified) return Readable.from(bytes(), { objectMode: false, highWaterMark: 64 * 1024 })
+    if (!hashing) return Readable.from(bytes(), { objectMode: false, highWaterMark: 64 * 1024 })
     async function * verified (): AsyncGenerator<Buffer> {
       const table = createHash('sha256')
       async function * tabled (): AsyncGenerator<Buffer> {
@@ -124,21 +139,31 @@ export class BlobReader {
           yield piece.data
         }
       }
+      const vouch = async (): Promise<void> => {
+        // Every piece handed out is on its way to the cache; once there, this hash covers the blob it holds.
+        await self.#acquisition.written(task.digest)
+        self.#store.attest(task.digest, table.copy().digest('hex'))
+      }
       try {
-        yield * verifyWhole(tabled(), parseDigest(task.digest), task.size)
+        yield * verifyWhole(tabled(), parseDigest(task.digest), task.size, vouch)
       } catch (err) {
-        // Every piece matched the table and the whole did not: the table is wrong.
-        if (err instanceof BlobDigestMismatchError) self.#source?.mismatch(swarmTask(task), { table: table.digest('hex') })
+        if (err instanceof BlobDigestMismatchError) {
+          // Every piece matched the table and the whole did not: the table is wrong, and so is what the cache holds of it.
+          self.#logger.error({ digest: task.digest, err: err.message }, 'the blob read does not match its digest; dropping the cached copy')
+          self.#source?.mismatch(swarmTask(task), { table: table.digest('hex') })
+          await self.#acquisition.written(task.digest)
+          await self.#store.remove(task.digest, 'digest-mismatch')
+        }
         throw err
       }
     }
     return Readable.from(verified(), { objectMode: false, highWaterMark: 64 * 1024 })
   }
 
-  /** A piece a read may send: for a range, one known genuine (taken from the origin when the swarm's is not). */
-  async #usable (task: BlobTask, index: number, lastWanted: number, signal: AbortSignal | undefined, priority: number, whole: boolean): Promise<Piece> {
-    const piece = await this.#acquisition.acquire(task, index, lastWanted, signal, priority, whole)
-    if (whole || piece.trusted) return piece
+  /** A piece a read may send: unless the read hashes the whole blob, one known genuine (taken from the origin when the swarm's is not). */
+  async #usable (task: BlobTask, index: number, lastWanted: number, signal: AbortSignal | undefined, priority: number, hashing: boolean): Promise<Piece> {
+    const piece = await this.#acquisition.acquire(task, index, lastWanted, signal, priority, hashing)
+    if (hashing || piece.trusted) return piece
     return this.#originPiece(task, index, signal, priority)
   }
 
@@ -165,16 +190,5 @@ export class BlobReader {
       this.#logger.debug({ err, digest: task.digest, piece: index }, 'could not keep a piece confirmed from the origin')
     })
     return { data, sha256: hex, source: 'origin', trusted: true }
-  }
-
-  /**
-   * Before the last byte of a blob leaves, the blob as a whole must match its
-   * digest when the cache holds all of it. A blob dropped while we read it
-   * (it failed that check elsewhere) fails this read too.
-   */
-  async #checkWhole (task: BlobTask): Promise<void> {
-    const info = this.#store.info(task.digest)
-    if (info === undefined) throw new BlobDigestMismatchError(task.digest, 'dropped while reading')
-    if (info.complete && !await this.#store.verifyBlob(task.digest)) throw new BlobDigestMismatchError(task.digest, 'mismatch')
   }
 }

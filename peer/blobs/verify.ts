@@ -8,9 +8,10 @@ import type { Digest } from '../../src/oci/digest.ts'
  * has delivered exactly `size` bytes that hash to `digest`; any other end
  * throws before the final chunk leaves, so the response carrying it is cut
  * and the client sees a short body, never a complete 200 of wrong bytes.
- * At most one chunk is held.
+ * At most one chunk is held. `onMatch` runs once the digest matched, before
+ * the last chunk leaves.
  */
-export async function * verifyWhole (source: AsyncIterable<Buffer>, digest: Digest, size: number): AsyncGenerator<Buffer> {
+export async function * verifyWhole (source: AsyncIterable<Buffer>, digest: Digest, size: number, onMatch?: () => Promise<void>): AsyncGenerator<Buffer> {
   const hash = createHash(digest.algorithm)
   let held: Buffer | undefined
   let total = 0
@@ -25,5 +26,6 @@ export async function * verifyWhole (source: AsyncIterable<Buffer>, digest: Dige
   if (total !== size) throw new BlobDigestMismatchError(digest.value, `${total} of ${size} bytes`)
   const actual = `${digest.algorithm}:${hash.digest('hex')}`
   if (actual !== digest.value) throw new BlobDigestMismatchError(digest.value, actual)
+  await onMatch?.()
   if (held !== undefined) yield held
 }

@@ -1,11 +1,10 @@
-import { createHash } from 'node:crypto'
 import { EventEmitter } from 'node:events'
 import { mkdir, open, rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import { LRUCache } from 'lru-cache'
 import type { AbortOptions } from '../../src/abort.ts'
 import { DEFAULTS, bytes } from '../../src/config/defaults.ts'
-import { BlobDigestMismatchError, PieceDigestMismatchError, StorageError } from '../../src/errors.ts'
+import { PieceDigestMismatchError, StorageError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, Gauge } from '../../src/metrics.ts'
 import { parseDigest, sha256Hex } from '../../src/oci/digest.ts'
@@ -15,17 +14,21 @@ import { FileHandles } from './handles.ts'
 import type { BlobInfo, PieceStore, PieceStoreComponents, PieceStoreInit, StoreEvents, WritePieceOptions } from './index.ts'
 import { MetadataFiles } from './metadata.ts'
 import { Quota, heldBytes } from './quota.ts'
-import { WholeHasher } from './whole-hash.ts'
+import { WholeHasher, tableOf } from './whole-hash.ts'
 
 /**
  * Pieces live in one sparse file per blob, written at their offsets, beside a
  * JSON metadata file: `<dataDir>/blobs/<algorithm>/<hex>/{data,meta.json}`.
  * Paths are built only from validated digests, never from request input.
  *
- * Integrity: a piece's SHA-256 is recorded when it is written and checked
- * again on every read from disk, so bit rot or a tampered file is caught and
- * re-fetched rather than served; the whole blob is checked as it completes
- * (whole-hash.ts). The store itself keeps the blobs in recency order, the
+ * Integrity: a piece's SHA-256 is recorded when it is written, and bytes
+ * read from disk are checked against it the first time this process reads
+ * them (after a restart, every piece once more), so bit rot or a tampered
+ * file found then is dropped and re-fetched rather than served. Within one
+ * run the store trusts the bytes it wrote or checked itself: hashing them
+ * again on every read cost an uploading peer a pass over every byte it sent.
+ * The whole blob is checked once it is complete (whole-hash.ts). The store
+ * itself keeps the blobs in recency order, the
  * hot-piece memory and the events; file handles, metadata and the quota are
  * modules of their own.
  */
@@ -43,6 +46,9 @@ export class DiskPieceStore implements PieceStore {
   readonly #meta: MetadataFiles
   readonly #quota: Quota
   readonly #hash: WholeHasher
+  /** Complete blobs waiting for their background whole-blob check, and the chain that runs them. */
+  readonly #queued = new Set<Entry>()
+  #background: Promise<void> = Promise.resolve()
   #started = false
 
   readonly #metrics: { bytes: Gauge, blobs: Gauge, evictions: Counter, verifyFailures: Counter } | undefined
@@ -60,10 +66,10 @@ export class DiskPieceStore implements PieceStore {
       mismatch: (entry, actual) => {
         this.#metrics?.verifyFailures.inc({ source: 'blob' })
         this.#logger.error({ digest: entry.digest.value, actual }, 'blob does not match its digest; removing it')
-        this.#events.emit('mismatch', entry.digest.value, createHash('sha256').update(entry.digests).digest('hex'))
+        this.#events.emit('mismatch', entry.digest.value, tableOf(entry))
         void this.#drop(entry, 'digest-mismatch')
       }
-    }, async (entry, index) => this.#readVerified(entry, index))
+    }, async (entry, index) => this.#started ? this.#readVerified(entry, index) : undefined)
     this.#hot = new LRUCache<string, Buffer>({
       maxSize: Math.max(1, init.memoryCacheBytes ?? bytes(DEFAULTS.memoryCacheSize)),
       sizeCalculation: (b) => Math.max(1, b.length)
@@ -97,10 +103,11 @@ export class DiskPieceStore implements PieceStore {
   }
 
   async stop (): Promise<void> {
+    this.#started = false
     await Promise.all(this.#writes)
+    await this.#background
     await this.#meta.stop(this.#entries.values())
     this.#hot.clear()
-    this.#started = false
     await this.#handles.stop(this.#entries.values())
   }
 
@@ -175,7 +182,15 @@ export class DiskPieceStore implements PieceStore {
     if (entry === undefined) return false
     if (entry.verified) return true
     if (!entry.held.complete) return false
-    await this.#hash.advance(entry, -1, undefined)
+    await this.#hash.verify(entry)
+    return entry.verified
+  }
+
+  attest (digest: string, table: string): boolean {
+    const entry = this.#entries.get(digest)
+    if (entry === undefined) return false
+    const was = entry.verified
+    if (this.#hash.attest(entry, table) && !was) this.#logger.debug({ digest }, 'a whole read vouched for the blob')
     return entry.verified
   }
 
@@ -201,6 +216,7 @@ export class DiskPieceStore implements PieceStore {
       if (released) return
       released = true
       entry.pins--
+      this.#verifyWhenIdle(entry)
     }
   }
 
@@ -258,16 +274,32 @@ export class DiskPieceStore implements PieceStore {
       return !entry.removed
     }
     entry.held.add(index)
+    entry.checked.add(index)
     if (trusted) entry.trusted.add(index)
     Buffer.from(hex, 'hex').copy(entry.digests, index * SHA256_BYTES)
     this.#hot.set(hotKey(entry, index), data)
     this.#touch(entry)
     this.#meta.markDirty(entry)
     this.#events.emit('piece', digest, index, hex, options.source ?? 'origin')
-
-    await this.#hash.advance(entry, index, data)
-    if (entry.mismatch !== undefined) throw new BlobDigestMismatchError(digest, entry.mismatch)
+    this.#verifyWhenIdle(entry)
     return true
+  }
+
+  /**
+   * A complete blob nobody is reading is hashed in the background, one at a
+   * time: a whole read under way hashes it as it sends and vouches for it
+   * (`attest`), which saves the pass.
+   */
+  #verifyWhenIdle (entry: Entry): void {
+    if (entry.pins > 0 || entry.verified || entry.removed || !entry.held.complete || this.#queued.has(entry)) return
+    this.#queued.add(entry)
+    this.#background = this.#background.then(async () => {
+      this.#queued.delete(entry)
+      if (entry.pins > 0 || !this.#started) return
+      await this.#hash.verify(entry)
+    }).catch((err: unknown) => {
+      this.#logger.warn({ err, digest: entry.digest.value }, 'could not check a blob\'s digest')
+    })
   }
 
   async #readVerified (entry: Entry, index: number): Promise<Buffer | undefined> {
@@ -292,11 +324,14 @@ export class DiskPieceStore implements PieceStore {
       return undefined
     }
     if (!entry.held.has(index)) return undefined
-    if (sha256Hex(buf) !== pieceDigestOf(entry, index)) {
-      this.#metrics?.verifyFailures.inc({ source: 'local' })
-      this.#logger.warn({ digest: entry.digest.value, piece: index }, 'piece on disk failed verification; it will be fetched again')
-      this.#dropPiece(entry, index, 'corrupt')
-      return undefined
+    if (!entry.checked.has(index)) {
+      if (sha256Hex(buf) !== pieceDigestOf(entry, index)) {
+        this.#metrics?.verifyFailures.inc({ source: 'local' })
+        this.#logger.warn({ digest: entry.digest.value, piece: index }, 'piece on disk failed verification; it will be fetched again')
+        this.#dropPiece(entry, index, 'corrupt')
+        return undefined
+      }
+      entry.checked.add(index)
     }
     this.#hot.set(hotKey(entry, index), buf)
     return buf
@@ -305,6 +340,7 @@ export class DiskPieceStore implements PieceStore {
   #dropPiece (entry: Entry, index: number, reason: string): void {
     if (!entry.held.delete(index)) return
     entry.trusted.delete(index)
+    entry.checked.delete(index)
     this.#quota.release(pieceBounds(index, entry.size, entry.pieceSize).length)
     this.#hot.delete(hotKey(entry, index))
     this.#hash.reset(entry)

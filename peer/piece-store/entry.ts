@@ -1,4 +1,3 @@
-import type { Hash } from 'node:crypto'
 import type { FileHandle } from 'node:fs/promises'
 import type { Digest } from '../../src/oci/digest.ts'
 import { PieceSet } from '../../src/pieces.ts'
@@ -28,8 +27,14 @@ export interface Entry {
   readonly held: PieceSet
   /** Held pieces known genuine: from the origin, matched to a confirmed entry, or in a verified blob. */
   readonly trusted: PieceSet
-  /** count × 32 bytes: each held piece's SHA-256, recorded when it was written and checked on every read. */
+  /** count × 32 bytes: each held piece's SHA-256, recorded when it was written. */
   readonly digests: Buffer
+  /**
+   * Held pieces whose bytes on disk this process has matched with their
+   * SHA-256: written by it, or read back and checked once. Not persisted: after
+   * a restart every piece is checked again on its first read.
+   */
+  readonly checked: PieceSet
   verified: boolean
   pins: number
   removed: boolean
@@ -38,10 +43,8 @@ export interface Entry {
   flushTimer: NodeJS.Timeout | undefined
   flushing: Promise<void>
   dirty: boolean
-  /** Whole-blob hash over the contiguous prefix of pieces [0, hashedUpTo). */
-  hasher: Hash | undefined
-  hashedUpTo: number
-  hashChain: Promise<void>
+  /** The whole-blob hash under way (whole-hash.ts), if any. */
+  hashing: Promise<void> | undefined
   mismatch: string | undefined
 }
 
@@ -56,6 +59,7 @@ export function newEntry (digest: Digest, dir: string, size: number, pieceSize: 
     held: new PieceSet(count),
     trusted: new PieceSet(count),
     digests: Buffer.alloc(count * SHA256_BYTES),
+    checked: new PieceSet(count),
     verified: false,
     pins: 0,
     removed: false,
@@ -64,9 +68,7 @@ export function newEntry (digest: Digest, dir: string, size: number, pieceSize: 
     flushTimer: undefined,
     flushing: Promise.resolve(),
     dirty: false,
-    hasher: undefined,
-    hashedUpTo: 0,
-    hashChain: Promise.resolve(),
+    hashing: undefined,
     mismatch: undefined
   }
 }

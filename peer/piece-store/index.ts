@@ -66,7 +66,7 @@ export interface StoreEvents {
   removed: (digest: string, reason: string, index?: number) => void
 }
 
-/** What the data path reads through: held pieces, verified again on every read from disk. */
+/** What the data path reads through: held pieces, checked against their SHA-256 before a byte of them is returned. */
 export interface PieceReader {
   info: (digest: string) => BlobInfo | undefined
   hasPiece: (digest: string, index: number) => boolean
@@ -75,12 +75,17 @@ export interface PieceReader {
   /** The recorded SHA-256 (hex) of a held piece. */
   pieceDigest: (digest: string, index: number) => string | undefined
   /**
-   * Reads and re-verifies a held piece. Returns `undefined` when the piece is
-   * not held or failed verification (it is then dropped and must be fetched
-   * again); never returns bytes that do not match the recorded digest.
+   * Reads a held piece, checking bytes from disk against the recorded SHA-256
+   * the first time this process reads them. Returns `undefined` when the
+   * piece is not held or failed that check (it is then dropped and must be
+   * fetched again); never returns bytes that did not match the recorded digest.
    */
   readPiece: (digest: string, index: number, options?: AbortOptions) => Promise<Buffer | undefined>
-  /** Keeps a blob from eviction while it is read or written; call the returned function to release. */
+  /**
+   * Keeps a blob from eviction while it is read or written; call the returned
+   * function to release. A pinned blob's background whole-blob check waits
+   * until the last pin goes: the reader holding it may vouch for it instead.
+   */
   pin: (digest: string) => () => void
 }
 
@@ -94,14 +99,20 @@ export interface PieceWriter extends PieceReader {
   track: (digest: string, size: number, options?: { mediaType?: string | undefined }) => BlobInfo
   /**
    * Writes a piece. Throws `PieceDigestMismatchError` when `data` contradicts
-   * the SHA-256 recorded for a piece already held, and
-   * `BlobDigestMismatchError` when this piece completes the blob and the whole
-   * blob does not hash to its digest (the blob is then removed). Returns false
-   * when the quota left no room (the bytes are still good to serve, just not kept).
+   * the SHA-256 recorded for a piece already held. Returns false when the
+   * quota left no room (the bytes are still good to serve, just not kept).
+   * A write that completes a blob nobody has pinned starts its whole-blob
+   * check in the background (a blob that fails it is removed).
    */
   writePiece: (digest: string, index: number, data: Buffer, options?: WritePieceOptions) => Promise<boolean>
-  /** Resolves once a complete blob's whole digest has been checked (true) or found wrong (false). */
+  /** Hashes a complete blob unless verified already: true when it matched its digest (false when not, or not complete). */
   verifyBlob: (digest: string) => Promise<boolean>
+  /**
+   * A reader hashed the whole blob to its digest, from pieces whose SHA-256s,
+   * in order, hash to `table`: when those are the pieces held here, the blob
+   * is verified without another pass. Returns whether it is verified now.
+   */
+  attest: (digest: string, table: string) => boolean
   remove: (digest: string, reason: string) => Promise<void>
   /**
    * The swarm's table for a blob was wrong: keeps what is known genuine (a

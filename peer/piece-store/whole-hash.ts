@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto'
-import type { Entry } from './entry.ts'
+import { SHA256_BYTES, type Entry } from './entry.ts'
 
 export interface WholeHashEvents {
   /** The blob hashed to its digest. */
@@ -9,51 +9,62 @@ export interface WholeHashEvents {
 }
 
 /**
- * The whole-blob check, done as pieces land: each blob is hashed over the
- * contiguous prefix of pieces it holds, so an in-order download learns
- * whether the blob matches its digest the moment the last piece is written,
- * before that piece is handed to anyone. Steps run one at a time per blob.
+ * The whole-blob check. Hashing a blob costs a pass over every byte, so it is
+ * done once, by whoever already has the bytes in order: a whole read hashes
+ * what it sends and then vouches for the blob (`attest`) with the SHA-256s of
+ * the pieces it hashed; a blob completed some other way (range reads, pieces
+ * from several sources) is hashed here, reading its pieces back, one blob at
+ * a time per entry.
  */
 export class WholeHasher {
   readonly #events: WholeHashEvents
   readonly #read: (entry: Entry, index: number) => Promise<Buffer | undefined>
 
-  /** `read` fetches a held piece (verified against its own digest) that is not in hand. */
+  /** `read` fetches a held piece (checked against its own SHA-256). */
   constructor (events: WholeHashEvents, read: (entry: Entry, index: number) => Promise<Buffer | undefined>) {
     this.#events = events
     this.#read = read
   }
 
-  /** Feeds the hash with every piece of the prefix now held; `justWritten` saves a read of the piece just written. */
-  async advance (entry: Entry, justIndex: number, justWritten: Buffer | undefined): Promise<void> {
-    const step = async (): Promise<void> => {
-      while (!entry.removed && !entry.verified && entry.hashedUpTo < entry.count && entry.held.has(entry.hashedUpTo)) {
-        const i = entry.hashedUpTo
-        const buf = i === justIndex && justWritten !== undefined ? justWritten : await this.#read(entry, i)
-        if (buf === undefined || entry.hashedUpTo !== i) return
-        entry.hasher ??= createHash(entry.digest.algorithm)
-        entry.hasher.update(buf)
-        entry.hashedUpTo++
-      }
-      if (entry.removed || entry.verified || entry.hashedUpTo < entry.count || entry.hasher === undefined) {
-        if (entry.count === 0 && !entry.verified) this.#finish(entry, createHash(entry.digest.algorithm).digest('hex'))
-        return
-      }
-      this.#finish(entry, entry.hasher.digest('hex'))
-    }
-    entry.hashChain = entry.hashChain.then(step, step)
-    await entry.hashChain
+  /** Hashes a complete blob, unless it is verified already or a piece goes meanwhile. */
+  async verify (entry: Entry): Promise<void> {
+    entry.hashing ??= this.#hash(entry).finally(() => { entry.hashing = undefined })
+    await entry.hashing
   }
 
-  /** Starts over (a piece of the prefix went). */
+  /**
+   * A reader hashed the whole blob to its digest, from pieces whose SHA-256s
+   * hash to `table`. When those are the SHA-256s recorded for the pieces held
+   * here (all of them), the blob held here is the blob that was hashed.
+   */
+  attest (entry: Entry, table: string): boolean {
+    if (entry.removed || entry.verified) return entry.verified
+    if (!entry.held.complete || tableOf(entry) !== table) return false
+    this.#finish(entry, entry.digest.hex)
+    return true
+  }
+
+  /** A piece went: whatever was verified no longer is. */
   reset (entry: Entry): void {
     entry.verified = false
-    entry.hasher = undefined
-    entry.hashedUpTo = 0
+  }
+
+  async #hash (entry: Entry): Promise<void> {
+    if (entry.removed || entry.verified || !entry.held.complete) return
+    const hash = createHash(entry.digest.algorithm)
+    const before = tableOf(entry)
+    for (let i = 0; i < entry.count; i++) {
+      const buf = await this.#read(entry, i)
+      // A piece failed its own check or was dropped: the blob is not complete any more.
+      if (buf === undefined || entry.removed || entry.verified) return
+      hash.update(buf)
+    }
+    // A piece replaced while we read would make this hash meaningless.
+    if (!entry.held.complete || tableOf(entry) !== before) return
+    this.#finish(entry, hash.digest('hex'))
   }
 
   #finish (entry: Entry, actualHex: string): void {
-    entry.hasher = undefined
     if (actualHex === entry.digest.hex) {
       entry.verified = true
       for (const i of entry.held) entry.trusted.add(i)
@@ -63,4 +74,9 @@ export class WholeHasher {
     entry.mismatch = `${entry.digest.algorithm}:${actualHex}`
     this.#events.mismatch(entry, entry.mismatch)
   }
+}
+
+/** The SHA-256 of a blob's piece table: its pieces' SHA-256s, in order. */
+export function tableOf (entry: Entry): string {
+  return createHash('sha256').update(entry.digests.subarray(0, entry.count * SHA256_BYTES)).digest('hex')
 }
