@@ -1,9 +1,9 @@
 import { createHmac, timingSafeEqual } from 'node:crypto'
 import type { IncomingMessage } from 'node:http'
-import { Agent, type Dispatcher } from 'undici'
 import type { AbortOptions } from '../../src/abort.ts'
-import { PeerBusyError, PeerUnavailableError, PieceNotHeldError, ProtocolError, isAbort } from '../../src/errors.ts'
-import { PIECE_HTTP_PATH, PIECE_HTTP_PEER_HEADER, type PieceRequest } from '../../src/protocol/messages.ts'
+import { PeerUnavailableError, isAbort } from '../../src/errors.ts'
+import { answerError, PieceConnectionPool, type PieceConnectionPoolInit } from './piece-client.ts'
+import { PIECE_HTTP_PATH, type PieceRequest } from '../../src/protocol/messages.ts'
 
 /**
  * The HTTP data plane between peers. libp2p carries the control plane
@@ -76,38 +76,18 @@ export interface PieceHttpClient {
   close: () => Promise<void>
 }
 
-export function createPieceHttpClient (init: { self: string, secret?: Buffer | undefined, dispatcher?: Dispatcher }): PieceHttpClient {
-  const dispatcher = init.dispatcher ?? new Agent({ connections: 16, keepAliveTimeout: 30_000, headersTimeout: 0, bodyTimeout: 30_000 })
+export function createPieceHttpClient (init: { self: string, secret?: Buffer | undefined, pool?: PieceConnectionPoolInit }): PieceHttpClient {
+  const pool = new PieceConnectionPool(init.pool)
   /** The address that answered as the right peer last time, per peer. */
   const working = new Map<string, string>()
 
   async function attempt (base: string, parentId: string, request: PieceRequest, length: number, signal: AbortSignal): Promise<Buffer | 'wrong-peer'> {
     const headers: Record<string, string> = {}
     if (init.secret !== undefined) headers.authorization = authorizationFor(init.secret, init.self, parentId, request)
-    const res = await dispatcher.request({ origin: base, path: pieceUrlPath(request.digest, request.index, request.waitMs), method: 'GET', headers, signal })
-    try {
-      if (res.headers[PIECE_HTTP_PEER_HEADER] !== parentId) return 'wrong-peer'
-      if (res.statusCode !== 200) {
-        const text = (await res.body.text().catch(() => '')).slice(0, 200)
-        const why = `${parentId} answered ${res.statusCode} for piece ${request.index}: ${text}`
-        if (res.statusCode === 503) throw new PeerBusyError(why)
-        if (res.statusCode === 404) throw new PieceNotHeldError(why)
-        throw new PeerUnavailableError(why)
-      }
-      const declared = Number(res.headers['content-length'])
-      if (declared !== length) throw new ProtocolError(`${parentId} offered ${declared} bytes for a ${length}-byte piece`)
-      const data = Buffer.allocUnsafe(length)
-      let off = 0
-      for await (const chunk of res.body as AsyncIterable<Buffer>) {
-        if (off + chunk.length > length) throw new ProtocolError(`${parentId} sent more than ${length} bytes`)
-        chunk.copy(data, off)
-        off += chunk.length
-      }
-      if (off !== length) throw new PeerUnavailableError(`${parentId} stopped after ${off} of ${length} bytes`)
-      return data
-    } finally {
-      if (!res.body.destroyed) res.body.destroy()
-    }
+    const res = await pool.get(base, pieceUrlPath(request.digest, request.index, request.waitMs), headers, length, signal)
+    if (res.peer !== parentId) return 'wrong-peer'
+    if (res.status !== 200 || res.body === undefined) throw answerError(res, parentId, request.index)
+    return res.body
   }
 
   return {
@@ -129,14 +109,14 @@ export function createPieceHttpClient (init: { self: string, secret?: Buffer | u
           if (isAbort(err) || options.signal.aborted) throw err
           // Only an address that cannot be reached is worth trying the next one for.
           const code = (err as { code?: string }).code
-          if (code !== 'ECONNREFUSED' && code !== 'EHOSTUNREACH' && code !== 'ENETUNREACH' && code !== 'UND_ERR_CONNECT_TIMEOUT') throw err
+          if (code !== 'ECONNREFUSED' && code !== 'EHOSTUNREACH' && code !== 'ENETUNREACH' && code !== 'ETIMEDOUT') throw err
           lastError = err
         }
       }
       throw lastError instanceof PeerUnavailableError ? lastError : new PeerUnavailableError(`cannot reach the upload port of ${parent.peerId}: ${(lastError as Error | undefined)?.message ?? 'no address'}`, { cause: lastError })
     },
     async close () {
-      await dispatcher.close()
+      pool.close()
     }
   }
 }

@@ -189,7 +189,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     res.setHeader(PIECE_HTTP_PEER_HEADER, components.node.peerId)
     const asked = readPieceRequest(req, components.node.peerId, secret)
     if ('status' in asked) {
-      res.writeHead(asked.status, { 'content-type': 'application/json' }).end(JSON.stringify({ status: 'refused', message: asked.message }))
+      sendJson(res, asked.status, { status: 'refused', message: asked.message })
       return
     }
     guard?.vouch(req.socket)
@@ -200,7 +200,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     requests?.inc({ status: produced.status })
     if (produced.status !== 'ok') {
       const code = produced.status === 'not-found' ? 404 : produced.status === 'busy' ? 503 : 502
-      res.writeHead(code, { 'content-type': 'application/json' }).end(JSON.stringify(produced))
+      sendJson(res, code, produced)
       return
     }
     try {
@@ -262,4 +262,10 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       http?.closeAllConnections()
     }
   }
+}
+
+/** A refusal with its length declared: children read bodies by Content-Length, never chunked. */
+function sendJson (res: ServerResponse, status: number, body: unknown): void {
+  const text = Buffer.from(JSON.stringify(body))
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': text.length }).end(text)
 }

@@ -1,0 +1,183 @@
+import assert from 'node:assert/strict'
+import { randomBytes } from 'node:crypto'
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net'
+import { test } from 'node:test'
+import { PeerUnavailableError, ProtocolError } from '../../src/errors.ts'
+import { PieceConnectionPool } from '../../peer/swarm/piece-client.ts'
+
+/**
+ * The piece client against a raw TCP server that answers whatever each test
+ * scripts: a well-behaved upload port, and the ways a hostile or broken one
+ * can answer. The client reads a body straight into the piece's buffer, so
+ * what matters is that it never takes more or fewer bytes than the response
+ * declared, never lets one response's bytes leak into the next, and never
+ * hangs.
+ */
+
+type Script = (socket: Socket, request: string) => void
+
+async function rawServer (script: Script): Promise<{ base: string, server: Server, connections: () => number, close: () => Promise<void> }> {
+  let connections = 0
+  const sockets = new Set<Socket>()
+  const server = createServer((socket) => {
+    connections++
+    sockets.add(socket)
+    socket.on('close', () => sockets.delete(socket))
+    socket.on('error', () => {})
+    let pending = ''
+    socket.on('data', (chunk) => {
+      pending += chunk.toString('latin1')
+      let end
+      while ((end = pending.indexOf('\r\n\r\n')) >= 0) {
+        const request = pending.slice(0, end)
+        pending = pending.slice(end + 4)
+        script(socket, request)
+      }
+    })
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  return {
+    base: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    server,
+    connections: () => connections,
+    close: async () => {
+      for (const s of sockets) s.destroy()
+      await new Promise(resolve => server.close(resolve))
+    }
+  }
+}
+
+const ok = (body: Buffer, extra = ''): Buffer => Buffer.concat([Buffer.from(`HTTP/1.1 200 OK\r\ncontent-length: ${body.length}\r\nx-damselfly-peer: parent\r\n${extra}\r\n`), body])
+const signal = (): AbortSignal => AbortSignal.timeout(10_000)
+
+test('bodies arrive whole and exact, over one kept-alive connection, however the bytes are split', async (t) => {
+  const pieces = [randomBytes(1 << 20), randomBytes(12345), randomBytes(1 << 20)]
+  let n = 0
+  const srv = await rawServer((socket) => {
+    const bytes = ok(pieces[n++ % pieces.length] as Buffer)
+    // Dribble the response in odd-sized writes: headers and body split anywhere.
+    let off = 0
+    const step = (): void => {
+      if (off >= bytes.length) return
+      const size = 1 + Math.floor(Math.random() * 70_000)
+      socket.write(bytes.subarray(off, off + size))
+      off += size
+      setImmediate(step)
+    }
+    step()
+  })
+  const pool = new PieceConnectionPool()
+  t.after(async () => { pool.close(); await srv.close() })
+  for (const expected of [...pieces, ...pieces]) {
+    const res = await pool.get(srv.base, '/p', {}, expected.length, signal())
+    assert.equal(res.status, 200)
+    assert.equal(res.peer, 'parent')
+    assert.ok(res.body?.equals(expected))
+  }
+  assert.equal(srv.connections(), 1, 'one connection, reused')
+})
+
+test('a body longer or shorter than the piece is refused, and nothing of it reaches the next request', async (t) => {
+  const good = randomBytes(4096)
+  let n = 0
+  const srv = await rawServer((socket) => {
+    n++
+    if (n === 1) socket.write(ok(randomBytes(4097)))
+    else if (n === 2) socket.end(Buffer.concat([Buffer.from('HTTP/1.1 200 OK\r\ncontent-length: 4096\r\nx-damselfly-peer: parent\r\n\r\n'), randomBytes(100)]))
+    else if (n === 3) socket.write(Buffer.concat([ok(good), randomBytes(64)]))
+    else socket.write(ok(good))
+  })
+  const pool = new PieceConnectionPool()
+  t.after(async () => { pool.close(); await srv.close() })
+  await assert.rejects(pool.get(srv.base, '/p', {}, 4096, signal()), ProtocolError, 'declared a different length')
+  await assert.rejects(pool.get(srv.base, '/p', {}, 4096, signal()), PeerUnavailableError, 'stopped short')
+  // The third answers the piece and then bytes nobody asked for.
+  await assert.rejects(pool.get(srv.base, '/p', {}, 4096, signal()), ProtocolError, 'bytes past the body')
+  await new Promise(resolve => setTimeout(resolve, 50))
+  const fourth = await pool.get(srv.base, '/p', {}, 4096, signal())
+  assert.ok(fourth.body?.equals(good), 'the stray bytes did not become the start of the next body')
+  assert.ok(srv.connections() >= 3)
+})
+
+test('answers the protocol does not use are refused; error bodies are bounded', async (t) => {
+  const answers = [
+    'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-damselfly-peer: parent\r\n\r\n',
+    'HTTP/1.1 200 OK\r\nx-damselfly-peer: parent\r\n\r\n',
+    'HTTP/1.1 200 OK\r\ncontent-length: 10\r\ncontent-length: 11\r\n\r\n',
+    'SSH-2.0-OpenSSH\r\n\r\n',
+    `HTTP/1.1 404 Not Found\r\ncontent-length: 100000\r\n\r\n${'x'.repeat(100)}`,
+    `HTTP/1.1 200 OK\r\n${'x-filler: y\r\n'.repeat(3000)}\r\n`
+  ]
+  let n = 0
+  const srv = await rawServer((socket) => { socket.write(answers[n++] as string) })
+  const pool = new PieceConnectionPool()
+  t.after(async () => { pool.close(); await srv.close() })
+  for (const answer of answers) await assert.rejects(pool.get(srv.base, '/p', {}, 10, signal()), ProtocolError, answer.slice(0, 40))
+})
+
+test('a refusal sent chunked (as older peers do) still comes back as its status; the connection is not reused', async (t) => {
+  const srv = await rawServer((socket) => {
+    socket.write('HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\nx-damselfly-peer: parent\r\n\r\n16\r\n{"status":"not-found"}\r\n0\r\n\r\n')
+  })
+  const pool = new PieceConnectionPool()
+  t.after(async () => { pool.close(); await srv.close() })
+  assert.equal((await pool.get(srv.base, '/p', {}, 10, signal())).status, 404)
+  assert.equal((await pool.get(srv.base, '/p', {}, 10, signal())).status, 404)
+  assert.equal(srv.connections(), 2)
+})
+
+test('a non-200 answer comes back with its status and words', async (t) => {
+  const srv = await rawServer((socket) => {
+    const body = '{"status":"busy"}'
+    socket.write(`HTTP/1.1 503 Service Unavailable\r\ncontent-length: ${body.length}\r\nx-damselfly-peer: parent\r\n\r\n${body}`)
+  })
+  const pool = new PieceConnectionPool()
+  t.after(async () => { pool.close(); await srv.close() })
+  const res = await pool.get(srv.base, '/p', {}, 1 << 20, signal())
+  assert.equal(res.status, 503)
+  assert.equal(res.text, '{"status":"busy"}')
+  assert.equal(res.body, undefined)
+})
+
+test('a kept-alive connection the server closed is replaced once; a server that never answers is given up on', async (t) => {
+  const body = randomBytes(1000)
+  let silent = false
+  const srv = await rawServer((socket) => {
+    if (silent) return
+    socket.write(ok(body))
+    // Close the idle connection the way a server's keep-alive timeout does.
+    setTimeout(() => socket.end(), 20)
+  })
+  const pool = new PieceConnectionPool()
+  t.after(async () => { pool.close(); await srv.close() })
+  assert.ok((await pool.get(srv.base, '/p', {}, 1000, signal())).body?.equals(body))
+  await new Promise(resolve => setTimeout(resolve, 100))
+  assert.ok((await pool.get(srv.base, '/p', {}, 1000, signal())).body?.equals(body), 'the closed connection was not held against us')
+  silent = true
+  const started = Date.now()
+  await assert.rejects(pool.get(srv.base, '/p', {}, 1000, AbortSignal.timeout(300)), (err: Error) => err.name === 'TimeoutError')
+  assert.ok(Date.now() - started < 2_000)
+})
+
+test('connections to one address are bounded; waiting requests proceed in turn or leave when aborted', async (t) => {
+  const held: Socket[] = []
+  const srv = await rawServer((socket) => { held.push(socket) })
+  const pool = new PieceConnectionPool({ perAddress: 2, maxWaiting: 1 })
+  t.after(async () => { pool.close(); await srv.close() })
+  const a = pool.get(srv.base, '/p', {}, 3, signal())
+  const b = pool.get(srv.base, '/p', {}, 3, signal())
+  const leaving = new AbortController()
+  const c = pool.get(srv.base, '/p', {}, 3, leaving.signal)
+  await assert.rejects(pool.get(srv.base, '/p', {}, 3, signal()), /already wait/, 'the waiting room is full')
+  while (held.length < 2) await new Promise(resolve => setTimeout(resolve, 10))
+  assert.equal(srv.connections(), 2)
+  leaving.abort()
+  await assert.rejects(c)
+  const d = pool.get(srv.base, '/p', {}, 3, signal())
+  for (const s of held.splice(0)) s.write(ok(Buffer.from('abc')))
+  assert.equal((await a).status, 200)
+  assert.equal((await b).status, 200)
+  while (held.length < 1) await new Promise(resolve => setTimeout(resolve, 10))
+  held[0]?.write(ok(Buffer.from('xyz')))
+  assert.equal((await d).body?.toString(), 'xyz')
+})
