@@ -29,6 +29,8 @@ export interface TestPeer {
   /** The HTTP upload port other peers fetch pieces from. */
   readonly uploadPort: number
   readonly dataDir: string
+  /** The running process's id (for taskset and the like); undefined while stopped. */
+  readonly pid: number | undefined
   /** Prometheus metrics of the peer, parsed. */
   metrics: () => Promise<Metrics>
   output: () => string
@@ -110,6 +112,7 @@ async function startPeerOnce (options: PeerOptions, [port, p2pPort, uploadPort]:
     p2pPort,
     uploadPort,
     dataDir,
+    get pid () { return proc?.child.exitCode === null ? proc.child.pid : undefined },
     metrics: async () => scrape(`${url}/metrics`),
     output: () => proc?.output() ?? '',
     stop: async () => { await proc?.stop() },
