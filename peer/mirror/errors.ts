@@ -5,7 +5,8 @@ import { DamselflyError, OriginStatusError, RangeNotSatisfiableError, TooManyReq
 export const STATUS: Readonly<Record<string, readonly [number, string]>> = {
   DF_ERR_NAME_INVALID: [400, 'NAME_INVALID'],
   DF_ERR_DIGEST_INVALID: [400, 'DIGEST_INVALID'],
-  DF_ERR_REFERENCE_INVALID: [400, 'TAG_INVALID'],
+  // A manifest that cannot exist: the distribution spec and its conformance suite want 404 here, as registries answer.
+  DF_ERR_REFERENCE_INVALID: [404, 'MANIFEST_UNKNOWN'],
   DF_ERR_RANGE_INVALID: [400, 'RANGE_INVALID'],
   DF_ERR_RANGE_NOT_SATISFIABLE: [416, 'RANGE_INVALID'],
   DF_ERR_REGISTRY_INVALID: [400, 'UNSUPPORTED'],

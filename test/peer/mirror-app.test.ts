@@ -99,7 +99,9 @@ test('malformed names, digests and hostile paths get OCI errors and touch nothin
     ['/v2/team/app/blobs/sha256:../../../etc/passwd', 404, 'NAME_UNKNOWN'],
     ['/v2/team/app/blobs/sha256:1234', 400, 'DIGEST_INVALID'],
     [`/v2/team/app/blobs/md5:${hex}`, 400, 'DIGEST_INVALID'],
-    ['/v2/team/app/manifests/bad tag!', 400, 'TAG_INVALID'],
+    ['/v2/team/app/manifests/bad tag!', 404, 'MANIFEST_UNKNOWN'],
+    ['/v2/team/app/manifests/sha256:1234', 404, 'MANIFEST_UNKNOWN'],
+    [`/v2/team/app/manifests/${'t'.repeat(129)}`, 404, 'MANIFEST_UNKNOWN'],
     [`/v2/${'a/'.repeat(200)}b/blobs/sha256:${hex}`, 400, 'NAME_INVALID'],
     ['/v2/team/app/tags/list', 404, 'NAME_UNKNOWN'],
     ['/v2/_catalog', 404, 'NAME_UNKNOWN']
