@@ -1,3 +1,4 @@
+import { spawnSync } from 'node:child_process'
 import * as models from 'kubernetes-models'
 import { parseAllDocuments } from 'yaml'
 import { run } from './process.ts'
@@ -68,17 +69,27 @@ export function validateObject (obj: unknown): void {
   }
 }
 
+/** The kubectl the tests run; KUBECTL names another (the skip test names one that does not exist). */
+const KUBECTL = process.env.KUBECTL ?? 'kubectl'
+
+/**
+ * Why the rendering tests cannot run here, or undefined when they can.
+ * Debian does not package kubectl, so on a fresh machine they are skipped
+ * with this reason rather than failed (README: "Set up and test").
+ */
+export function kubectlMissing (): string | undefined {
+  const r = spawnSync(KUBECTL, ['version', '--client', '-o', 'json'], { encoding: 'utf8', timeout: 30_000 })
+  if (r.error !== undefined || r.status !== 0) {
+    return `kubectl is not on the PATH (${r.error?.message ?? `exit ${String(r.status)}`}): install kubectl >= 1.27 to render deploy/kubernetes (README: Set up and test)`
+  }
+  const minor = Number((JSON.parse(r.stdout) as { clientVersion?: { minor?: string } }).clientVersion?.minor?.replace(/\D/g, ''))
+  if (minor < 27) return `kubectl 1.${minor} is too old: kustomize v5 comes with kubectl >= 1.27`
+  return undefined
+}
+
 /** `kubectl kustomize DIR`, parsed into objects. */
 export async function renderKustomization (dir: string): Promise<K8sObject[]> {
-  let stdout: string
-  try {
-    ({ stdout } = await run('kubectl', ['kustomize', dir], { timeoutMs: 60_000 }))
-  } catch (err) {
-    if (/could not run \(spawn kubectl ENOENT\)/.test((err as Error).message)) {
-      throw new Error('kubectl (>= 1.27, for its built-in kustomize v5) is needed to render deploy/kubernetes', { cause: err })
-    }
-    throw err
-  }
+  const { stdout } = await run(KUBECTL, ['kustomize', dir], { timeoutMs: 60_000 })
   const objects: K8sObject[] = []
   for (const doc of parseAllDocuments(stdout)) {
     if (doc.errors.length > 0) throw new Error(`kustomize printed invalid YAML: ${doc.errors[0]?.message ?? ''}`)
