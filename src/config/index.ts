@@ -152,9 +152,18 @@ function load (schema: TObject, sources: ConfigSources): unknown {
       throw new ConfigError(key, 'unknown key')
     }
     const got = JSON.stringify(first.value)
-    throw new ConfigError(key, `${first.message} (got ${got === undefined ? 'nothing' : got.slice(0, 80)})`)
+    const forms = acceptedForms(first.schema)
+    throw new ConfigError(key, `${forms === undefined ? first.message : `expected ${forms}`} (got ${got === undefined ? 'nothing' : got.slice(0, 80)})`)
   }
   return withDefaults
+}
+
+/** A setting's accepted values in words: its `accepts`, or the list of its literals. */
+function acceptedForms (schema: TSchema): string | undefined {
+  if (typeof schema.accepts === 'string') return schema.accepts
+  const options = (schema.anyOf as TSchema[] | undefined)?.map(o => o.const as unknown)
+  if (options !== undefined && options.length > 0 && options.every(o => typeof o === 'string')) return `one of ${options.join(', ')}`
+  return undefined
 }
 
 function readYaml (file: string): Record<string, unknown> {
@@ -168,11 +177,20 @@ function readYaml (file: string): Record<string, unknown> {
   try {
     parsed = parseYaml(text, { maxAliasCount: 100 })
   } catch (err) {
-    throw new ConfigError('config', `${file} is not valid YAML: ${(err as Error).message.split('\n')[0] ?? ''}`)
+    throw new ConfigError('config', `${file} is not valid YAML: ${yamlProblem(err, text)}`)
   }
   if (parsed === null || parsed === undefined) return {}
   if (typeof parsed !== 'object' || Array.isArray(parsed)) throw new ConfigError('config', `${file} must hold a mapping of settings`)
   return parsed as Record<string, unknown>
+}
+
+/** The parser's reason, where it is, and the line itself with a caret under the spot. */
+function yamlProblem (err: unknown, text: string): string {
+  const reason = ((err as Error).message.split('\n')[0] ?? '').replace(/ at line \d+, column \d+:?$/, '')
+  const at = (err as { linePos?: Array<{ line: number, col: number }> }).linePos?.[0]
+  if (at === undefined) return reason
+  const line = (text.split(/\r?\n/)[at.line - 1] ?? '').slice(0, 160)
+  return `${reason} (line ${at.line}, column ${at.col}):\n  ${at.line} | ${line}\n  ${' '.repeat(String(at.line).length)} | ${' '.repeat(Math.max(0, at.col - 1))}^`
 }
 
 /** Turns a string from the environment or argv into the setting's type. */

@@ -9,14 +9,18 @@ import { DEFAULTS } from './defaults.ts'
  * Sizes accept a number of bytes or a string such as "10GiB" / "512MB";
  * durations a number of milliseconds or a string such as "30s" / "5m".
  */
+// What a value of each kind may look like, for error messages (src/config/index.ts reads `accepts`).
+const SIZE_FORMS = 'a number of bytes, or a number and a unit: KiB, MiB, GiB, TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000), e.g. "10GiB" or "512MB"'
+const DURATION_FORMS = 'a number of milliseconds, or a number and a unit (ms, s, m, h), e.g. "30s" or "5m"'
+const HOST_FORMS = 'a host name or an IP address, e.g. "127.0.0.1", "0.0.0.0" or "::"'
 
-const Port = (defaultValue: number, description: string): TInteger => Type.Integer({ minimum: 0, maximum: 65535, default: defaultValue, description })
-const Size = (defaultValue: string, description: string): TUnion<[TInteger, TString]> => Type.Union([Type.Integer({ minimum: 0 }), Type.String({ pattern: '^\\s*\\d+(\\.\\d+)?\\s*([kKmMgGtT]i?[bB]?|[bB])?\\s*$' })], { default: defaultValue, description })
-const Duration = (defaultValue: string, description: string): TUnion<[TInteger, TString]> => Type.Union([Type.Integer({ minimum: 0 }), Type.String({ pattern: '^\\s*\\d+(\\.\\d+)?\\s*(ms|s|m|h)?\\s*$' })], { default: defaultValue, description })
-const Host = (defaultValue: string, description: string): TString => Type.String({ minLength: 1, maxLength: 253, pattern: '^[A-Za-z0-9.:\\-\\[\\]%]+$', default: defaultValue, description })
+const Port = (defaultValue: number, description: string): TInteger => Type.Integer({ minimum: 0, maximum: 65535, default: defaultValue, description, accepts: 'a port number from 0 to 65535, e.g. 4001' })
+const Size = (defaultValue: string, description: string): TUnion<[TInteger, TString]> => Type.Union([Type.Integer({ minimum: 0 }), Type.String({ pattern: '^\\s*\\d+(\\.\\d+)?\\s*([kKmMgGtT]i?[bB]?|[bB])?\\s*$' })], { default: defaultValue, description, accepts: SIZE_FORMS })
+const Duration = (defaultValue: string, description: string): TUnion<[TInteger, TString]> => Type.Union([Type.Integer({ minimum: 0 }), Type.String({ pattern: '^\\s*\\d+(\\.\\d+)?\\s*(ms|s|m|h)?\\s*$' })], { default: defaultValue, description, accepts: DURATION_FORMS })
+const Host = (defaultValue: string, description: string): TString => Type.String({ minLength: 1, maxLength: 253, pattern: '^[A-Za-z0-9.:\\-\\[\\]%]+$', default: defaultValue, description, accepts: HOST_FORMS })
 /** An address to bind whose default depends on whether a cluster secret is set: empty means "decide". */
-const SwarmHost = (description: string): TString => Type.String({ maxLength: 253, pattern: '^[A-Za-z0-9.:\\-\\[\\]%]*$', default: '', description })
-const RegistryUrl = Type.String({ pattern: '^https?://[^/?#@\\s]+/?$', description: 'scheme://host[:port]' })
+const SwarmHost = (description: string): TString => Type.String({ maxLength: 253, pattern: '^[A-Za-z0-9.:\\-\\[\\]%]*$', default: '', description, accepts: `${HOST_FORMS}, or empty to decide by the cluster secret` })
+const RegistryUrl = Type.String({ pattern: '^https?://[^/?#@\\s]+/?$', description: 'scheme://host[:port]', accepts: 'a registry URL: http:// or https://, a host and an optional port, e.g. "https://harbor.example" or "http://127.0.0.1:5000"' })
 const LogLevel = Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map(l => Type.Literal(l)), { default: 'info', description: 'Log level' })
 
 export const Labels = Type.Object({

@@ -86,6 +86,28 @@ describe('configuration: one YAML file, environment and flags over it, checked a
     assert.equal(failingKey(() => loadSchedulerConfig({ flags: { port: '8080' } })), 'httpPort')
   })
 
+  test('a bad value is answered with the forms the key accepts, and bad YAML with the line it is on', async () => {
+    const message = (f: () => unknown): string => {
+      try {
+        f()
+      } catch (err) {
+        assert.ok(err instanceof ConfigError)
+        return err.message
+      }
+      assert.fail('no error')
+    }
+    assert.equal(message(() => loadPeerConfig({ flags: { 'cache-size': '10 gigs' } })),
+      'cacheSize: expected a number of bytes, or a number and a unit: KiB, MiB, GiB, TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000), e.g. "10GiB" or "512MB" (got "10 gigs")')
+    assert.match(message(() => loadPeerConfig({ env: { DAMSELFLY_AUTH_CACHE_TTL: 'soon' } })), /^authCacheTtl: expected a number of milliseconds, or a number and a unit \(ms, s, m, h\), e\.g\. "30s" or "5m" \(got "soon"\)$/)
+    assert.match(message(() => loadPeerConfig({ flags: { 'log-level': 'loud' } })), /^logLevel: expected one of fatal, error, warn, info, debug, trace, silent \(got "loud"\)$/)
+    assert.match(message(() => loadPeerConfig({ flags: { 'piece-transport': 'carrier-pigeon' } })), /expected one of http, libp2p/)
+    assert.match(message(() => loadPeerConfig({ flags: { port: '70000' } })), /^port: expected a port number from 0 to 65535/)
+    assert.match(message(() => loadPeerConfig({ flags: { mirrors: ['4011=harbor.example'] } })), /^mirrors\.0\.registry: expected a registry URL: http:\/\/ or https:\/\/.*e\.g\. "https:\/\/harbor\.example"/)
+    const bad = await file('indent.yaml', 'cacheSize: 10GiB\n  logLevel: debug\nport: 4001\n')
+    const yaml = message(() => loadPeerConfig({ file: bad }))
+    assert.match(yaml, /is not valid YAML: .+ \(line \d+, column \d+\):\n {2}\d+ \| .*(cacheSize: 10GiB|logLevel: debug)\n {2} {1,3}\| +\^$/)
+  })
+
   test('the cluster secret can come from a file (a mounted Secret), never from both places', async () => {
     const secretFile = await file('secret', 'a-secret-of-enough-length\n')
     assert.equal(loadPeerConfig({ flags: { 'cluster-secret-file': secretFile } }).clusterSecret, 'a-secret-of-enough-length')
