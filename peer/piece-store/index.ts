@@ -1,3 +1,4 @@
+import type { Readable } from 'node:stream'
 import type { AbortOptions } from '../../src/abort.ts'
 import type { Logger } from '../../src/logger.ts'
 import type { Registry } from '../../src/metrics.ts'
@@ -81,6 +82,13 @@ export interface PieceReader {
    * fetched again); never returns bytes that did not match the recorded digest.
    */
   readPiece: (digest: string, index: number, options?: AbortOptions) => Promise<Buffer | undefined>
+  /**
+   * Bytes `start`..`end` (inclusive) of a blob verified whole, as a file
+   * stream, when every piece they cover was checked by this process; else
+   * `undefined` (read piece by piece). Such bytes need no hashing: the stream
+   * is what a plain file server sends. The blob stays pinned until it closes.
+   */
+  openVerified: (digest: string, start: number, end: number) => Promise<Readable | undefined>
   /**
    * Keeps a blob from eviction while it is read or written; call the returned
    * function to release. A pinned blob's background whole-blob check waits
