@@ -99,11 +99,12 @@ export function createImageGetter (components: GetterComponents, init: GetterIni
       const authorization = authorizations.get(key) ?? basic
       let res: Dispatcher.ResponseData
       try {
+        const named = ref.schemeGiven || ref.registry.dockerHub
         res = await dispatcher.request({
           origin: peer.origin,
-          path: urlPath,
+          path: named ? urlPath : `${urlPath}?ns=${encodeURIComponent(ref.registry.name)}`,
           method: 'GET',
-          headers: { ...headers, 'x-dragonfly-registry': ref.registry.server, ...(authorization === undefined ? {} : { authorization }) },
+          headers: { ...headers, ...(named ? { 'x-dragonfly-registry': ref.registry.server } : {}), ...(authorization === undefined ? {} : { authorization }) },
           signal: limits.signal,
           headersTimeout: limits.idle ? idleTimeoutMs : metadataTimeoutMs,
           bodyTimeout: idleTimeoutMs

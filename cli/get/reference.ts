@@ -7,6 +7,12 @@ import { parsePlatform, type Platform } from '../../src/oci/platform.ts'
 /** An image or blob reference as `damselfly get` takes it. */
 export interface ImageRef {
   registry: ClientRegistry
+  /**
+   * Whether the reference wrote `http://` or `https://`. Without one the peer
+   * decides, by its registries list (unlisted hosts are https), as it does for
+   * containerd's `ns=` and for preheat jobs: one rule for every way in.
+   */
+  schemeGiven: boolean
   repository: string
   tag?: string | undefined
   digest?: string | undefined
@@ -64,7 +70,7 @@ export function parseImageRef (value: string): ImageRef {
   } catch {
     fail(`bad repository name ${JSON.stringify(path)} (lowercase letters, digits and . _ - separators, / between components)`)
   }
-  return { registry, repository: path, tag, digest }
+  return { registry, schemeGiven: scheme !== null, repository: path, tag, digest }
 }
 
 /** `--platform os/arch[/variant]`. */

@@ -144,6 +144,8 @@ export function createOriginClient (components: OriginClientComponents, init: Or
         requests?.inc({ method, status: 'error' })
         lastError = err
         logger.debug({ err, url: redactUrl(url), attempt }, 'origin request failed')
+        // Asking again will not change what the server speaks.
+        if (plainHttpAnswer(err)) throw new OriginUnavailableError(plainHttpHint(url), { cause: err })
       }
     }
     if (lastError instanceof OriginUnavailableError) throw lastError
@@ -329,4 +331,17 @@ function trim (source: Readable, skip: number, length: number): Readable {
   // Stopping early must release the origin's connection.
   out.once('close', () => { source.destroy() })
   return out
+}
+
+/** A TLS handshake that met a plain-HTTP server: OpenSSL reads the HTTP answer as a record of an unknown version. */
+function plainHttpAnswer (err: unknown): boolean {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 4; e = e.cause, depth++) {
+    if ((e as { code?: unknown }).code === 'ERR_SSL_WRONG_VERSION_NUMBER' || /wrong version number|packet length too long/i.test(e.message)) return true
+  }
+  return false
+}
+
+function plainHttpHint (url: string): string {
+  const { host } = new URL(url)
+  return `https://${host} answered a TLS handshake in plain HTTP: if it is a plain-HTTP registry, name it http://${host} (in the peer's registries, e.g. --registries http://${host}, or with http:// in the image reference)`
 }

@@ -151,6 +151,22 @@ describe('damselfly get through a peer', () => {
     assert.match(whole.stdout, /2 blobs \(2 fetched/)
   })
 
+  test('a registry named without a scheme is what the peer lists it as; TLS meeting plain HTTP says how to name it', async (t) => {
+    const layer = image.layers[1] as { digest: string }
+    // No scheme: the peer decides, as for containerd's ns= and preheat jobs; it lists this registry as http.
+    const bare = await runCli(['get', `${registry.host}/team/app@${layer.digest}`, '-o', path.join(work.path, 'bare', 'layer'), '--peer', peer.url])
+    assert.equal(bare.code, 0, bare.stderr)
+    assert.ok((await readFile(path.join(work.path, 'bare', 'layer'))).equals(readBlob(image, layer.digest)))
+
+    // A peer told the plain-HTTP registry is https: the answer names the fix, not an OpenSSL code.
+    const wrong = await startPeer({ registry: 'http://127.0.0.1:9', name: 'get-tls', args: ['--registries', `https://${registry.host}`] })
+    t.after(async () => wrong.close())
+    const res = await runCli(['get', `${registry.host}/team/app@${layer.digest}`, '-o', path.join(work.path, 'tls', 'layer'), '--peer', wrong.url])
+    assert.notEqual(res.code, 0)
+    assert.match(res.stderr, new RegExp(`answered a TLS handshake in plain HTTP: if it is a plain-HTTP registry, name it http://${registry.host.replaceAll('.', '\\.')}`))
+    assert.doesNotMatch(res.stderr, /wrong version number|ERR_SSL/)
+  })
+
   test('bad references and flags exit 2 with a message', async () => {
     const digest = (image.layers[0] as { digest: string }).digest
     const cases: Array<[string[], RegExp]> = [
