@@ -84,35 +84,46 @@ function bytesCell (source, n) {
 }
 
 const SOURCES = [
-  { key: 'local', label: 'From cache', hint: 'served to clients from pieces already cached' },
-  { key: 'peer', label: 'From peers', hint: 'served to clients from pieces other peers sent' },
-  { key: 'origin', label: 'From origin', hint: 'served to clients from pieces fetched from the registry' }
+  { key: 'local', label: 'cache' },
+  { key: 'peer', label: 'peers' },
+  { key: 'origin', label: 'the registry' }
 ]
 
+/** The headline: what the registry sent, what peers sent each other, what clients got. */
 function renderTotals (swarm) {
-  const served = swarm.bytes.served
-  const cards = SOURCES.map(s => el('div', { class: `card src-${s.key}`, 'data-total': s.key, 'data-bytes': served[s.key], title: `${served[s.key].toLocaleString()} bytes ${s.hint}` },
-    el('span', { class: 'label' }, s.label),
-    el('span', { class: 'value' }, formatBytes(served[s.key]))
-  ))
-  cards.push(el('div', { class: 'card src-upload', 'data-total': 'uploaded', 'data-bytes': swarm.bytes.uploaded, title: `${swarm.bytes.uploaded.toLocaleString()} piece bytes sent to other peers` },
-    el('span', { class: 'label' }, 'Uploaded to peers'),
-    el('span', { class: 'value' }, formatBytes(swarm.bytes.uploaded))
-  ))
-  view.totals.replaceChildren(...cards)
-
+  const { served, fetched, uploaded } = swarm.bytes
   const sum = served.local + served.peer + served.origin
+  const card = (key, cls, label, n, title) => el('div', { class: `card ${cls}`, 'data-total': key, 'data-bytes': n, title: `${n.toLocaleString()} bytes ${title}` },
+    el('span', { class: 'label' }, label),
+    el('span', { class: 'value' }, formatBytes(n))
+  )
+  view.totals.replaceChildren(
+    card('registry', 'src-origin', 'From the registry', fetched.origin, 'the peers fetched from the origin registry'),
+    card('peers', 'src-peer', 'Between peers', fetched.peer, 'the peers fetched from one another'),
+    card('served', 'src-local', 'Served to clients', sum, 'the peers sent to their clients (containerd, nydusd, skopeo)'),
+    card('uploaded', 'src-upload', 'Uploaded to peers', uploaded, 'piece bytes sent to other peers')
+  )
+
   view.totalsBar.replaceChildren(...SOURCES.filter(s => served[s.key] > 0).map(s => {
-    const part = el('span', { class: `src-${s.key}` }, formatPercent(served[s.key] / sum))
+    const part = el('span', { class: `src-${s.key}`, title: `${formatBytes(served[s.key])} served from ${s.label}` }, formatPercent(served[s.key] / sum))
     part.style.flexGrow = String(served[s.key])
     return part
   }))
   view.totalsBar.hidden = sum === 0
 
-  const fetched = swarm.bytes.fetched
   const missing = swarm.hosts - swarm.reporting
-  view.totalsNote.textContent = `Bytes the swarm's clients received, by where each piece came from. Caches filled with ${formatBytes(fetched.peer)} from peers and ${formatBytes(fetched.origin)} from the origin.` +
+  const parts = SOURCES.map(s => `${formatBytes(served[s.key])} from ${s.label}`).join(', ')
+  view.totalsNote.textContent = `What clients received, by where each piece came from: ${parts}.` +
     (missing > 0 ? ` ${missing} of ${swarm.hosts} hosts report no counts.` : '')
+}
+
+/** ip:port of a peer's first TCP address: on a one-machine swarm every host has the same name. */
+function addressOf (addrs) {
+  for (const a of Array.isArray(addrs) ? addrs : []) {
+    const m = /^\/(ip4|ip6|dns4|dns6|dns)\/([^/]+)\/tcp\/(\d+)/.exec(String(a))
+    if (m !== null) return m[1] === 'ip6' ? `[${m[2]}]:${m[3]}` : `${m[2]}:${m[3]}`
+  }
+  return ''
 }
 
 function renderHosts (hosts) {
@@ -120,7 +131,7 @@ function renderHosts (hosts) {
   view.hostCount.textContent = String(hosts.length)
   view.hosts.replaceChildren(...sorted.map(h => el('tr', { 'data-peer-id': h.peerId, class: h.barred ? 'barred' : undefined },
     el('td', { class: 'mono', title: h.peerId }, shortPeer(h.peerId)),
-    el('td', { title: h.hostname }, h.hostname),
+    el('td', { title: `${h.hostname} ${addressOf(h.addrs)}` }, el('span', { 'data-hostname': '' }, h.hostname), ' ', el('span', { class: 'muted mono', 'data-address': '' }, addressOf(h.addrs))),
     el('td', null, el('span', { class: h.seed ? 'tag seed' : 'tag' }, h.seed ? 'seed' : 'peer')),
     el('td', { title: h.connectedAt }, formatTime(h.connectedAt)),
     el('td', { class: 'num', title: `${h.activeUploads} of ${h.uploadCapacity} upload slots in use` }, `${h.activeUploads} / ${h.uploadCapacity}`),

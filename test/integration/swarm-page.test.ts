@@ -17,13 +17,13 @@ const CHROMIUM = '/usr/bin/chromium'
 const VIEWPORT = { width: 1200, height: 800 }
 
 interface ApiBytes { served: { local: number, peer: number, origin: number }, fetched: { peer: number, origin: number }, uploaded: number }
-interface ApiHost { peerId: string, hostname: string, seed: boolean, bytes?: ApiBytes }
+interface ApiHost { peerId: string, hostname: string, seed: boolean, addrs: string[], bytes?: ApiBytes }
 interface ApiTask { digest: string, pieceCount: number, completeHolders: string[], partialHolders: Array<{ peerId?: string, pieces: number }> }
 interface ApiSwarm { hosts: number, reporting: number, bytes: ApiBytes }
 
 /** What the page shows, read from its DOM. */
 interface PageView {
-  hosts: Array<{ peerId: string, hostname: string, role: string, bytes: Record<string, number> }>
+  hosts: Array<{ peerId: string, hostname: string, address: string, role: string, bytes: Record<string, number> }>
   tasks: Array<{ digest: string, shares: Array<{ peerId: string, fraction: number, pct: string, drawn: number }> }>
   totals: Record<string, number>
 }
@@ -31,7 +31,8 @@ interface PageView {
 const READ_PAGE = `(() => ({
   hosts: [...document.querySelectorAll('#hosts tbody tr[data-peer-id]')].map(tr => ({
     peerId: tr.dataset.peerId,
-    hostname: tr.cells[1].textContent,
+    hostname: tr.querySelector('[data-hostname]').textContent,
+    address: tr.querySelector('[data-address]').textContent,
     role: tr.cells[2].textContent,
     bytes: Object.fromEntries([...tr.querySelectorAll('td[data-bytes]')].map(td => [td.dataset.source, Number(td.dataset.bytes)]))
   })),
@@ -88,6 +89,7 @@ async function pageMatchesApi (page: Page, scheduler: TestScheduler): Promise<{ 
     for (const h of hosts) {
       const row = view.hosts.find(r => r.peerId === h.peerId)
       assert.equal(row?.hostname, h.hostname)
+      assert.ok(row !== undefined && row.address !== '' && h.addrs.some(a => a.includes(`/tcp/${row.address.split(':').pop() ?? ''}`)), `${h.peerId} is shown at one of its addresses (${row?.address ?? ''})`)
       assert.equal(row?.role, h.seed ? 'seed' : 'peer')
       const b = h.bytes
       assert.deepEqual(row?.bytes, b === undefined ? {} : { local: b.served.local, peer: b.served.peer, origin: b.served.origin, uploaded: b.uploaded }, `bytes of ${h.peerId}`)
@@ -101,7 +103,8 @@ async function pageMatchesApi (page: Page, scheduler: TestScheduler): Promise<{ 
         if (s.fraction === 1) assert.equal(s.pct, '100%')
       }
     }
-    assert.deepEqual(view.totals, { local: swarm.bytes.served.local, peer: swarm.bytes.served.peer, origin: swarm.bytes.served.origin, uploaded: swarm.bytes.uploaded }, 'totals')
+    const { served, fetched, uploaded } = swarm.bytes
+    assert.deepEqual(view.totals, { registry: fetched.origin, peers: fetched.peer, served: served.local + served.peer + served.origin, uploaded }, 'totals')
   }
   try {
     await waitFor(async () => {
@@ -221,8 +224,12 @@ describe('the scheduler swarm page, in headless Chromium', () => {
     assert.ok(seed.uploaded >= other.fetched.peer, `the seed uploaded ${seed.uploaded}, the other took ${other.fetched.peer} from peers`)
     for (const key of ['local', 'peer', 'origin'] as const) assert.equal(swarm.bytes.served[key], hosts.reduce((n, h) => n + (h.bytes?.served[key] ?? 0), 0))
     assert.equal(swarm.reporting, 2)
-    assert.equal(view.totals.origin, swarm.bytes.served.origin)
-    assert.ok((view.totals.peer ?? 0) > 0 && (view.totals.origin ?? 0) > 0)
+    // The headline says what the registry sent, not what was served from registry pieces.
+    assert.equal(view.totals.registry, swarm.bytes.fetched.origin)
+    assert.ok((view.totals.registry ?? 0) >= blobBytes, `the registry card shows ${view.totals.registry ?? 0}`)
+    assert.ok((view.totals.peers ?? 0) > 0)
+    // On one machine every host has the same name; the address tells them apart.
+    assert.equal(new Set(view.hosts.map(h => h.address)).size, view.hosts.length, `addresses: ${view.hosts.map(h => h.address).join(' ')}`)
   })
 
   test('a peer that joins and pulls shows up without a reload, holding part of a blob', async () => {
@@ -261,7 +268,7 @@ describe('the scheduler swarm page, in headless Chromium', () => {
       })
       await other.goto(`${scheduler.httpUrl}/`)
       await other.waitForSelector('#hosts tbody tr[data-peer-id]')
-      assert.equal(await other.locator('#hosts tbody tr[data-peer-id] td').nth(1).textContent(), hostile)
+      assert.equal(await other.locator('#hosts tbody tr[data-peer-id] [data-hostname]').textContent(), hostile)
       assert.equal(await other.locator('#hosts img, #hosts b').count(), 0)
       assert.equal(await other.evaluate('document.body.dataset.owned ?? null'), null)
     } finally {
