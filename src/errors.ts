@@ -32,6 +32,13 @@ export class InvalidDigestError extends DamselflyError {
   }
 }
 
+/** A query parameter the registry API defines, with a value outside its form. */
+export class InvalidQueryError extends DamselflyError {
+  constructor (key: string, value: string, accepted: string) {
+    super('DF_ERR_QUERY_INVALID', `query parameter ${key}=${JSON.stringify(truncate(value))}: expected ${accepted}`)
+  }
+}
+
 export class InvalidReferenceError extends DamselflyError {
   constructor (reference: string) {
     super('DF_ERR_REFERENCE_INVALID', `invalid tag or digest ${JSON.stringify(truncate(reference))}`)

@@ -1,12 +1,12 @@
 import { randomUUID } from 'node:crypto'
 import type { Readable } from 'node:stream'
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerFactory } from 'fastify'
-import { AbortError, NotFoundError, OriginUnavailableError, UnsupportedOperationError } from '../../src/errors.ts'
+import { AbortError, InvalidQueryError, NotFoundError, OriginUnavailableError, UnsupportedOperationError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, Histogram, type Registry } from '../../src/metrics.ts'
 import { parseDigest } from '../../src/oci/digest.ts'
 import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
-import { validateName, validateReference } from '../../src/oci/names.ts'
+import { isTag, validateName, validateReference } from '../../src/oci/names.ts'
 import { formatContentRange, parseRangeSpec, resolveRange } from '../../src/oci/range.ts'
 import { Priority, type BlobService, type OpenBlob, type OpenBlobRequest } from '../blobs/index.ts'
 import type { Passthrough } from '../blobs/passthrough.ts'
@@ -58,6 +58,17 @@ type Route =
   | { kind: 'base' }
   | { kind: 'manifest', name: string, reference: string }
   | { kind: 'blob', name: string, digest: string }
+  | { kind: 'tags', name: string }
+  | { kind: 'referrers', name: string, digest: string }
+
+/** The query parameters each listing passes on, and the form each must have. */
+const TAGS_QUERY: Record<string, { test: (v: string) => boolean, form: string }> = {
+  n: { test: v => /^\d{1,6}$/.test(v), form: 'a number of tags, e.g. 100' },
+  last: { test: v => isTag(v), form: 'a tag, e.g. v1.2' }
+}
+const REFERRERS_QUERY: Record<string, { test: (v: string) => boolean, form: string }> = {
+  artifactType: { test: v => /^[a-z0-9][\w.+-]{0,126}\/[\w.+-]{1,127}$/i.test(v), form: 'a media type, e.g. application/vnd.dev.cosign.artifact.sig.v1+json' }
+}
 
 /**
  * The pull side of the OCI distribution API. Domain services do the work;
@@ -141,6 +152,8 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
         case 'base': return base(reply, upstream, credentials)
         case 'blob': return blob(request, reply, upstream, route.name, route.digest, credentials, isHead)
         case 'manifest': return manifest(request, reply, upstream, route.name, route.reference, credentials, isHead)
+        case 'tags': return listing(request, reply, upstream, `/v2/${route.name}/tags/list`, TAGS_QUERY, credentials, isHead)
+        case 'referrers': return listing(request, reply, upstream, `/v2/${route.name}/referrers/${route.digest}`, REFERRERS_QUERY, credentials, isHead)
       }
     }
     v2.all('/v2/*', handler)
@@ -207,6 +220,29 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
     return reply.code(200).send(answer.body)
   }
 
+  /**
+   * Tags and referrers come from the origin for each caller, with the
+   * caller's credentials, and are never cached: a list is the registry's
+   * answer to one caller, and an old one would hide a new tag or signature.
+   */
+  async function listing (request: FastifyRequest, reply: FastifyReply, upstream: Upstream, path: string, allowed: typeof TAGS_QUERY, credentials: OriginCredentials, isHead: boolean): Promise<void> {
+    const given = request.query as Record<string, unknown>
+    const query = new URLSearchParams()
+    for (const [key, rule] of Object.entries(allowed)) {
+      const value = given[key]
+      if (value === undefined) continue
+      if (typeof value !== 'string' || !rule.test(value)) throw new InvalidQueryError(key, String(value), rule.form)
+      query.set(key, value)
+    }
+    const answer = await origin.listing(upstream, query.size === 0 ? path : `${path}?${query.toString()}`, credentials, { signal: clientSignal(reply) })
+    reply.code(answer.status)
+    for (const [name, value] of Object.entries(answer.headers)) {
+      reply.header(name, name === 'link' ? withNs(value, given.ns) : value)
+    }
+    reply.header('content-length', answer.body.length)
+    return reply.send(isHead ? undefined : answer.body)
+  }
+
   /** The swarm and the cache for configured registries; a pass-through for any other. */
   async function open (request: OpenBlobRequest, signal: AbortSignal): Promise<OpenBlob> {
     return request.upstream.trusted ? blobs.open(request, { signal }) : components.passthrough.open(request, { signal })
@@ -236,8 +272,9 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
 }
 
 /**
- * `/v2/<name>/manifests/<reference>` or `/v2/<name>/blobs/<digest>`; the name
- * may itself contain slashes, so the path is split from the right.
+ * `/v2/<name>/manifests/<reference>`, `/v2/<name>/blobs/<digest>`,
+ * `/v2/<name>/tags/list` or `/v2/<name>/referrers/<digest>`; the name may
+ * itself contain slashes, so the path is split from the right.
  */
 export function parseRoute (rest: string | undefined): Route {
   const path = rest ?? ''
@@ -249,8 +286,19 @@ export function parseRoute (rest: string | undefined): Route {
     const name = validateName(parts.slice(0, -2).join('/'))
     if (kind === 'blobs') return { kind: 'blob', name, digest: parseDigest(last).value }
     if (kind === 'manifests') return { kind: 'manifest', name, reference: last }
+    if (kind === 'tags' && last === 'list') return { kind: 'tags', name }
+    if (kind === 'referrers') return { kind: 'referrers', name, digest: parseDigest(last).value }
   }
   throw new NotFoundError(`/v2/${path.slice(0, 256)}`)
+}
+
+/**
+ * The next page's link, still naming the registry the way this request did:
+ * a client that came with containerd's `ns=` follows the link with it.
+ */
+function withNs (link: string, ns: unknown): string {
+  if (typeof ns !== 'string' || ns === '') return link
+  return link.replace(/<([^>]*)>/, (_all, target: string) => `<${target}${target.includes('?') ? '&' : '?'}ns=${encodeURIComponent(ns)}>`)
 }
 
 function headerValue (request: FastifyRequest, name: string): string | undefined {

@@ -8,6 +8,7 @@ export const STATUS: Readonly<Record<string, readonly [number, string]>> = {
   // A manifest that cannot exist: the distribution spec and its conformance suite want 404 here, as registries answer.
   DF_ERR_REFERENCE_INVALID: [404, 'MANIFEST_UNKNOWN'],
   DF_ERR_RANGE_INVALID: [400, 'RANGE_INVALID'],
+  DF_ERR_QUERY_INVALID: [400, 'UNSUPPORTED'],
   DF_ERR_RANGE_NOT_SATISFIABLE: [416, 'RANGE_INVALID'],
   DF_ERR_REGISTRY_INVALID: [400, 'UNSUPPORTED'],
   DF_ERR_REGISTRY_NOT_ALLOWED: [403, 'DENIED'],

@@ -73,6 +73,15 @@ export interface ManifestResponse {
   body: Buffer
 }
 
+/** A listing as the origin answered it: tags, or referrers. */
+export interface ListingResponse {
+  status: number
+  /** The headers a client of a listing reads: type, pagination, auth challenge, referrers filters. */
+  headers: { 'content-type'?: string, link?: string, 'www-authenticate'?: string, 'oci-filters-applied'?: string }
+  /** Bounded by MAX_MANIFEST_BYTES (an error body by MAX_ERROR_BODY_BYTES). */
+  body: Buffer
+}
+
 export interface ProxiedResponse {
   status: number
   headers: Record<string, string | string[] | undefined>
@@ -93,6 +102,13 @@ export interface OriginClient {
   /** GETs a blob, or the bytes `range` covers. A 200 to a ranged request is trimmed to the range. */
   getBlob: (upstream: Upstream, repo: string, digest: string, range: ByteRange | undefined, credentials: OriginCredentials, options?: AbortOptions) => Promise<BlobBody>
   getManifest: (upstream: Upstream, repo: string, reference: string, accept: string, credentials: OriginCredentials, options?: AbortOptions & { method?: 'GET' | 'HEAD' }) => Promise<ManifestResponse>
+  /**
+   * GETs a listing (`/v2/<name>/tags/list`, `/v2/<name>/referrers/<digest>`,
+   * with their query) for the caller, with the caller's credentials: what a
+   * registry lists is its answer to this caller, so it is never cached. 2xx
+   * and 4xx come back as the origin gave them; 5xx is OriginUnavailableError.
+   */
+  listing: (upstream: Upstream, pathAndQuery: string, credentials: OriginCredentials, options?: AbortOptions) => Promise<ListingResponse>
   /** `GET /v2/` for the caller, so a 401 and its challenge come from the real origin. */
   ping: (upstream: Upstream, credentials: OriginCredentials, options?: AbortOptions) => Promise<{ status: number, challenge: string | undefined }>
   /**
@@ -285,6 +301,24 @@ export function createOriginClient (components: OriginClientComponents, init: Or
     },
 
     authorize: async (upstream, repo, identity, options = {}) => authorize(upstream, repo, identity, options),
+
+    async listing (upstream, pathAndQuery, credentials, options = {}) {
+      const signal = withDeadline(options.signal, metadataTimeoutMs, 'origin listing request')
+      const url = `${upstream.origin}${pathAndQuery}`
+      const res = await send('GET', url, authHeaders(credentials, { accept: 'application/json, application/vnd.oci.image.index.v1+json' }), { signal })
+      if (res.statusCode >= 500 || res.statusCode < 200 || (res.statusCode >= 300 && res.statusCode < 400)) {
+        await res.body.dump().catch(() => {})
+        throw new OriginUnavailableError(`origin answered ${res.statusCode} for ${redactUrl(url)}`)
+      }
+      const ok = res.statusCode < 300
+      const body = await readBounded(res.body, ok ? MAX_MANIFEST_BYTES : MAX_ERROR_BODY_BYTES, { truncate: !ok })
+      const headers: ListingResponse['headers'] = {}
+      for (const name of ['content-type', 'link', 'www-authenticate', 'oci-filters-applied'] as const) {
+        const value = header(res, name)
+        if (value !== undefined) headers[name] = value
+      }
+      return { status: res.statusCode, headers, body }
+    },
 
     async ping (upstream, credentials, options = {}) {
       const signal = withDeadline(options.signal, metadataTimeoutMs, 'origin ping')

@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto'
 import { Readable } from 'node:stream'
 import { BlobUnknownError, ManifestUnknownError, OriginUnavailableError, UnauthorizedError } from '../../src/errors.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
-import type { OriginClient, OriginCredentials } from '../../peer/origin/index.ts'
+import type { ListingResponse, OriginClient, OriginCredentials } from '../../peer/origin/index.ts'
 import type { Upstream } from '../../peer/upstream/index.ts'
 
 interface Content { data: Buffer, mediaType: string | undefined, repos: Set<string> }
@@ -93,6 +93,27 @@ export class FakeOrigin implements OriginClient {
 
   async authorize (_u: Upstream, _repo: string, identity: { username: string, password: string } | undefined): Promise<OriginCredentials> {
     return identity === undefined ? {} : { authorization: `Basic ${Buffer.from(`${identity.username}:${identity.password}`).toString('base64')}` }
+  }
+
+  /** Tags of a repository, from `tags` (keyed `repo:tag`), sorted; honours `n` and `last` and links the next page. */
+  async listing (_u: Upstream, pathAndQuery: string, credentials: OriginCredentials): Promise<ListingResponse> {
+    if (this.down) throw new OriginUnavailableError('fake origin is down')
+    this.requests.push({ method: 'GET', what: pathAndQuery })
+    const url = new URL(pathAndQuery, 'http://origin')
+    const m = /^\/v2\/(.+)\/tags\/list$/.exec(url.pathname)
+    const json = (status: number, body: unknown, headers: ListingResponse['headers'] = {}): ListingResponse =>
+      ({ status, headers: { 'content-type': 'application/json', ...headers }, body: Buffer.from(JSON.stringify(body)) })
+    if (m === null) return json(404, { errors: [{ code: 'NAME_UNKNOWN', message: 'no such route' }] })
+    const repo = m[1] as string
+    if (this.privateRepos.has(repo) && credentials.authorization !== this.validAuth) return json(401, { errors: [{ code: 'UNAUTHORIZED', message: 'authentication required' }] }, { 'www-authenticate': 'Basic realm="fake"' })
+    const all = [...this.tags.keys()].filter(k => k.startsWith(`${repo}:`)).map(k => k.slice(repo.length + 1)).sort()
+    if (all.length === 0) return json(404, { errors: [{ code: 'NAME_UNKNOWN', message: 'repository name not known to registry' }] })
+    const last = url.searchParams.get('last')
+    const n = Number(url.searchParams.get('n') ?? all.length)
+    const rest = last === null ? all : all.filter(t => t > last)
+    const page = rest.slice(0, n)
+    const more = rest.length > page.length
+    return json(200, { name: repo, tags: page }, more ? { link: `</v2/${repo}/tags/list?last=${page[page.length - 1] ?? ''}&n=${n}>; rel="next"` } : {})
   }
 
   async ping (_u: Upstream, credentials: OriginCredentials): Promise<{ status: number, challenge: string | undefined }> {

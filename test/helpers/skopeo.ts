@@ -147,3 +147,19 @@ export async function skopeoCopyToDir (ref: string, destDir: string, opts: Skope
     await sandbox.cleanup()
   }
 }
+
+/** `skopeo list-tags <ref>` in a sandbox (plain http allowed); the parsed tag list. */
+export async function skopeoListTags (ref: string, opts: { creds?: string, timeoutMs?: number } = {}): Promise<string[]> {
+  const sandbox = await skopeoSandbox()
+  try {
+    const { stdout } = await run('skopeo', [
+      ...sandbox.globalArgs,
+      'list-tags', '--authfile', sandbox.authFile, '--tls-verify=false',
+      ...(opts.creds !== undefined ? ['--creds', opts.creds] : []),
+      ref
+    ], { env: sandbox.env, timeoutMs: opts.timeoutMs ?? 60_000 })
+    return (JSON.parse(stdout) as { Tags: string[] }).Tags
+  } finally {
+    await sandbox.cleanup()
+  }
+}

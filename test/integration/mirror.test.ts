@@ -9,7 +9,7 @@ import { startContainerd, writeHostsToml, type TestContainerd } from '../helpers
 import { buildImage, pushImage, readBlob, type BuiltImage } from '../helpers/image.ts'
 import { startPeer, type TestPeer } from '../helpers/peer.ts'
 import { startRegistry, type TestRegistry } from '../helpers/registry.ts'
-import { skopeoCopyToDir, writeRegistriesConf } from '../helpers/skopeo.ts'
+import { skopeoCopyToDir, skopeoListTags, writeRegistriesConf } from '../helpers/skopeo.ts'
 import { startThrottleProxy, type ThrottleProxy } from '../helpers/throttle.ts'
 import { tmpDir } from '../helpers/tmp.ts'
 
@@ -82,6 +82,18 @@ describe('a single peer as a registry mirror', () => {
     }
     const fetchedAfter = (await peer.metrics()).get('damselfly_mirror_requests_total', { route: 'blob' })
     assert.ok(fetchedAfter - fetchedBefore >= image.layers.length, 'the blobs went through the mirror')
+  })
+
+  test('skopeo list-tags through the mirror sees the registry\'s tags, a new one at once', async () => {
+    await pushImage(image, `${registry.host}/team/app:v2`)
+    assert.deepEqual(await skopeoListTags(`docker://127.0.0.1:${peer.port}/team/app`), ['v1', 'v2'])
+    await pushImage(image, `${registry.host}/team/app:v3`)
+    assert.deepEqual(await skopeoListTags(`docker://127.0.0.1:${peer.port}/team/app`), ['v1', 'v2', 'v3'])
+    // docker-registry 2.8 answers every tag at once (it pages only _catalog); paging through the mirror is in test/peer/mirror-app.test.ts.
+    const plain = await request(`${peer.url}/v2/team/app/tags/list`)
+    assert.equal(plain.statusCode, 200)
+    assert.equal(plain.headers['content-type'], 'application/json; charset=utf-8')
+    assert.deepEqual(await plain.body.json(), { name: 'team/app', tags: ['v1', 'v2', 'v3'] })
   })
 
   test('nydusd-style unaligned range reads fetch only the covering pieces from the origin', async () => {
@@ -219,6 +231,13 @@ describe('a peer in front of a private registry', () => {
     assert.ok(Buffer.from(await right.body.arrayBuffer()).equals(readBlob(image, layer.digest)))
     // Credentials never reach the logs.
     assert.equal(peer.output().includes('s3cret-pass') || peer.output().includes(basic.slice(6)), false)
+  })
+
+  test('skopeo list-tags of a private repository through the mirror needs the registry\'s credentials', async () => {
+    const ref = `docker://127.0.0.1:${peer.port}/secret/app`
+    assert.deepEqual(await skopeoListTags(ref, { creds: 'alice:s3cret-pass' }), ['v1'])
+    await assert.rejects(skopeoListTags(ref), /unauthorized|authentication required/i)
+    await assert.rejects(skopeoListTags(ref, { creds: 'alice:wrong' }), /unauthorized|authentication required|invalid username/i)
   })
 
   test('skopeo with credentials for the mirror pulls the private image through it', async () => {

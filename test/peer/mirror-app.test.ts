@@ -103,6 +103,7 @@ test('malformed names, digests and hostile paths get OCI errors and touch nothin
     ['/v2/team/app/manifests/sha256:1234', 404, 'MANIFEST_UNKNOWN'],
     [`/v2/team/app/manifests/${'t'.repeat(129)}`, 404, 'MANIFEST_UNKNOWN'],
     [`/v2/${'a/'.repeat(200)}b/blobs/sha256:${hex}`, 400, 'NAME_INVALID'],
+    // The origin's answer: team/app has no tags there.
     ['/v2/team/app/tags/list', 404, 'NAME_UNKNOWN'],
     ['/v2/_catalog', 404, 'NAME_UNKNOWN']
   ]
@@ -112,6 +113,62 @@ test('malformed names, digests and hostile paths get OCI errors and touch nothin
     assert.equal(errorCode(res.body), code, url)
   }
   assert.deepEqual(await readdir(join(dir, 'blobs')), [])
+})
+
+test('tags/list comes from the origin for each caller, with its credentials, pages and all; never from a cache', async (t) => {
+  const { app, origin } = await setup(t)
+  const manifest = { schemaVersion: 2, config: { digest: `sha256:${'c'.repeat(64)}`, size: 2 }, layers: [] }
+  for (const tag of ['v1', 'v2', 'v3']) origin.addManifest('team/app', tag, manifest)
+  const all = await app.inject({ method: 'GET', url: '/v2/team/app/tags/list' })
+  assert.equal(all.statusCode, 200)
+  assert.deepEqual(JSON.parse(all.body), { name: 'team/app', tags: ['v1', 'v2', 'v3'] })
+  assert.equal(all.headers['content-type'], 'application/json')
+
+  // Pages: the origin's link goes back to the caller, still naming the registry as containerd did (ns=).
+  const first = await app.inject({ method: 'GET', url: '/v2/team/app/tags/list?n=2&ns=registry.test:5000' })
+  assert.deepEqual(JSON.parse(first.body).tags, ['v1', 'v2'])
+  assert.equal(first.headers.link, '</v2/team/app/tags/list?last=v2&n=2&ns=registry.test%3A5000>; rel="next"')
+  const next = await app.inject({ method: 'GET', url: '/v2/team/app/tags/list?last=v2&n=2&ns=registry.test:5000' })
+  assert.deepEqual(JSON.parse(next.body).tags, ['v3'])
+  assert.equal(next.headers.link, undefined)
+
+  // A new tag shows at once: nothing is cached.
+  origin.addManifest('team/app', 'v4', manifest)
+  assert.deepEqual(JSON.parse((await app.inject({ method: 'GET', url: '/v2/team/app/tags/list' })).body).tags, ['v1', 'v2', 'v3', 'v4'])
+  const asked = origin.requests.filter(r => r.what.startsWith('/v2/team/app/tags/list')).length
+  assert.equal(asked, 4, 'every listing went to the origin')
+
+  // Private: the origin's 401 and challenge reach the caller; its credentials reach the origin.
+  origin.privateRepos.add('team/secret')
+  origin.addManifest('team/secret', 'v1', manifest)
+  const anonymous = await app.inject({ method: 'GET', url: '/v2/team/secret/tags/list' })
+  assert.equal(anonymous.statusCode, 401)
+  assert.equal(anonymous.headers['www-authenticate'], 'Basic realm="fake"')
+  assert.equal(errorCode(anonymous.body), 'UNAUTHORIZED')
+  const authorized = await app.inject({ method: 'GET', url: '/v2/team/secret/tags/list', headers: { authorization: origin.validAuth } })
+  assert.deepEqual(JSON.parse(authorized.body).tags, ['v1'])
+
+  // Unknown repositories are the origin's 404; bad parameters are refused before the origin is asked.
+  assert.equal(errorCode((await app.inject({ method: 'GET', url: '/v2/team/none/tags/list' })).body), 'NAME_UNKNOWN')
+  const before = origin.requests.length
+  for (const query of ['n=lots', 'last=bad%20tag', 'n=1&n=2']) {
+    const bad = await app.inject({ method: 'GET', url: `/v2/team/app/tags/list?${query}` })
+    assert.equal(bad.statusCode, 400, query)
+    assert.match(JSON.parse(bad.body).errors[0].message, /query parameter (n|last)=.*: expected (a number of tags|a tag)/, query)
+  }
+  assert.equal(origin.requests.length, before)
+  origin.down = true
+  assert.equal((await app.inject({ method: 'GET', url: '/v2/team/app/tags/list' })).statusCode, 502)
+})
+
+test('referrers pass through to the origin with a checked digest and artifactType', async (t) => {
+  const { app, origin } = await setup(t)
+  const res = await app.inject({ method: 'GET', url: `/v2/team/app/referrers/sha256:${'a'.repeat(64)}?artifactType=application/vnd.dev.cosign.artifact.sig.v1%2Bjson` })
+  // The fake origin has no referrers API: its own 404 comes back.
+  assert.equal(res.statusCode, 404)
+  assert.equal(origin.requests.at(-1)?.what, `/v2/team/app/referrers/sha256:${'a'.repeat(64)}?artifactType=application%2Fvnd.dev.cosign.artifact.sig.v1%2Bjson`)
+  assert.equal((await app.inject({ method: 'GET', url: '/v2/team/app/referrers/sha256:1234' })).statusCode, 400)
+  assert.equal((await app.inject({ method: 'GET', url: `/v2/team/app/referrers/sha256:${'a'.repeat(64)}?artifactType=not a type` })).statusCode, 400)
 })
 
 test('pushes and deletes are 405 whatever the body', async (t) => {
