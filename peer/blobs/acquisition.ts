@@ -102,8 +102,8 @@ export class PieceAcquisition {
   }
 
   /** A piece held here (on disk, or landed and still being written), without fetching anything. */
-  async peek (digest: string, index: number): Promise<Buffer | undefined> {
-    return (await this.#held(digest, index))?.data ?? this.#landing.get(pieceKey(digest, index))?.data
+  async peek (digest: string, index: number, into?: Buffer): Promise<Buffer | undefined> {
+    return (await this.#held(digest, index, into))?.data ?? this.#landing.get(pieceKey(digest, index))?.data
   }
 
   /** The piece's bytes once a fetch under way here lands them; undefined when none is under way. */
@@ -111,8 +111,8 @@ export class PieceAcquisition {
     return this.#inflight.get(pieceKey(digest, index))?.then(landed => landed.data)
   }
 
-  async #held (digest: string, index: number): Promise<Piece | undefined> {
-    const data = await this.#store.readPiece(digest, index)
+  async #held (digest: string, index: number, into?: Buffer): Promise<Piece | undefined> {
+    const data = await this.#store.readPiece(digest, index, into === undefined ? {} : { into })
     const sha256 = this.#store.pieceDigest(digest, index)
     if (data === undefined || sha256 === undefined) return undefined
     return { data, sha256, source: 'local', trusted: this.#store.isTrusted(digest, index) }

@@ -82,8 +82,8 @@ export class DefaultBlobService implements BlobService {
     }
   }
 
-  async held (digest: string, index: number): Promise<Buffer | undefined> {
-    return this.#acquisition.peek(digest, index)
+  async held (digest: string, index: number, into?: Buffer): Promise<Buffer | undefined> {
+    return this.#acquisition.peek(digest, index, into)
   }
 
   whenLanded (digest: string, index: number): Promise<Buffer> | undefined {

@@ -90,8 +90,11 @@ export interface BlobServiceInit {
 
 /** What other peers' requests for pieces are answered from (peer/upload). */
 export interface PieceSupply {
-  /** A verified piece held here (on disk, or landed and still being written). */
-  held: (digest: string, index: number) => Promise<Buffer | undefined>
+  /**
+   * A verified piece held here (on disk, or landed and still being written).
+   * One read from disk goes into `into` when given (see PieceReader.readPiece).
+   */
+  held: (digest: string, index: number, into?: Buffer) => Promise<Buffer | undefined>
   /** The piece once a fetch under way here lands it; undefined when none is under way. */
   whenLanded: (digest: string, index: number) => Promise<Buffer> | undefined
   /** Gets a piece of a task this node was sent to the origin for (whole-read rules: the child checks it against the table). */

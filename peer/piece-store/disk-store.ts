@@ -73,7 +73,7 @@ export class DiskPieceStore implements PieceStore {
         this.#events.emit('mismatch', entry.digest.value, tableOf(entry))
         void this.#drop(entry, 'digest-mismatch')
       }
-    }, async (entry, index) => this.#started ? this.#readVerified(entry, index) : undefined)
+    }, async (entry, index, into) => this.#started ? this.#readVerified(entry, index, into) : undefined)
     this.#hot = new LRUCache<string, Buffer>({
       maxSize: Math.max(1, init.memoryCacheBytes ?? bytes(DEFAULTS.memoryCacheSize)),
       sizeCalculation: (b) => Math.max(1, b.length)
@@ -164,12 +164,12 @@ export class DiskPieceStore implements PieceStore {
     return entry === undefined ? undefined : pieceDigestOf(entry, index)
   }
 
-  async readPiece (digest: string, index: number, options: AbortOptions = {}): Promise<Buffer | undefined> {
+  async readPiece (digest: string, index: number, options: AbortOptions & { into?: Buffer } = {}): Promise<Buffer | undefined> {
     options.signal?.throwIfAborted()
     const entry = this.#entries.get(digest)
     if (entry === undefined || !entry.held.has(index)) return undefined
     this.#touch(entry)
-    return this.#readVerified(entry, index)
+    return this.#readVerified(entry, index, options.into)
   }
 
   async openVerified (digest: string, start: number, end: number): Promise<Readable | undefined> {
@@ -327,11 +327,19 @@ export class DiskPieceStore implements PieceStore {
     })
   }
 
-  async #readVerified (entry: Entry, index: number): Promise<Buffer | undefined> {
+  /**
+   * A held piece from memory or disk, checked once per run. Read into `into`
+   * (when it is large enough) the bytes are the caller's to reuse, so they
+   * are not kept in the hot-piece memory: streaming uploads and the
+   * background check read through buffers of their own, and a fresh
+   * megabyte per piece was garbage the collector chased at line rate.
+   */
+  async #readVerified (entry: Entry, index: number, into?: Buffer): Promise<Buffer | undefined> {
     const cached = this.#hot.get(hotKey(entry, index))
     if (cached !== undefined) return cached
     const { offset, length } = pieceBounds(index, entry.size, entry.pieceSize)
-    const buf = Buffer.allocUnsafe(length)
+    const borrowed = into !== undefined && into.length >= length
+    const buf = borrowed ? into.subarray(0, length) : Buffer.allocUnsafe(length)
     try {
       await this.#handles.withFile(entry, async (fh) => {
         let done = 0
@@ -358,7 +366,7 @@ export class DiskPieceStore implements PieceStore {
       }
       entry.checked.add(index)
     }
-    this.#hot.set(hotKey(entry, index), buf)
+    if (!borrowed) this.#hot.set(hotKey(entry, index), buf)
     return buf
   }
 

@@ -80,8 +80,10 @@ export interface PieceReader {
    * the first time this process reads them. Returns `undefined` when the
    * piece is not held or failed that check (it is then dropped and must be
    * fetched again); never returns bytes that did not match the recorded digest.
+   * With `into` (at least the piece's length) a piece not in memory is read
+   * into it and not kept in memory: the caller may reuse the buffer once done.
    */
-  readPiece: (digest: string, index: number, options?: AbortOptions) => Promise<Buffer | undefined>
+  readPiece: (digest: string, index: number, options?: AbortOptions & { into?: Buffer }) => Promise<Buffer | undefined>
   /**
    * Bytes `start`..`end` (inclusive) of a blob verified whole, as a file
    * stream, when every piece they cover was checked by this process; else

@@ -18,10 +18,10 @@ export interface WholeHashEvents {
  */
 export class WholeHasher {
   readonly #events: WholeHashEvents
-  readonly #read: (entry: Entry, index: number) => Promise<Buffer | undefined>
+  readonly #read: (entry: Entry, index: number, into: Buffer) => Promise<Buffer | undefined>
 
-  /** `read` fetches a held piece (checked against its own SHA-256). */
-  constructor (events: WholeHashEvents, read: (entry: Entry, index: number) => Promise<Buffer | undefined>) {
+  /** `read` fetches a held piece (checked against its own SHA-256), into the buffer given when it is not in memory. */
+  constructor (events: WholeHashEvents, read: (entry: Entry, index: number, into: Buffer) => Promise<Buffer | undefined>) {
     this.#events = events
     this.#read = read
   }
@@ -53,8 +53,10 @@ export class WholeHasher {
     if (entry.removed || entry.verified || !entry.held.complete) return
     const hash = createHash(entry.digest.algorithm)
     const before = tableOf(entry)
+    // One buffer for the pass: a fresh one per piece would be a blob's worth of garbage.
+    const into = Buffer.allocUnsafeSlow(entry.pieceSize)
     for (let i = 0; i < entry.count; i++) {
-      const buf = await this.#read(entry, i)
+      const buf = await this.#read(entry, i, into)
       // A piece failed its own check or was dropped: the blob is not complete any more.
       if (buf === undefined || entry.removed || entry.verified) return
       hash.update(buf)

@@ -131,10 +131,9 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
     const origin = origins.get(digest)
     session.queue({ digest, size: info.size, ...(info.mediaType === undefined ? {} : { mediaType: info.mediaType }), ...(origin === undefined ? {} : { origin }), add: [[index, sha256]], ...(source === 'origin' ? { fromOrigin: [index] } : {}) })
   })
-  store.on('verified', (digest) => {
-    const info = store.info(digest)
-    if (info !== undefined) session.queue({ digest, size: info.size, verified: true })
-  })
+  // With every piece: announcements of pieces fetched while the scheduler was away (or that were not
+  // this peer's to write) were dropped, and a verified blob vouches for all of them.
+  store.on('verified', (digest) => { session.reannounce(digest) })
   store.on('removed', (digest, _reason, index) => {
     const info = store.info(digest)
     session.queue({ digest, size: info?.size ?? 0, remove: index === undefined ? true : [index] })

@@ -238,7 +238,10 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
           if (existing.remove !== true) existing.remove = [...(existing.remove ?? []), ...update.remove]
         }
         if (update.add !== undefined) {
-          existing.add = [...(existing.add ?? []), ...update.add]
+          // One entry per piece (the latest): a whole re-announcement is checked against the piece count.
+          const byIndex = new Map(existing.add ?? [])
+          for (const [i, hex] of update.add) byIndex.set(i, hex)
+          existing.add = [...byIndex]
           if (Array.isArray(existing.remove)) {
             const added = new Set(update.add.map(([i]) => i))
             existing.remove = existing.remove.filter(i => !added.has(i))

@@ -8,7 +8,7 @@ import { Limiter } from '../../src/limiter.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
-import { choosePieceSize, pieceCount } from '../../src/pieces.ts'
+import { MIN_PIECE_SIZE, choosePieceSize, pieceCount } from '../../src/pieces.ts'
 import { PIECE_HTTP_PEER_HEADER, PIECE_PROTOCOL, PieceRequest } from '../../src/protocol/messages.ts'
 import type { PieceSupply } from '../blobs/index.ts'
 import { readPieceRequest, uploadUrls } from '../swarm/piece-http.ts'
@@ -67,6 +67,28 @@ export interface UploadServer {
 }
 
 const SEND_CHUNK = 256 * 1024
+/** Piece buffers kept for reuse between HTTP uploads; more at once are allocated and left to the collector. */
+const POOLED_BUFFERS = 8
+
+/** Buffers of one size, reused: a fresh megabyte per upload is what the collector chased at line rate. */
+class BufferPool {
+  readonly #size: number
+  readonly #max: number
+  readonly #free: Buffer[] = []
+
+  constructor (size: number, max: number) {
+    this.#size = size
+    this.#max = max
+  }
+
+  take (): Buffer {
+    return this.#free.pop() ?? Buffer.allocUnsafeSlow(this.#size)
+  }
+
+  give (buffer: Buffer): void {
+    if (this.#free.length < this.#max) this.#free.push(buffer)
+  }
+}
 /** Longest any upload may take, waiting included. */
 const UPLOAD_DEADLINE_MS = 180_000
 
@@ -95,6 +117,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   let http: Server | undefined
   let guard: ConnectionGuard | undefined
   let uploaded = 0
+  const buffers = new BufferPool(MIN_PIECE_SIZE, POOLED_BUFFERS)
   if (init.corruptPieces === true) logger.warn('TEST FAULT ACTIVE: every piece this peer uploads is corrupted')
 
   type Produced = { status: 'ok', data: Buffer, release: () => void } | { status: 'not-found' | 'busy' | 'error', message?: string }
@@ -105,9 +128,9 @@ export function createUploadServer (components: UploadServerComponents, init: Up
    * has sent the bytes and calls release.
    */
   /** The piece, or undefined when this node has nothing to give (yet). Throws QueueFullError when too many wait already. */
-  async function piece (request: PieceRequest, signal: AbortSignal): Promise<Buffer | undefined> {
+  async function piece (request: PieceRequest, signal: AbortSignal, into?: Buffer): Promise<Buffer | undefined> {
     const { digest, index } = request
-    const held = await supply.held(digest, index)
+    const held = await supply.held(digest, index, into)
     if (held !== undefined) return held
     const landing = supply.whenLanded(digest, index)
     const mine = (): boolean => components.sentFor(digest, index) || tasks.claimed(digest)
@@ -129,11 +152,11 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     }
   }
 
-  async function produce (request: PieceRequest, remotePeer: string, signal: AbortSignal): Promise<Produced> {
+  async function produce (request: PieceRequest, remotePeer: string, signal: AbortSignal, into?: Buffer): Promise<Produced> {
     // Waiting for a piece still on its way holds no upload slot; only sending one does.
     let data: Buffer | undefined
     try {
-      data = await piece(request, signal)
+      data = await piece(request, signal, into)
     } catch (err) {
       if (err instanceof QueueFullError) return { status: 'busy' }
       if (isAbort(err) && shutdown.signal.aborted) throw err
@@ -196,7 +219,10 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     const gone = new AbortController()
     res.once('close', () => { if (!res.writableFinished) gone.abort() })
     const signal = AbortSignal.any([shutdown.signal, gone.signal, AbortSignal.timeout(UPLOAD_DEADLINE_MS)])
-    const produced = await produce(asked.request, asked.child, signal)
+    // A piece read from disk lands in a pooled buffer, free again once the response is done with it ('close' comes after the last write).
+    const into = buffers.take()
+    res.once('close', () => { buffers.give(into) })
+    const produced = await produce(asked.request, asked.child, signal, into)
     requests?.inc({ status: produced.status })
     if (produced.status !== 'ok') {
       const code = produced.status === 'not-found' ? 404 : produced.status === 'busy' ? 503 : 502

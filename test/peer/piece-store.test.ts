@@ -208,6 +208,30 @@ test('a verified blob streams from its file only over pieces this run checked, a
   })
 })
 
+test('a piece read into the caller\'s buffer is not kept: reusing that buffer changes no later read', async () => {
+  await withStore(async (make) => {
+    const { data, digest } = blob(2 * MIB)
+    const first = await make()
+    first.track(digest, data.length)
+    for (let i = 0; i < 2; i++) await first.writePiece(digest, i, piece(data, i))
+    assert.equal(await first.verifyBlob(digest), true)
+    await first.stop()
+
+    const store = await make()
+    const into = Buffer.alloc(MIB)
+    const got = await store.readPiece(digest, 1, { into })
+    assert.ok(got !== undefined && got.buffer === into.buffer, 'read into the buffer given')
+    assert.ok(got.equals(piece(data, 1)))
+    into.fill(0)
+    const again = await store.readPiece(digest, 1)
+    assert.ok(again?.equals(piece(data, 1)), 'the reused buffer is not what a later read returns')
+    // A buffer too small is left alone.
+    const small = Buffer.alloc(10)
+    assert.ok((await store.readPiece(digest, 0, { into: small }))?.equals(piece(data, 0)))
+    assert.ok(small.equals(Buffer.alloc(10)))
+  })
+})
+
 test('the quota evicts the least recently used unpinned blob', async () => {
   await withStore(async (make, dir) => {
     const store = await make({ quotaBytes: 5 * MIB })
