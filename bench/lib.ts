@@ -73,15 +73,14 @@ export function round (n: number, digits = 3): number {
 }
 
 /**
- * The environment deploy/ runs a peer with (the image's MALLOC_ARENA_MAX, the
+ * The environment deploy/ runs a peer with (the image's malloc tuning, the
  * DaemonSet's NODE_OPTIONS), so the bench measures the peer as deployed.
  */
 export function deployedPeerEnv (): Record<string, string> {
   const root = new URL('../deploy/', import.meta.url)
   const env: Record<string, string> = {}
   const dockerfile = readFileSync(new URL('Dockerfile', root), 'utf8')
-  const arena = /MALLOC_ARENA_MAX=(\d+)/.exec(dockerfile)
-  if (arena !== null) env.MALLOC_ARENA_MAX = arena[1] as string
+  for (const [, name, value] of dockerfile.matchAll(/\b(MALLOC_[A-Z_]+)=(\d+)/g)) env[name as string] = value as string
   const daemonSet = parseYaml(readFileSync(new URL('kubernetes/base/peer-daemonset.yaml', root), 'utf8')) as { spec: { template: { spec: { containers: Array<{ name: string, env?: Array<{ name: string, value?: string }> }> } } } }
   const peer = daemonSet.spec.template.spec.containers.find(c => c.name === 'peer')
   const options = peer?.env?.find(e => e.name === 'NODE_OPTIONS')?.value

@@ -3,6 +3,7 @@ import { cpus, totalmem } from 'node:os'
 import { parseArgs } from 'node:util'
 import { fileURLToPath } from 'node:url'
 import { pass, type Row, type Scenario } from './lib.ts'
+import { bittorrent } from './scenarios/bittorrent.ts'
 import { distribution } from './scenarios/distribution.ts'
 import { lazy } from './scenarios/lazy.ts'
 import { memory } from './scenarios/memory.ts'
@@ -15,7 +16,7 @@ import { throughput } from './scenarios/throughput.ts'
  * run) and writes bench/results/latest.json — quick.json for --quick, and
  * partial.json when --only picks scenarios (neither is kept in git).
  */
-const SCENARIOS: Scenario[] = [distribution, lazy, throughput, memory, scheduler]
+const SCENARIOS: Scenario[] = [distribution, lazy, throughput, memory, scheduler, bittorrent]
 
 const { values } = parseArgs({ options: { quick: { type: 'boolean', default: false }, only: { type: 'string' } } })
 const quick = values.quick === true
