@@ -1,7 +1,7 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util'
-import { containerdHostsFile, renderContainerdHostsToml } from './clients/containerd.ts'
+import { CONTAINERD_MARK, containerdDefaultHostsFile, containerdHostsFile, renderContainerdDefaultHostsToml, renderContainerdHostsToml } from './clients/containerd.ts'
 import { mergeDaemonJson } from './clients/docker.ts'
-import { childPath, readOptional, writeConfigFile, type WriteResult } from './clients/files.ts'
+import { childPath, readOptional, restoreConfigFile, writeConfigFile, type RestoreResult, type WriteResult } from './clients/files.ts'
 import { nydusRegistryHost, renderNydusdConfig, renderSnapshotterHostsToml } from './clients/nydus.ts'
 import { renderRegistriesConf } from './clients/registries-conf.ts'
 import { parseClientRegistry, parseEndpoint, type ClientRegistry } from './clients/registry.ts'
@@ -29,14 +29,18 @@ type Values = Record<string, string | boolean | string[] | undefined>
 const SUBCOMMANDS: Record<string, Subcommand> = {
   containerd: {
     summary: 'Write hosts.toml files so containerd pulls through the peer, the origin kept as fallback',
-    usage: 'damselfly config containerd --registry HOST [--registry HOST ...] [--mirror URL] [--hosts-dir DIR] [--dry-run]',
-    options: { registry: { type: 'string', multiple: true }, mirror: { type: 'string' }, 'hosts-dir': { type: 'string' }, 'dry-run': { type: 'boolean' } },
+    usage: 'damselfly config containerd (--registry HOST [...] | --all-registries) [--mirror URL] [--hosts-dir DIR] [--remove] [--dry-run]',
+    options: { registry: { type: 'string', multiple: true }, 'all-registries': { type: 'boolean' }, mirror: { type: 'string' }, 'hosts-dir': { type: 'string' }, remove: { type: 'boolean' }, 'dry-run': { type: 'boolean' } },
     help: [
       '  --registry HOST    registry as image references name it: host[:port], or http://host:port for a',
       '                     plain-http registry; docker.io means Docker Hub (repeatable)',
+      '  --all-registries   also write _default/hosts.toml: every registry without its own file goes',
+      '                     through the peer (which serves those its registries list names)',
       `  --mirror URL       the peer [default ${DEFAULT_MIRROR}]`,
       '  --hosts-dir DIR    containerd\'s config_path [default /etc/containerd/certs.d]',
-      '  --dry-run          print the files instead of writing them',
+      '  --remove           undo: put back what each file replaced, or remove it (files changed since',
+      '                     by someone else are left alone)',
+      '  --dry-run          print the files (or what --remove would do) instead of writing',
       '',
       'A changed hosts.toml is first copied to hosts.toml.bak-<time>. containerd reads the directory',
       'when the CRI plugin\'s registry config_path names it (ctr: --hosts-dir).'
@@ -143,16 +147,32 @@ function report (result: WriteResult): void {
 }
 
 async function runContainerd (values: Values): Promise<number> {
-  const regs = registries(values)
+  const all = values['all-registries'] === true
+  const regs = all && values.registry === undefined ? [] : registries(values)
   const mirror = parseEndpoint((values.mirror as string | undefined) ?? DEFAULT_MIRROR, '--mirror')
   const hostsDir = (values['hosts-dir'] as string | undefined) ?? '/etc/containerd/certs.d'
   // Every name is checked before the first file is written.
   const files = regs.map(r => ({ file: containerdHostsFile(hostsDir, r), text: renderContainerdHostsToml(r, mirror) }))
+  if (all) files.push({ file: containerdDefaultHostsFile(hostsDir), text: renderContainerdDefaultHostsToml(mirror) })
+  if (values.remove === true) {
+    for (const { file } of files) reportRestore(await restoreConfigFile(file, text => text.includes(CONTAINERD_MARK), { dryRun: values['dry-run'] === true }), values['dry-run'] === true)
+    return 0
+  }
   for (const { file, text } of files) {
     if (values['dry-run'] === true) process.stdout.write(`# ${file}\n${text}\n`)
     else report(await writeConfigFile(file, text))
   }
   return 0
+}
+
+function reportRestore (result: RestoreResult, dryRun: boolean): void {
+  const why = {
+    restored: `${dryRun ? 'would restore' : 'restored'} ${result.file} from ${result.backup ?? ''}`,
+    removed: `${dryRun ? 'would remove' : 'removed'} ${result.file} (nothing was there before)`,
+    kept: `kept ${result.file} (not written by damselfly, or changed since)`,
+    absent: `absent ${result.file}`
+  }
+  process.stdout.write(`${why[result.action]}\n`)
 }
 
 async function runNydusd (values: Values): Promise<number> {

@@ -18,7 +18,7 @@ export function renderContainerdHostsToml (registry: ClientRegistry, mirror: End
   const host = `host.${q(mirror.url)}`
   return [
     `# Pulls of ${registry.name} go through the damselfly peer at ${mirror.url};`,
-    '# the server below stays the fallback. Written by `damselfly config containerd`.',
+    `# the server below stays the fallback. ${CONTAINERD_MARK}`,
     `server = ${q(registry.server)}`,
     '',
     `[${host}]`,
@@ -28,6 +28,33 @@ export function renderContainerdHostsToml (registry: ClientRegistry, mirror: End
     `  X-Dragonfly-Registry = [${q(registry.server)}]`,
     ''
   ].join('\n')
+}
+
+/** The mark every file this command writes carries: only such files are ever removed by it. */
+export const CONTAINERD_MARK = 'Written by `damselfly config containerd`.'
+
+/**
+ * `_default/hosts.toml`: every registry without a directory of its own goes
+ * through the peer. No `server` line, so containerd falls back to each
+ * registry itself; no header either (one file serves every registry), so the
+ * peer learns the registry from the `ns=` containerd adds, and uses the
+ * scheme its registries list gives that host.
+ */
+export function renderContainerdDefaultHostsToml (mirror: Endpoint): string {
+  const host = `host.${JSON.stringify(mirror.url)}`
+  return [
+    `# Pulls of every registry without its own hosts.toml go through the damselfly peer at ${mirror.url};`,
+    `# containerd falls back to the registry itself. ${CONTAINERD_MARK}`,
+    '',
+    `[${host}]`,
+    '  capabilities = ["pull", "resolve"]',
+    ''
+  ].join('\n')
+}
+
+/** `<hostsDir>/_default/hosts.toml`. */
+export function containerdDefaultHostsFile (hostsDir: string): string {
+  return path.join(hostsDir, '_default', 'hosts.toml')
 }
 
 /** `<hostsDir>/<registry name>/hosts.toml`, never outside hostsDir. */

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { constants } from 'node:fs'
-import { copyFile, mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises'
+import { copyFile, mkdir, open, readFile, readdir, rename, rm, rmdir, stat } from 'node:fs/promises'
 import path from 'node:path'
 import { ConfigError, StorageError } from '../../src/errors.ts'
 
@@ -59,6 +59,58 @@ export async function writeConfigFile (file: string, text: string, options: { no
     throw new StorageError(`cannot write ${file}: ${(err as Error).message}`, { cause: err })
   }
   return backup === undefined ? { file, action: 'created' } : { file, action: 'updated', backup }
+}
+
+export interface RestoreResult {
+  file: string
+  /** restored: the latest backup that is not ours is back; removed: ours, with nothing to restore; kept: not ours. */
+  action: 'restored' | 'removed' | 'kept' | 'absent'
+  backup?: string
+}
+
+/**
+ * Undoes writeConfigFile for a file `ours` recognises: the newest backup
+ * that is not ours (what was there before this tool) goes back in place, by
+ * rename; with none, the file goes (and its directory, when that leaves it
+ * empty). Backups of our own earlier versions go too. A file that is not
+ * ours is left as it is: someone changed it since.
+ */
+export async function restoreConfigFile (file: string, ours: (text: string) => boolean, options: { dryRun?: boolean } = {}): Promise<RestoreResult> {
+  const current = await readOptional(file)
+  if (current === undefined) return { file, action: 'absent' }
+  if (!ours(current)) return { file, action: 'kept' }
+  const dir = path.dirname(file)
+  const prefix = `${path.basename(file)}.bak-`
+  let names: string[]
+  try {
+    names = (await readdir(dir)).filter(n => n.startsWith(prefix))
+  } catch (err) {
+    throw new StorageError(`cannot list ${dir}: ${(err as Error).message}`, { cause: err })
+  }
+  // UTC stamps sort as text; a same-second "-2" copy sorts after its first.
+  names.sort()
+  let original: string | undefined
+  // Backups of our own earlier versions go with the file.
+  const oursToo: string[] = []
+  for (const name of names.reverse()) {
+    const text = await readOptional(path.join(dir, name))
+    if (text === undefined) continue
+    if (ours(text)) oursToo.push(path.join(dir, name))
+    else original ??= path.join(dir, name)
+  }
+  if (options.dryRun === true) return original === undefined ? { file, action: 'removed' } : { file, action: 'restored', backup: original }
+  try {
+    for (const backup of oursToo) await rm(backup, { force: true })
+    if (original === undefined) {
+      await rm(file)
+      await rmdir(dir).catch(() => {})
+      return { file, action: 'removed' }
+    }
+    await rename(original, file)
+  } catch (err) {
+    throw new StorageError(`cannot restore ${file}: ${(err as Error).message}`, { cause: err })
+  }
+  return { file, action: 'restored', backup: original }
 }
 
 async function backupFile (file: string, now: Date): Promise<string> {

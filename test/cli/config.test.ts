@@ -207,6 +207,39 @@ describe('the damselfly config command', () => {
     assert.equal((await readdir(path.join(hosts, 'docker.io'))).length, 2)
   })
 
+  test('containerd --all-registries writes _default; --remove puts back what was there and removes the rest', async (t) => {
+    const dir = await tmpDir('df-cfg-rm-')
+    t.after(() => dir.cleanup())
+    const hosts = path.join(dir.path, 'certs.d')
+    // An operator's own file for docker.io, and one for a registry this command never touches.
+    const operators = 'server = "https://registry-1.docker.io"\n[host."https://corp-mirror.example"]\n  capabilities = ["pull"]\n'
+    await mkdir(path.join(hosts, 'docker.io'), { recursive: true })
+    await writeFile(path.join(hosts, 'docker.io', 'hosts.toml'), operators)
+    const base = ['config', 'containerd', '--registry', 'docker.io', '--all-registries', '--hosts-dir', hosts]
+    const wrote = await runCli([...base, '--mirror', 'http://127.0.0.1:4001'])
+    assert.equal(wrote.code, 0, wrote.stderr)
+    const dflt = await readFile(path.join(hosts, '_default', 'hosts.toml'), 'utf8')
+    assert.match(dflt, /^\[host\."http:\/\/127\.0\.0\.1:4001"\]$/m)
+    assert.doesNotMatch(dflt, /^server|X-Dragonfly-Registry/m, 'no server (each registry is its own fallback) and no header (the peer reads ns=)')
+    // A second write with another mirror leaves a backup that is ours: --remove must skip it.
+    assert.equal((await runCli([...base, '--mirror', 'http://127.0.0.1:4999'])).code, 0)
+    assert.equal((await readdir(path.join(hosts, 'docker.io'))).length, 3)
+
+    const dry = await runCli([...base, '--remove', '--dry-run'])
+    assert.match(dry.stdout, /^would restore .*docker\.io\/hosts\.toml from .*hosts\.toml\.bak-/m)
+    assert.match(dry.stdout, /^would remove .*_default\/hosts\.toml/m)
+    assert.match(await readFile(path.join(hosts, 'docker.io', 'hosts.toml'), 'utf8'), /4999/, 'a dry run changes nothing')
+
+    const removed = await runCli([...base, '--remove'])
+    assert.equal(removed.code, 0, removed.stderr)
+    assert.equal(await readFile(path.join(hosts, 'docker.io', 'hosts.toml'), 'utf8'), operators, 'the operator\'s file is back')
+    assert.deepEqual((await readdir(hosts)).sort(), ['docker.io'], '_default is gone with its directory')
+    const again = await runCli([...base, '--remove'])
+    assert.match(again.stdout, /^kept .*docker\.io\/hosts\.toml \(not written by damselfly/m, 'a file that is not ours is never touched')
+    assert.match(again.stdout, /^absent .*_default\/hosts\.toml$/m)
+    assert.equal(await readFile(path.join(hosts, 'docker.io', 'hosts.toml'), 'utf8'), operators)
+  })
+
   test('a bad registry exits 2 naming the flag, and nothing at all is written', async (t) => {
     const dir = await tmpDir('df-cfg-bad-')
     t.after(() => dir.cleanup())

@@ -73,6 +73,22 @@ describe('client configuration from damselfly config, used by real clients', () 
     assert.ok(origin.bytesDown() < layerBytes * 1.5, `origin sent ${origin.bytesDown()} bytes for ${layerBytes} bytes of layers`)
   })
 
+  test('containerd pulls a registry with no file of its own through _default (--all-registries), and --remove takes it away', async () => {
+    const hosts = path.join(work.path, 'certs.d-all')
+    const res = await runCli(['config', 'containerd', '--all-registries', '--mirror', peer.url, '--hosts-dir', hosts])
+    assert.equal(res.code, 0, res.stderr)
+    assert.deepEqual(await readdir(hosts), ['_default'])
+    await containerd.removeAll()
+    const before = (await peer.metrics()).get('damselfly_mirror_requests_total', { route: 'blob', status: '200' })
+    await containerd.fetch(`${origin.host}/team/app:v1`, { hostsDir: hosts })
+    for (const layer of image.layers) assert.ok((await containerd.readContent(layer.digest)).equals(readBlob(image, layer.digest)), `layer ${layer.digest}`)
+    const served = (await peer.metrics()).get('damselfly_mirror_requests_total', { route: 'blob', status: '200' }) - before
+    assert.ok(served >= image.layers.length, `the peer answered ${served} blob requests, knowing the registry from ns=`)
+    const removed = await runCli(['config', 'containerd', '--all-registries', '--hosts-dir', hosts, '--remove'])
+    assert.equal(removed.code, 0, removed.stderr)
+    assert.deepEqual(await readdir(hosts), [])
+  })
+
   test('with the peer stopped, containerd still pulls, from the origin', async () => {
     const hosts = path.join(work.path, 'certs.d')
     await containerd.removeAll()
