@@ -5,6 +5,7 @@ import { Agent } from 'undici'
 import { isLoopbackHost, type ResolvedPeerConfig } from '../src/config/index.ts'
 import type { Logger } from '../src/logger.ts'
 import { createMetricsRegistry } from '../src/metrics.ts'
+import { createRateLimits } from '../src/rate.ts'
 import { createAccessChecker } from './auth/index.ts'
 import { createBlobService } from './blobs/index.ts'
 import { createPassthrough } from './blobs/passthrough.ts'
@@ -91,7 +92,8 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     staleIfErrorMs: config.authStaleIfError
   })
   // The data path: cache, swarm, origin.
-  const blobs = createBlobService({ logger, store, origin, access, metrics, source: swarm.fetcher })
+  const rates = createRateLimits({ upload: config.uploadRateLimit, origin: config.originRateLimit, download: config.downloadRateLimit, prefetch: config.prefetchRateLimit }, metrics)
+  const blobs = createBlobService({ logger, store, origin, access, metrics, source: swarm.fetcher, rates })
   const manifests = createManifestService({ logger, origin, blobs, access, tags, swarm })
   const passthrough = createPassthrough({ origin })
 
@@ -103,10 +105,10 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     supply: blobs,
     tasks,
     metrics,
-    sentFor: (digest, index) => swarm.fetcher.isFirstFetcher(digest, index)
+    sentFor: (digest, index) => swarm.fetcher.isFirstFetcher(digest, index),
+    rate: rates.upload
   }, {
     concurrency: config.uploadConcurrency,
-    rateLimit: config.uploadRateLimit,
     connectionsPerAddress: config.uploadConnectionsPerAddress,
     corruptPieces: deps.faults?.corruptPieces === true,
     http: config.pieceTransport === 'http' ? { host: config.p2pHost, port: config.uploadPort } : undefined,

@@ -5,10 +5,11 @@ import {
 } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { choosePieceSize, pieceCount } from '../../src/pieces.ts'
+import type { RateLimits } from '../../src/rate.ts'
 import type { PieceWriter } from '../piece-store/index.ts'
 import type { PieceSource } from '../swarm/source.ts'
 import type { ByteCounters, Source } from './counters.ts'
-import { swarmTask, type BlobTask } from './index.ts'
+import { Priority, swarmTask, type BlobTask } from './index.ts'
 import type { OriginRuns } from './origin-runs.ts'
 
 /** A verified piece in hand. */
@@ -37,6 +38,8 @@ export interface AcquisitionComponents {
   counters: ByteCounters
   /** The swarm, consulted before the origin; absent on a node without one. */
   source?: PieceSource | undefined
+  /** A piece from peers waits for its bytes in the download limit (and the prefetch one for prefetches). */
+  rates?: Pick<RateLimits, 'download' | 'prefetch'> | undefined
 }
 
 /** Errors that another attempt will not fix. */
@@ -60,6 +63,7 @@ export class PieceAcquisition {
   readonly #runs: OriginRuns
   readonly #counters: ByteCounters
   readonly #source: PieceSource | undefined
+  readonly #rates: AcquisitionComponents['rates']
   readonly #attempts: number
   readonly #inflight = new Map<string, Promise<Landed>>()
   /** Verified pieces whose disk write has not finished. */
@@ -74,6 +78,7 @@ export class PieceAcquisition {
     this.#runs = components.runs
     this.#counters = components.counters
     this.#source = components.source
+    this.#rates = components.rates
     this.#attempts = Math.max(1, init.attempts ?? 3)
   }
 
@@ -151,6 +156,12 @@ export class PieceAcquisition {
     void (async () => {
       try {
         const got = await source.fetch({ task: swarmTask(task), lastWanted, whole }, index, { signal })
+        const rates = this.#rates
+        if (rates !== undefined && got.kind === 'piece') {
+          // Paid for once it came from a peer (an origin run pays for its own bytes): the next fetch waits.
+          await rates.download.take(got.data.length, { signal })
+          if (priority < Priority.ON_DEMAND) await rates.prefetch.take(got.data.length, { signal })
+        }
         if (got.kind === 'origin') {
           // This node is the piece's first fetcher (or the swarm cannot help): the origin it is.
           this.#unregister(task, index, deferred)

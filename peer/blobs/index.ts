@@ -2,6 +2,7 @@ import type { Readable } from 'node:stream'
 import type { AbortOptions } from '../../src/abort.ts'
 import type { Logger } from '../../src/logger.ts'
 import type { Registry } from '../../src/metrics.ts'
+import type { RateLimits } from '../../src/rate.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
 import type { AccessChecker, ContentKind } from '../auth/index.ts'
 import type { OriginClient, OriginCredentials } from '../origin/index.ts'
@@ -71,6 +72,8 @@ export interface BlobServiceComponents {
   metrics?: Registry | undefined
   /** The swarm, when there is one; consulted before the origin. */
   source?: PieceSource | undefined
+  /** Bandwidth limits on what comes in (origin, download, prefetch); none when absent. */
+  rates?: Pick<RateLimits, 'origin' | 'download' | 'prefetch'> | undefined
 }
 
 export interface BlobServiceInit {

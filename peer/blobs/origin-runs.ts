@@ -5,12 +5,15 @@ import type { Logger } from '../../src/logger.ts'
 import { sha256Hex } from '../../src/oci/digest.ts'
 import { DEFAULT_MANIFEST_ACCEPT } from '../../src/oci/media-types.ts'
 import { choosePieceSize, pieceBounds } from '../../src/pieces.ts'
+import { throttled, type RateLimits } from '../../src/rate.ts'
 import type { OriginClient } from '../origin/index.ts'
 import { Priority, type BlobTask } from './index.ts'
 
 export interface OriginRunsComponents {
   logger: Logger
   origin: OriginClient
+  /** Origin bytes wait for the origin and download limits, and prefetch runs for the prefetch limit too. */
+  rates?: Pick<RateLimits, 'origin' | 'download' | 'prefetch'> | undefined
 }
 
 export interface OriginRunsInit {
@@ -41,10 +44,12 @@ export class OriginRuns {
   readonly #origin: OriginClient
   readonly #maxRun: number
   readonly #runs: Limiter
+  readonly #rates: OriginRunsComponents['rates']
 
   constructor (components: OriginRunsComponents, init: OriginRunsInit = {}) {
     this.#logger = components.logger
     this.#origin = components.origin
+    this.#rates = components.rates
     this.#maxRun = Math.max(1, init.maxRunPieces ?? 64)
     this.#runs = new Limiter('origin requests', init.maxOriginRuns ?? 16, init.maxQueuedRuns ?? 1024)
   }
@@ -73,7 +78,10 @@ export class OriginRuns {
         const end = Math.min(task.size, (last + 1) * pieceSize) - 1
         body = (await this.#origin.getBlob(task.upstream, task.repo, task.digest, { start, end }, task.credentials, { signal })).body
       }
-      await cutPieces(task, first, last, body as AsyncIterable<Buffer>, land)
+      const rates = this.#rates
+      // Limits slow the reading, so the origin's TCP window closes rather than bytes piling up here.
+      const limited = rates === undefined ? body as AsyncIterable<Buffer> : throttled(body as AsyncIterable<Buffer>, priority < Priority.ON_DEMAND ? [rates.origin, rates.download, rates.prefetch] : [rates.origin, rates.download], { signal })
+      await cutPieces(task, first, last, limited, land)
     } catch (err) {
       if (!isAbort(err)) this.#logger.debug({ err, digest: task.digest, first, last }, 'origin request ended early')
       throw err

@@ -5,6 +5,7 @@ import { raceSignal, withDeadline } from '../../src/abort.ts'
 import { DEFAULTS } from '../../src/config/defaults.ts'
 import { QueueFullError, isAbort } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
+import { TokenBucket } from '../../src/rate.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
@@ -13,7 +14,6 @@ import { PIECE_HTTP_PEER_HEADER, PIECE_PROTOCOL, PieceRequest } from '../../src/
 import type { PieceSupply } from '../blobs/index.ts'
 import { readPieceRequest, uploadUrls } from '../swarm/piece-http.ts'
 import { createConnectionGuard, type ConnectionGuard } from './connection-guard.ts'
-import { TokenBucket } from './rate.ts'
 import type { TaskRegistry } from './tasks.ts'
 
 export interface UploadServerComponents {
@@ -25,6 +25,8 @@ export interface UploadServerComponents {
   metrics?: Registry | undefined
   /** Whether the scheduler sent this node to the origin for a piece (so it fetches it when asked). */
   sentFor: (digest: string, index: number) => boolean
+  /** The node's upload limit, shared by both transports; none when absent. */
+  rate?: TokenBucket | undefined
 }
 
 export interface UploadServerInit {
@@ -42,8 +44,6 @@ export interface UploadServerInit {
   idleTimeoutMs?: number
   /** Requests waiting for an upload slot before more are answered "busy". Default 4 × concurrency. */
   maxQueue?: number
-  /** Bytes per second across all uploads; 0 for no limit. */
-  rateLimit?: number
   /**
    * Test-only fault: flip a byte of every piece sent. Set only by the test
    * suite (through DAMSELFLY_TEST_FAULTS); it is how the tests prove bad bytes
@@ -107,7 +107,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   const maxWaits = init.maxWaits ?? 256
   let waits = 0
   const uploads = new Limiter('upload', concurrency, init.maxQueue ?? concurrency * 4)
-  const bucket = new TokenBucket(init.rateLimit ?? 0)
+  const bucket = components.rate ?? new TokenBucket(0)
   const shutdown = new AbortController()
   const registers = components.metrics === undefined ? undefined : [components.metrics]
   const sent = registers === undefined ? undefined : new Counter({ name: 'damselfly_uploaded_bytes_total', help: 'Piece bytes sent to other peers, by transport (http: the upload port; libp2p: streams)', labelNames: ['transport'], registers })

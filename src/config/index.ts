@@ -62,12 +62,15 @@ export function settingsOf (schema: TObject): Setting[] {
 }
 
 /** Validated peer configuration with sizes in bytes and durations in milliseconds. */
-export interface ResolvedPeerConfig extends Omit<PeerConfigInput, 'cacheSize' | 'memoryCacheSize' | 'authCacheTtl' | 'authStaleIfError' | 'uploadRateLimit'> {
+export interface ResolvedPeerConfig extends Omit<PeerConfigInput, 'cacheSize' | 'memoryCacheSize' | 'authCacheTtl' | 'authStaleIfError' | 'uploadRateLimit' | 'originRateLimit' | 'downloadRateLimit' | 'prefetchRateLimit'> {
   cacheSize: number
   memoryCacheSize: number
   authCacheTtl: number
   authStaleIfError: number
   uploadRateLimit: number
+  originRateLimit: number
+  downloadRateLimit: number
+  prefetchRateLimit: number
   /** The cluster secret itself (read from `swarm.clusterSecretFile` when that is set). */
   clusterSecret: string
 }
@@ -87,6 +90,9 @@ export function loadPeerConfig (sources: ConfigSources): Readonly<ResolvedPeerCo
     authCacheTtl: parseDuration(raw.authCacheTtl, 'authCacheTtl'),
     authStaleIfError: parseDuration(raw.authStaleIfError, 'authStaleIfError'),
     uploadRateLimit: parseSize(raw.uploadRateLimit, 'uploadRateLimit'),
+    originRateLimit: parseSize(raw.originRateLimit, 'originRateLimit'),
+    downloadRateLimit: parseSize(raw.downloadRateLimit, 'downloadRateLimit'),
+    prefetchRateLimit: parseSize(raw.prefetchRateLimit, 'prefetchRateLimit'),
     clusterSecret: clusterSecret(raw.swarm)
   }
   resolved.p2pHost = swarmHost(resolved.p2pHost, 'p2pHost', resolved.clusterSecret, 'the p2p and upload ports would let anyone who can reach them download every cached piece and join the swarm')
