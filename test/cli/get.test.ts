@@ -35,9 +35,14 @@ test('a Bearer challenge is answered with a pull token from the realm, once per 
   await getter.blob(REF, path.join(dir, 'two'))
   assert.ok((await readFile(path.join(dir, 'two'))).equals(BYTES))
   assert.deepEqual(peer.tokenRequests.map(r => ({ ...r, authorization: r.authorization?.split(' ')[0] })), [{ service: 'token "origin"', scope: 'repository:team/app:pull', authorization: 'Basic' }])
-  assert.deepEqual(peer.requests.map(r => [r.headers.authorization?.split(' ')[0], r.headers['x-dragonfly-registry']]), [
-    ['Basic', 'https://harbor.example'], ['Bearer', 'https://harbor.example'], ['Bearer', 'https://harbor.example']
+  // Written without a scheme, the registry goes as containerd names it (ns=): the peer's list gives the scheme.
+  assert.deepEqual(peer.requests.map(r => [r.headers.authorization?.split(' ')[0], r.search, r.headers['x-dragonfly-registry']]), [
+    ['Basic', '?ns=harbor.example', undefined], ['Bearer', '?ns=harbor.example', undefined], ['Bearer', '?ns=harbor.example', undefined]
   ])
+  // Written with one, it goes in the header, scheme and all.
+  await getter.blob(parseImageRef(`https://harbor.example/team/app@${DIGEST}`), path.join(dir, 'three'))
+  const last = peer.requests.at(-1)
+  assert.deepEqual([last?.search, last?.headers['x-dragonfly-registry']], ['', 'https://harbor.example'])
 })
 
 test('refused credentials, a refusing peer, an unknown blob and other statuses keep their messages', async (t) => {

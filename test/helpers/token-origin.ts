@@ -29,8 +29,8 @@ export interface TokenOrigin {
   realm: string
   /** Every token request: its query and Authorization. */
   readonly tokenRequests: Array<{ service: string | null, scope: string | null, authorization: string | undefined }>
-  /** Every other request: method, path and headers. */
-  readonly requests: Array<{ method: string, path: string, headers: IncomingHttpHeaders }>
+  /** Every other request: method, path, query and headers. */
+  readonly requests: Array<{ method: string, path: string, search: string, headers: IncomingHttpHeaders }>
   routes: Map<string, Answer>
   close: () => Promise<void>
 }
@@ -58,7 +58,7 @@ export async function startTokenOrigin (options: TokenOriginOptions = {}): Promi
       res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ token, ...(options.expiresIn === undefined ? {} : { expires_in: options.expiresIn }) }))
       return
     }
-    requests.push({ method: req.method ?? 'GET', path: url.pathname, headers: req.headers })
+    requests.push({ method: req.method ?? 'GET', path: url.pathname, search: url.search, headers: req.headers })
     const authorization = req.headers.authorization ?? ''
     const authorized = options.challenge === 'basic' ? authorization === ALICE_BASIC : issued.has(authorization.replace(/^Bearer /, ''))
     if (!authorized) {

@@ -185,6 +185,8 @@ describe('secure defaults for the p2p and upload ports (attack 2)', { skip: SKIP
   test('npm start\'s command line listens on loopback only, on every port', async () => {
     const start = (JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { scripts: { start: string } }).scripts.start
     const words = start.split(/\s+/)
+    // `exec`: npm's shell hands the process over to node, so npm's SIGTERM reaches the peer (test/integration/npm-start.test.ts).
+    if (words[0] === 'exec') words.shift()
     assert.equal(words[0], 'node', `npm start runs ${start}`)
     assert.equal(words[1], 'bin/damselfly.js', `npm start runs ${start}`)
     // The script's own ports (4000-4002) may be taken by another test run on this machine: the same
@@ -192,7 +194,9 @@ describe('secure defaults for the p2p and upload ports (attack 2)', { skip: SKIP
     const [port, p2pPort, uploadPort] = await freePorts(3) as [number, number, number]
     const cwd = path.join(work.path, 'npm-start')
     await run('mkdir', ['-p', cwd])
-    const l = await launch([...words.slice(2), '--port', String(port), '--p2p-port', String(p2pPort), '--upload-port', String(uploadPort)],
+    // The data dir defaults through the shell (DAMSELFLY_DATA_DIR, else .damselfly): here, .damselfly in cwd.
+    const args = words.slice(2).map(w => w.startsWith('"${DAMSELFLY_DATA_DIR') ? '.damselfly' : w)
+    const l = await launch([...args, '--port', String(port), '--p2p-port', String(p2pPort), '--upload-port', String(uploadPort)],
       `http://127.0.0.1:${port}`, { cwd, cli: CLI })
     extra.push(l)
     try {
