@@ -53,7 +53,14 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
   await mkdir(dataDir, { recursive: true })
 
   const metrics = createMetricsRegistry({}, { processMetrics: true })
-  const store = createPieceStore({ logger, metrics }, { dataDir, quotaBytes: config.cacheSize, memoryCacheBytes: config.memoryCacheSize })
+  const store = createPieceStore({ logger, metrics }, {
+    dataDir,
+    quotaBytes: config.cacheSize,
+    memoryCacheBytes: config.memoryCacheSize,
+    diskHighWatermark: config.diskHighWatermark / 100,
+    diskLowWatermark: config.diskLowWatermark / 100,
+    ttlMs: config.cacheTtl
+  })
   const tags = createTagCache({ logger }, { dataDir })
   const publicContent = createPublicContent({ logger }, { dataDir })
 

@@ -15,6 +15,7 @@ import { FileHandles } from './handles.ts'
 import type { BlobInfo, PieceStore, PieceStoreComponents, PieceStoreInit, StoreEvents, WritePieceOptions } from './index.ts'
 import { MetadataFiles } from './metadata.ts'
 import { Quota, heldBytes } from './quota.ts'
+import { chooseEvictions, diskUsage, type DiskGcInit } from './disk-gc.ts'
 import { WholeHasher, tableOf } from './whole-hash.ts'
 
 /** Chunks of a verified blob streamed from its file: small enough to come from malloc's heap, not a fresh mapping each. */
@@ -54,6 +55,10 @@ export class DiskPieceStore implements PieceStore {
   readonly #queued = new Set<Entry>()
   #background: Promise<void> = Promise.resolve()
   #started = false
+  readonly #gc: DiskGcInit
+  readonly #gcIntervalMs: number
+  #gcTimer: NodeJS.Timeout | undefined
+  #sweeping: Promise<void> | undefined
 
   readonly #metrics: { bytes: Gauge, blobs: Gauge, evictions: Counter, verifyFailures: Counter } | undefined
 
@@ -61,6 +66,8 @@ export class DiskPieceStore implements PieceStore {
     this.#logger = components.logger.child({ component: 'peer:piece-store' })
     this.#root = join(init.dataDir, 'blobs')
     this.#quota = new Quota(init.quotaBytes ?? bytes(DEFAULTS.cacheSize))
+    this.#gc = { high: init.diskHighWatermark ?? 0.9, low: init.diskLowWatermark ?? 0.8, ttlMs: init.ttlMs ?? 0 }
+    this.#gcIntervalMs = init.gcIntervalMs ?? 10_000
     this.#meta = new MetadataFiles(this.#logger, { flushDelayMs: init.flushDelayMs ?? 250, removing: (dir) => this.#removing.get(dir) })
     this.#hash = new WholeHasher({
       verified: (entry) => {
@@ -86,7 +93,7 @@ export class DiskPieceStore implements PieceStore {
       this.#metrics = {
         bytes: new Gauge({ name: 'damselfly_store_bytes', help: 'Bytes of verified piece data held in the cache', registers, collect () { this.set(quota.used) } }),
         blobs: new Gauge({ name: 'damselfly_store_blobs', help: 'Blobs tracked by the piece store', registers, collect () { this.set(entries.size) } }),
-        evictions: new Counter({ name: 'damselfly_store_evictions_total', help: 'Blobs evicted to stay under the cache quota', registers }),
+        evictions: new Counter({ name: 'damselfly_store_evictions_total', help: 'Blobs evicted: to stay under the cache quota (quota), the disk\'s high watermark (disk) or unused past the TTL (ttl)', labelNames: ['reason'], registers }),
         verifyFailures: new Counter({ name: 'damselfly_piece_verification_failures_total', help: 'Pieces that failed SHA-256 verification, by where the bytes came from', labelNames: ['source'], registers })
       }
     }
@@ -104,10 +111,40 @@ export class DiskPieceStore implements PieceStore {
     this.#meta.start()
     this.#logger.info({ blobs: this.#entries.size, bytes: this.#quota.used }, 'piece store loaded')
     if (this.#quota.used > this.#quota.limit) this.#makeRoom(0, undefined)
+    this.#gcTimer = setInterval(() => { void this.sweep() }, this.#gcIntervalMs).unref()
+  }
+
+  /**
+   * Evicts what the disk's watermarks and the TTL call for (disk-gc.ts);
+   * runs every `gcIntervalMs`, one sweep at a time.
+   */
+  async sweep (): Promise<void> {
+    this.#sweeping ??= (async () => {
+      try {
+        if (!this.#started) return
+        const usage = await diskUsage(this.#root)
+        const { ttl, watermark } = chooseEvictions(this.#entries.values(), usage, this.#gc, Date.now())
+        for (const [entries, reason, why] of [[ttl, 'ttl', 'unused past the cache TTL'], [watermark, 'disk', 'the data dir\'s file system is past its high watermark']] as const) {
+          for (const entry of entries) {
+            if (entry.pins > 0 || entry.removed) continue
+            this.#metrics?.evictions.inc({ reason })
+            this.#logger.info({ digest: entry.digest.value, bytes: heldBytes(entry), usedPercent: Math.round(100 * usage.usedBytes / usage.totalBytes) }, `evicting blob: ${why}`)
+            await this.#drop(entry, 'evicted')
+          }
+        }
+      } catch (err) {
+        this.#logger.warn({ err }, 'disk check failed')
+      } finally {
+        this.#sweeping = undefined
+      }
+    })()
+    await this.#sweeping
   }
 
   async stop (): Promise<void> {
     this.#started = false
+    clearInterval(this.#gcTimer)
+    await this.#sweeping
     await Promise.all(this.#writes)
     await this.#background
     await this.#meta.stop(this.#entries.values())
@@ -407,13 +444,14 @@ export class DiskPieceStore implements PieceStore {
 
   #makeRoom (bytes: number, forEntry: Entry | undefined): boolean {
     return this.#quota.makeRoom(bytes, forEntry, this.#entries.values(), (entry) => {
-      this.#metrics?.evictions.inc()
+      this.#metrics?.evictions.inc({ reason: 'quota' })
       this.#logger.info({ digest: entry.digest.value, bytes: heldBytes(entry) }, 'evicting blob to stay under the cache quota')
       void this.#drop(entry, 'evicted')
     })
   }
 
   #touch (entry: Entry): void {
+    entry.usedAt = Date.now()
     // Re-inserting moves the entry to the most recently used end.
     this.#entries.delete(entry.digest.value)
     this.#entries.set(entry.digest.value, entry)

@@ -37,6 +37,8 @@ export interface Entry {
   readonly checked: PieceSet
   verified: boolean
   pins: number
+  /** When it was last read or written (ms since the epoch); load time after a restart. For the cache TTL. */
+  usedAt: number
   removed: boolean
   fileReady: Promise<void> | undefined
   handle: SharedHandle | undefined
@@ -62,6 +64,7 @@ export function newEntry (digest: Digest, dir: string, size: number, pieceSize: 
     checked: new PieceSet(count),
     verified: false,
     pins: 0,
+    usedAt: Date.now(),
     removed: false,
     fileReady: undefined,
     handle: undefined,

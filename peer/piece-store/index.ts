@@ -18,6 +18,14 @@ export interface PieceStoreInit {
   memoryCacheBytes?: number
   /** Metadata of a changing blob is written at most this often. Default 250 ms. */
   flushDelayMs?: number
+  /** Past this share (0–1) of the data dir's file system in use, blobs are evicted… Default 0.9. */
+  diskHighWatermark?: number
+  /** …until it is under this one. Default 0.8. */
+  diskLowWatermark?: number
+  /** Blobs unused this long are evicted; 0 keeps them. Default 0. */
+  ttlMs?: number
+  /** How often the file system and the TTL are checked. Default 10 s. */
+  gcIntervalMs?: number
 }
 
 /** What the store knows about one blob. A snapshot: read it again after awaiting. */
@@ -150,6 +158,8 @@ export interface PieceStore extends PieceWriter, PieceInventory {
   /** Waits for writes under way, writes pending metadata and closes every file. */
   stop: () => Promise<void>
   usage: () => { bytes: number, quotaBytes: number, blobs: number }
+  /** Evicts now what the disk's watermarks and the TTL call for (it also runs on a timer). */
+  sweep: () => Promise<void>
 }
 
 export function createPieceStore (components: PieceStoreComponents, init: PieceStoreInit): PieceStore {

@@ -62,11 +62,12 @@ export function settingsOf (schema: TObject): Setting[] {
 }
 
 /** Validated peer configuration with sizes in bytes and durations in milliseconds. */
-export interface ResolvedPeerConfig extends Omit<PeerConfigInput, 'cacheSize' | 'memoryCacheSize' | 'authCacheTtl' | 'authStaleIfError' | 'uploadRateLimit' | 'originRateLimit' | 'downloadRateLimit' | 'prefetchRateLimit'> {
+export interface ResolvedPeerConfig extends Omit<PeerConfigInput, 'cacheSize' | 'memoryCacheSize' | 'authCacheTtl' | 'authStaleIfError' | 'cacheTtl' | 'uploadRateLimit' | 'originRateLimit' | 'downloadRateLimit' | 'prefetchRateLimit'> {
   cacheSize: number
   memoryCacheSize: number
   authCacheTtl: number
   authStaleIfError: number
+  cacheTtl: number
   uploadRateLimit: number
   originRateLimit: number
   downloadRateLimit: number
@@ -89,11 +90,15 @@ export function loadPeerConfig (sources: ConfigSources): Readonly<ResolvedPeerCo
     memoryCacheSize: parseSize(raw.memoryCacheSize, 'memoryCacheSize'),
     authCacheTtl: parseDuration(raw.authCacheTtl, 'authCacheTtl'),
     authStaleIfError: parseDuration(raw.authStaleIfError, 'authStaleIfError'),
+    cacheTtl: parseDuration(raw.cacheTtl, 'cacheTtl'),
     uploadRateLimit: parseSize(raw.uploadRateLimit, 'uploadRateLimit'),
     originRateLimit: parseSize(raw.originRateLimit, 'originRateLimit'),
     downloadRateLimit: parseSize(raw.downloadRateLimit, 'downloadRateLimit'),
     prefetchRateLimit: parseSize(raw.prefetchRateLimit, 'prefetchRateLimit'),
     clusterSecret: clusterSecret(raw.swarm)
+  }
+  if (resolved.diskLowWatermark >= resolved.diskHighWatermark) {
+    throw new ConfigError('diskLowWatermark', `${resolved.diskLowWatermark} must be below diskHighWatermark (${resolved.diskHighWatermark}): eviction starts at the high one and stops at the low one, e.g. 90 and 80`)
   }
   resolved.p2pHost = swarmHost(resolved.p2pHost, 'p2pHost', resolved.clusterSecret, 'the p2p and upload ports would let anyone who can reach them download every cached piece and join the swarm')
   const ports = [['port', resolved.port], ['healthPort', resolved.healthPort], ['p2pPort', resolved.p2pPort], ...(resolved.pieceTransport === 'http' ? [['uploadPort', resolved.uploadPort]] : []), ...resolved.mirrors.map((m, i) => [`mirrors.${i}.port`, m.port])] as Array<[string, number]>

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict'
 import { createHash, randomBytes } from 'node:crypto'
-import { mkdtemp, open, readdir, readlink, rm, stat } from 'node:fs/promises'
+import { execFileSync } from 'node:child_process'
+import { mkdtemp, open, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { test } from 'node:test'
@@ -20,7 +21,7 @@ function piece (data: Buffer, i: number): Buffer {
   return data.subarray(offset, offset + length)
 }
 
-async function withStore (fn: (make: (init?: { quotaBytes?: number, memoryCacheBytes?: number }) => Promise<PieceStore>, dir: string) => Promise<void>): Promise<void> {
+async function withStore (fn: (make: (init?: { quotaBytes?: number, memoryCacheBytes?: number, ttlMs?: number }) => Promise<PieceStore>, dir: string) => Promise<void>): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'df-store-'))
   const opened: PieceStore[] = []
   try {
@@ -229,6 +230,68 @@ test('a piece read into the caller\'s buffer is not kept: reusing that buffer ch
     const small = Buffer.alloc(10)
     assert.ok((await store.readPiece(digest, 0, { into: small }))?.equals(piece(data, 0)))
     assert.ok(small.equals(Buffer.alloc(10)))
+  })
+})
+
+test('past the disk\'s high watermark the least recently used blobs go until it is under the low one; whoever filled the disk', async (t) => {
+  // A real file system of a known size: a 16 MiB tmpfs (root only).
+  const mnt = await mkdtemp(join(tmpdir(), 'df-gc-fs-'))
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', mnt], { stdio: 'pipe' })
+  } catch (err) {
+    await rm(mnt, { recursive: true, force: true })
+    t.skip(`could not mount a tmpfs (root is needed): ${(err as Error).message.split('\n')[0] ?? ''}`)
+    return
+  }
+  const opened: PieceStore[] = []
+  try {
+    const store = createPieceStore({ logger: silentLogger(), metrics: createMetricsRegistry() }, { dataDir: mnt, flushDelayMs: 5, diskHighWatermark: 0.5, diskLowWatermark: 0.4, gcIntervalMs: 3_600_000 })
+    opened.push(store)
+    await store.start()
+    const blobs = [blob(2 * MIB), blob(2 * MIB), blob(2 * MIB)]
+    for (const b of blobs) {
+      store.track(b.digest, b.data.length)
+      for (let i = 0; i < 2; i++) await store.writePiece(b.digest, i, piece(b.data, i))
+    }
+    await store.sweep()
+    assert.equal(store.list().length, 3, '6 of 16 MiB: under the high watermark, nothing goes')
+    // The oldest is read again: now the second is the least recently used.
+    await store.readPiece(blobs[0]!.digest, 0)
+    // Someone else fills the disk: 4 MiB more takes it to 10 of 16 MiB, past 50%.
+    await writeFile(join(mnt, 'filler'), Buffer.alloc(4 * MIB, 1))
+    const removed: string[] = []
+    store.on('removed', (d) => removed.push(d))
+    await store.sweep()
+    // Under 40% (6.4 MiB) takes two of them: the second and the third, least recently used first.
+    assert.deepEqual(removed, [blobs[1]!.digest, blobs[2]!.digest])
+    assert.deepEqual(store.list().map(b => b.digest), [blobs[0]!.digest])
+    assert.deepEqual(await readdir(join(mnt, 'blobs', 'sha256')), [blobs[0]!.digest.slice(7)], 'their files are gone from the disk')
+  } finally {
+    for (const s of opened) await s.stop()
+    execFileSync('umount', [mnt])
+    await rm(mnt, { recursive: true, force: true })
+  }
+})
+
+test('blobs unused past the TTL go, unless a reader holds them', async () => {
+  await withStore(async (make) => {
+    const store = await make({ ttlMs: 200 })
+    const old = blob(MIB)
+    const held = blob(MIB)
+    for (const b of [old, held]) {
+      store.track(b.digest, b.data.length)
+      await store.writePiece(b.digest, 0, b.data)
+    }
+    const unpin = store.pin(held.digest)
+    await store.sweep()
+    assert.equal(store.list().length, 2, 'young blobs stay')
+    await new Promise(resolve => setTimeout(resolve, 300))
+    await store.sweep()
+    assert.deepEqual(store.list().map(b => b.digest), [held.digest], 'the pinned one stays')
+    unpin()
+    await store.readPiece(held.digest, 0)
+    await store.sweep()
+    assert.deepEqual(store.list().map(b => b.digest), [held.digest], 'a read makes it young again')
   })
 })
 
