@@ -7,6 +7,7 @@ import { startContainerd, type TestContainerd } from '../helpers/containerd.ts'
 import { buildImage, pushImage, readBlob, type BuiltImage } from '../helpers/image.ts'
 import { startPeer, type TestPeer } from '../helpers/peer.ts'
 import { freePort } from '../helpers/ports.ts'
+import { run } from '../helpers/process.ts'
 import { startRegistry, type TestRegistry } from '../helpers/registry.ts'
 import { skopeoCopyToDir } from '../helpers/skopeo.ts'
 import { startThrottleProxy, type ThrottleProxy } from '../helpers/throttle.ts'
@@ -120,5 +121,29 @@ describe('client configuration from damselfly config, used by real clients', () 
     assert.ok(served >= image.layers.length + 1, `the peer answered ${served} blob requests`)
     const bytes = after.get('damselfly_served_bytes_total') - before.get('damselfly_served_bytes_total')
     assert.ok(bytes >= layerBytes, `the peer served ${bytes} bytes`)
+  })
+  test('podman (vfs storage) pulls through the peer with the same registries.conf', async (t) => {
+    const podman = await run('podman', ['--version']).catch(() => undefined)
+    if (podman === undefined) {
+      t.skip('podman is not installed (test/setup/ensure-deps.sh installs it on Debian)')
+      return
+    }
+    const conf = path.join(work.path, 'registries.conf')
+    const sandbox = path.join(work.path, 'podman')
+    const before = await peer.metrics()
+    // Its own storage and state under the test's directory: nothing of the host's is read or written.
+    const globals = ['--root', path.join(sandbox, 'root'), '--runroot', path.join(sandbox, 'run'), '--storage-driver', 'vfs', '--cgroup-manager', 'cgroupfs', '--events-backend', 'file']
+    const env = { ...process.env, CONTAINERS_REGISTRIES_CONF: conf, HOME: sandbox, XDG_RUNTIME_DIR: path.join(sandbox, 'xdg') }
+    await run('mkdir', ['-p', path.join(sandbox, 'xdg')])
+    try {
+      await run('podman', [...globals, 'pull', '--quiet', `${origin.host}/team/app:v1`], { env, timeoutMs: 120_000 })
+      const { stdout } = await run('podman', [...globals, 'image', 'inspect', '--format', '{{json .RootFS.Layers}}', `${origin.host}/team/app:v1`], { env })
+      assert.equal((JSON.parse(stdout) as string[]).length, image.layers.length)
+    } finally {
+      await run('podman', [...globals, 'system', 'reset', '--force'], { env, timeoutMs: 60_000 }).catch(() => {})
+    }
+    const after = await peer.metrics()
+    const served = after.get('damselfly_mirror_requests_total', { route: 'blob', status: '200' }) - before.get('damselfly_mirror_requests_total', { route: 'blob', status: '200' })
+    assert.ok(served >= image.layers.length + 1, `the peer answered ${served} blob requests to podman`)
   })
 })
