@@ -19,6 +19,8 @@ export interface PeerOptions {
   args?: string[]
   env?: NodeJS.ProcessEnv
   name?: string
+  /** Address of every port (mirror, p2p, upload). Default 127.0.0.1; '::1' for IPv6. */
+  host?: string
 }
 
 export interface TestPeer {
@@ -74,9 +76,9 @@ async function startPeerOnce (options: PeerOptions, [port, p2pPort, uploadPort]:
   const args = [
     CLI, 'peer',
     '--data-dir', dataDir,
-    '--host', '127.0.0.1',
+    '--host', options.host ?? '127.0.0.1',
     '--port', String(port),
-    '--p2p-host', '127.0.0.1',
+    '--p2p-host', options.host ?? '127.0.0.1',
     '--p2p-port', String(p2pPort),
     '--upload-port', String(uploadPort),
     '--registry', options.registry,
@@ -86,7 +88,7 @@ async function startPeerOnce (options: PeerOptions, [port, p2pPort, uploadPort]:
     ...(options.args ?? [])
   ]
   let proc: Spawned | undefined
-  const url = `http://127.0.0.1:${port}`
+  const url = `http://${urlHost(options.host ?? '127.0.0.1')}:${port}`
   const start = async (): Promise<void> => {
     const started = spawnProcess(process.execPath, args, { env: { ...process.env, ...options.env } })
     proc = started
@@ -126,11 +128,12 @@ async function startPeerOnce (options: PeerOptions, [port, p2pPort, uploadPort]:
 }
 
 /** Runs `damselfly scheduler` as its own process on loopback. */
-export async function startScheduler (options: { args?: string[], env?: NodeJS.ProcessEnv } = {}): Promise<TestScheduler> {
+export async function startScheduler (options: { args?: string[], env?: NodeJS.ProcessEnv, host?: string } = {}): Promise<TestScheduler> {
   const [port, httpPort] = await freePorts(2) as [number, number]
   const tmp = await tmpDir('df-scheduler-')
-  const args = [CLI, 'scheduler', '--data-dir', tmp.path, '--host', '127.0.0.1', '--port', String(port), '--http-host', '127.0.0.1', '--http-port', String(httpPort), '--log-level', 'debug', ...(options.args ?? [])]
-  const httpUrl = `http://127.0.0.1:${httpPort}`
+  const host = options.host ?? '127.0.0.1'
+  const args = [CLI, 'scheduler', '--data-dir', tmp.path, '--host', host, '--port', String(port), '--http-host', host, '--http-port', String(httpPort), '--log-level', 'debug', ...(options.args ?? [])]
+  const httpUrl = `http://${urlHost(host)}:${httpPort}`
   let proc: Spawned | undefined
   const start = async (): Promise<void> => {
     const started = spawnProcess(process.execPath, args, { env: { ...process.env, ...options.env } })
@@ -143,7 +146,7 @@ export async function startScheduler (options: { args?: string[], env?: NodeJS.P
   }
   await start()
   return {
-    address: `127.0.0.1:${port}`,
+    address: `${urlHost(host)}:${port}`,
     httpUrl,
     dataDir: tmp.path,
     output: () => proc?.output() ?? '',
@@ -155,6 +158,11 @@ export async function startScheduler (options: { args?: string[], env?: NodeJS.P
       await tmp.cleanup()
     }
   }
+}
+
+/** An address as a URL's host: IPv6 in brackets. */
+function urlHost (host: string): string {
+  return host.includes(':') ? `[${host}]` : host
 }
 
 async function healthy (url: string): Promise<boolean> {
