@@ -28,12 +28,15 @@ if (NO_KUBECTL !== undefined) process.stdout.write(`# deploy/kubernetes renderin
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..')
 const BASE = path.join(ROOT, 'deploy', 'kubernetes', 'base')
 const HARBOR = path.join(ROOT, 'deploy', 'kubernetes', 'overlays', 'harbor')
+const IPV6 = path.join(ROOT, 'deploy', 'kubernetes', 'overlays', 'ipv6')
 
 /** What the committed cluster-secret.txt holds; README.md tells to replace it. */
 const PLACEHOLDER_SECRET = 'REPLACE-ME'
 const IMAGE = `registry.example.com/damselfly/damselfly:${pkg.version}`
 /** Downward API values a node would fill in. */
 const FIELDS: Record<string, string> = { 'status.hostIP': '10.0.3.7', 'status.podIP': '10.244.5.9', 'spec.nodeName': 'node-a' }
+/** The downward API's answers on an IPv6-only cluster. */
+const FIELDS_V6: Record<string, string> = { 'status.hostIP': 'fd00:3::7', 'status.podIP': 'fd00:244:5::9', 'spec.nodeName': 'node-a' }
 const TEST_SECRET = 'a-test-cluster-secret-that-is-long-enough'
 
 function find<T extends K8sObject> (objects: K8sObject[], kind: string, name: string): T {
@@ -56,11 +59,11 @@ function container (w: Workload, name: string): Container {
 }
 
 /** The container's environment as the kubelet would set it: fieldRefs filled in, $(VAR) expanded. */
-function containerEnv (c: Container): Record<string, string> {
+function containerEnv (c: Container, fields: Record<string, string> = FIELDS): Record<string, string> {
   const env: Record<string, string> = {}
   for (const e of c.env ?? []) {
     if (e.valueFrom?.fieldRef !== undefined) {
-      const value = FIELDS[e.valueFrom.fieldRef.fieldPath]
+      const value = fields[e.valueFrom.fieldRef.fieldPath]
       assert.ok(value !== undefined, `env ${e.name}: no test value for ${e.valueFrom.fieldRef.fieldPath}`)
       env[e.name] = value
       continue
@@ -106,7 +109,7 @@ interface Invocation {
  * --config file written to `dir` with the cluster secret file pointed at a copy
  * holding `secret` (the mounted one when undefined).
  */
-async function invocation (objects: K8sObject[], w: Workload, c: Container, dir: string, secret?: string): Promise<Invocation> {
+async function invocation (objects: K8sObject[], w: Workload, c: Container, dir: string, secret?: string, fields: Record<string, string> = FIELDS): Promise<Invocation> {
   assert.equal(c.command, undefined, `${c.name} runs the image's entrypoint`)
   const [command, ...argv] = c.args ?? []
   assert.ok(command === 'peer' || command === 'scheduler', `${c.name} runs damselfly peer or scheduler, not ${String(command)}`)
@@ -125,10 +128,10 @@ async function invocation (objects: K8sObject[], w: Workload, c: Container, dir:
   yaml.swarm = { ...yaml.swarm, clusterSecretFile: secretCopy }
   const file = path.join(dir, `${w.metadata.name}-${c.name}.yaml`)
   await writeFile(file, stringifyYaml(yaml))
-  return { command, file, env: containerEnv(c), flags }
+  return { command, file, env: containerEnv(c, fields), flags }
 }
 
-for (const [label, dir] of [['base', BASE], ['overlay harbor', HARBOR]] as const) {
+for (const [label, dir, fields, ip] of [['base', BASE, FIELDS, 'ip4'], ['overlay harbor', HARBOR, FIELDS, 'ip4'], ['overlay ipv6', IPV6, FIELDS_V6, 'ip6']] as const) {
   describe(`deploy/kubernetes ${label}`, { skip: NO_KUBECTL }, () => {
     let objects: K8sObject[] = []
     before(async () => { objects = await renderKustomization(dir) })
@@ -199,13 +202,13 @@ for (const [label, dir] of [['base', BASE], ['overlay harbor', HARBOR]] as const
       assert.equal(pod.dnsPolicy, 'ClusterFirstWithHostNet', 'cluster DNS (the scheduler Service) resolves from the host network')
       assert.ok(pod.tolerations?.some(t => t.operator === 'Exists' && t.key === undefined), 'tolerates every taint')
       const c = container(ds, 'peer')
-      const config = loadPeerConfig(await invocation(objects, ds, c, tmp.path, TEST_SECRET))
+      const config = loadPeerConfig(await invocation(objects, ds, c, tmp.path, TEST_SECRET, fields))
       assert.equal(config.clusterSecret, TEST_SECRET)
       assert.equal(config.host, '127.0.0.1', 'the mirror (also a forward proxy) is reachable only from the node')
-      assert.equal(config.p2pHost, FIELDS['status.hostIP'])
-      assert.deepEqual(config.announce, [`/ip4/${FIELDS['status.hostIP'] as string}/tcp/${config.p2pPort}`])
+      assert.equal(config.p2pHost, fields['status.hostIP'])
+      assert.deepEqual(config.announce, [`/${ip}/${fields['status.hostIP'] as string}/tcp/${config.p2pPort}`])
       assert.equal(config.seed, false)
-      assert.equal(config.registry, label === 'base' ? 'https://registry-1.docker.io' : 'https://harbor.example.com')
+      assert.equal(config.registry, label === 'overlay harbor' ? 'https://harbor.example.com' : 'https://registry-1.docker.io')
       for (const probe of [c.readinessProbe, c.livenessProbe]) {
         assert.deepEqual(probe?.httpGet, { host: config.host, path: '/healthy', port: config.port })
       }
@@ -232,13 +235,13 @@ for (const [label, dir] of [['base', BASE], ['overlay harbor', HARBOR]] as const
       assert.equal(hostsDir, '/etc/containerd/certs.d')
       const mount = init.volumeMounts?.find(m => m.mountPath === hostsDir)
       assert.equal(ds.spec.template.spec.volumes?.find(v => v.name === mount?.name)?.hostPath?.path, '/etc/containerd/certs.d', 'the host directory is mounted')
-      const peer = loadPeerConfig(await invocation(objects, ds, container(ds, 'peer'), tmp.path, TEST_SECRET))
+      const peer = loadPeerConfig(await invocation(objects, ds, container(ds, 'peer'), tmp.path, TEST_SECRET, fields))
       const mirror = `http://${peer.host}:${peer.port}`
       assert.equal(args[args.indexOf('--mirror') + 1], mirror)
       // The real command, with the host directory swapped for a temporary one.
       const run = await runCli(args.map(a => a === hostsDir ? tmp.path : a))
       assert.equal(run.code, 0, run.stderr)
-      const registries = label === 'base' ? ['docker.io'] : ['docker.io', 'harbor.example.com']
+      const registries = label === 'overlay harbor' ? ['docker.io', 'harbor.example.com'] : ['docker.io']
       for (const registry of registries) {
         const toml = await readFile(path.join(tmp.path, registry, 'hosts.toml'), 'utf8')
         assert.match(toml, new RegExp(`\\[host\\."${mirror.replaceAll('.', '\\.')}"\\]`))
@@ -253,11 +256,12 @@ for (const [label, dir] of [['base', BASE], ['overlay harbor', HARBOR]] as const
       assert.equal(svc.spec.clusterIP, 'None')
       const c = container(sts, 'seed-peer')
       assert.ok(c.args?.includes('--seed'))
-      const config = loadPeerConfig(await invocation(objects, sts, c, tmp.path, TEST_SECRET))
+      const config = loadPeerConfig(await invocation(objects, sts, c, tmp.path, TEST_SECRET, fields))
       assert.equal(config.seed, true)
-      assert.deepEqual(config.announce, [`/ip4/${FIELDS['status.podIP'] as string}/tcp/${config.p2pPort}`], 'other peers dial the pod IP')
+      assert.deepEqual(config.announce, [`/${ip}/${fields['status.podIP'] as string}/tcp/${config.p2pPort}`], 'other peers dial the pod IP')
+      assert.equal(config.p2pHost, ip === 'ip6' ? '::' : '0.0.0.0', 'the seed listens on every address of its family')
       assert.equal(config.proxy.enabled, false, 'a mirror on the pod network is not an open proxy')
-      assert.equal(config.registry, label === 'base' ? 'https://registry-1.docker.io' : 'https://harbor.example.com')
+      assert.equal(config.registry, label === 'overlay harbor' ? 'https://harbor.example.com' : 'https://registry-1.docker.io')
       const cache = c.volumeMounts?.find(m => m.mountPath === config.dataDir)
       assert.ok(sts.spec.volumeClaimTemplates?.some(v => v.metadata.name === cache?.name), 'the data dir is a volume claim')
       const ports = new Map((c.ports ?? []).map(p => [p.name, p.containerPort]))
@@ -271,7 +275,8 @@ for (const [label, dir] of [['base', BASE], ['overlay harbor', HARBOR]] as const
       const deploy = find<Workload & { spec: { replicas?: number } }>(objects, 'Deployment', 'damselfly-scheduler')
       assert.equal(deploy.spec.replicas, 1, 'the swarm state is in memory: one scheduler')
       const c = container(deploy, 'scheduler')
-      const config = loadSchedulerConfig(await invocation(objects, deploy, c, tmp.path, TEST_SECRET))
+      const config = loadSchedulerConfig(await invocation(objects, deploy, c, tmp.path, TEST_SECRET, fields))
+      assert.deepEqual([config.host, config.httpHost], ip === 'ip6' ? ['::', '::'] : ['0.0.0.0', '0.0.0.0'])
       const ports = new Map((c.ports ?? []).map(p => [p.name, p.containerPort]))
       assert.equal(ports.get('p2p'), config.port)
       assert.equal(ports.get('http'), config.httpPort)
