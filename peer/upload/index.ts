@@ -81,13 +81,24 @@ class BufferPool {
     this.#max = max
   }
 
-  take (): Buffer {
-    return this.#free.pop() ?? Buffer.allocUnsafeSlow(this.#size)
+  /** A buffer until `release`, which may be called more than once: it goes back to the pool the first time only. */
+  lend (): Lease {
+    const buffer = this.#free.pop() ?? Buffer.allocUnsafeSlow(this.#size)
+    let returned = false
+    return {
+      buffer,
+      release: () => {
+        if (returned) return
+        returned = true
+        if (this.#free.length < this.#max) this.#free.push(buffer)
+      }
+    }
   }
+}
 
-  give (buffer: Buffer): void {
-    if (this.#free.length < this.#max) this.#free.push(buffer)
-  }
+interface Lease {
+  buffer: Buffer
+  release: () => void
 }
 /** Longest any upload may take, waiting included. */
 const UPLOAD_DEADLINE_MS = 180_000
@@ -128,9 +139,11 @@ export function createUploadServer (components: UploadServerComponents, init: Up
    * has sent the bytes and calls release.
    */
   /** The piece, or undefined when this node has nothing to give (yet). Throws QueueFullError when too many wait already. */
-  async function piece (request: PieceRequest, signal: AbortSignal, into?: Buffer): Promise<Buffer | undefined> {
+  async function piece (request: PieceRequest, signal: AbortSignal, lease?: Lease): Promise<Buffer | undefined> {
     const { digest, index } = request
-    const held = await supply.held(digest, index, into)
+    const held = await supply.held(digest, index, lease?.buffer)
+    // Kept only when the piece was read into it: a wait or a piece from memory holds no pooled buffer.
+    if (lease !== undefined && held?.buffer !== lease.buffer.buffer) lease.release()
     if (held !== undefined) return held
     const landing = supply.whenLanded(digest, index)
     const mine = (): boolean => components.sentFor(digest, index) || tasks.claimed(digest)
@@ -152,11 +165,11 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     }
   }
 
-  async function produce (request: PieceRequest, remotePeer: string, signal: AbortSignal, into?: Buffer): Promise<Produced> {
+  async function produce (request: PieceRequest, remotePeer: string, signal: AbortSignal, lease?: Lease): Promise<Produced> {
     // Waiting for a piece still on its way holds no upload slot; only sending one does.
     let data: Buffer | undefined
     try {
-      data = await piece(request, signal, into)
+      data = await piece(request, signal, lease)
     } catch (err) {
       if (err instanceof QueueFullError) return { status: 'busy' }
       if (isAbort(err) && shutdown.signal.aborted) throw err
@@ -220,9 +233,9 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     res.once('close', () => { if (!res.writableFinished) gone.abort() })
     const signal = AbortSignal.any([shutdown.signal, gone.signal, AbortSignal.timeout(UPLOAD_DEADLINE_MS)])
     // A piece read from disk lands in a pooled buffer, free again once the response is done with it ('close' comes after the last write).
-    const into = buffers.take()
-    res.once('close', () => { buffers.give(into) })
-    const produced = await produce(asked.request, asked.child, signal, into)
+    const lease = buffers.lend()
+    res.once('close', lease.release)
+    const produced = await produce(asked.request, asked.child, signal, lease)
     requests?.inc({ status: produced.status })
     if (produced.status !== 'ok') {
       const code = produced.status === 'not-found' ? 404 : produced.status === 'busy' ? 503 : 502
