@@ -44,11 +44,20 @@ export async function writeConfigFile (file: string, text: string, options: { no
   } catch (err) {
     throw new StorageError(`cannot prepare ${file}: ${(err as Error).message}`, { cause: err })
   }
-  const temp = path.join(dir, `.${path.basename(file)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`)
+  await replaceFile(file, text, mode)
+  return backup === undefined ? { file, action: 'created' } : { file, action: 'updated', backup }
+}
+
+/**
+ * Puts `data` at `file` by writing a temporary file beside it, syncing it and
+ * renaming it over: a reader sees the old or the new content, never half.
+ */
+export async function replaceFile (file: string, data: string | Buffer, mode = 0o644): Promise<void> {
+  const temp = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`)
   try {
     const fh = await open(temp, 'wx', mode)
     try {
-      await fh.writeFile(text)
+      await fh.writeFile(data)
       await fh.sync()
     } finally {
       await fh.close()
@@ -58,7 +67,6 @@ export async function writeConfigFile (file: string, text: string, options: { no
     await rm(temp, { force: true })
     throw new StorageError(`cannot write ${file}: ${(err as Error).message}`, { cause: err })
   }
-  return backup === undefined ? { file, action: 'created' } : { file, action: 'updated', backup }
 }
 
 export interface RestoreResult {

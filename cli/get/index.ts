@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto'
 import { createReadStream, createWriteStream } from 'node:fs'
-import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises'
+import { mkdir, readFile, rename, rm, stat } from 'node:fs/promises'
 import path from 'node:path'
 import { Transform } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
@@ -17,6 +17,7 @@ import { formatPlatform, hostPlatform, pickPlatform, type Platform } from '../..
 import { MAX_ERROR_BODY_BYTES, MAX_MANIFEST_BYTES, header, readBounded } from '../../src/oci/response.ts'
 import { ociErrorMessage, refusalError } from '../../src/oci/status.ts'
 import { MAX_TOKEN_BYTES, basicAuthorization, parsePullToken, pullTokenUrl } from '../../src/oci/token.ts'
+import { replaceFile } from '../clients/files.ts'
 import type { ImageRef } from './reference.ts'
 
 export { parseImageRef, platformFlag, type ImageRef } from './reference.ts'
@@ -334,20 +335,7 @@ async function writeIfChanged (file: string, data: string | Buffer): Promise<voi
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new StorageError(`cannot read ${file}: ${(err as Error).message}`, { cause: err })
   }
-  const temp = `${file}.partial-${randomBytes(4).toString('hex')}`
-  try {
-    const fh = await open(temp, 'wx', 0o644)
-    try {
-      await fh.writeFile(data)
-      await fh.sync()
-    } finally {
-      await fh.close()
-    }
-    await rename(temp, file)
-  } catch (err) {
-    await rm(temp, { force: true })
-    throw new StorageError(`cannot write ${file}: ${(err as Error).message}`, { cause: err })
-  }
+  await replaceFile(file, data)
 }
 
 /** index.json keeps the images already there; an entry with the same tag (or, untagged, the same digest) is replaced. */
