@@ -37,12 +37,13 @@ export function chooseEvictions (entries: Iterable<Entry>, usage: DiskUsage, ini
   const watermark: Entry[] = []
   const candidates = [...entries].filter(e => e.pins === 0 && !e.removed)
   if (init.ttlMs > 0) for (const e of candidates) if (now - e.usedAt > init.ttlMs) ttl.push(e)
+  const expired = new Set(ttl)
   let used = usage.usedBytes - ttl.reduce((n, e) => n + heldBytes(e), 0)
   if (usage.totalBytes > 0 && usage.usedBytes / usage.totalBytes > init.high) {
     const target = init.low * usage.totalBytes
     for (const e of candidates) {
       if (used <= target) break
-      if (ttl.includes(e) || e.held.size === 0) continue
+      if (expired.has(e) || e.held.size === 0) continue
       watermark.push(e)
       used -= heldBytes(e)
     }
