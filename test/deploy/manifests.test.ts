@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict'
-import { readFile, writeFile, access } from 'node:fs/promises'
+import { spawnSync } from 'node:child_process'
+import { readFile, writeFile, access, chmod, mkdir } from 'node:fs/promises'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs, type ParseArgsConfig } from 'node:util'
@@ -10,9 +11,11 @@ import { PeerConfig, SchedulerConfig, loadPeerConfig, loadSchedulerConfig, setti
 import { ConfigError } from '../../src/errors.ts'
 import { runCli } from '../helpers/cli.ts'
 import {
-  allContainers, crossObjectProblems, isService, isWorkload, kubectlMissing, renderKustomization, validateObject,
-  type Container, type K8sObject, type Service, type Workload
+  allContainers, crossObjectProblems, isService, isWorkload, kubectlMissing, renderKustomization, selects, validateObject,
+  type Container, type K8sObject, type PodDisruptionBudget, type Service, type Workload
 } from '../helpers/kubernetes.ts'
+import { freePort } from '../helpers/ports.ts'
+import { run, spawnProcess, waitFor } from '../helpers/process.ts'
 import { tmpDir } from '../helpers/tmp.ts'
 
 // Renders deploy/kubernetes with real kustomize (kubectl's), validates every
@@ -30,14 +33,29 @@ const BASE = path.join(ROOT, 'deploy', 'kubernetes', 'base')
 const HARBOR = path.join(ROOT, 'deploy', 'kubernetes', 'overlays', 'harbor')
 const IPV6 = path.join(ROOT, 'deploy', 'kubernetes', 'overlays', 'ipv6')
 
-/** What the committed cluster-secret.txt holds; README.md tells to replace it. */
+/** What the committed cluster-secret.txt and redis-password.txt hold; README.md tells to replace them. */
 const PLACEHOLDER_SECRET = 'REPLACE-ME'
 const IMAGE = `registry.example.com/damselfly/damselfly:${pkg.version}`
+/** The Redis the scheduler replicas share: the official image, pinned by tag. */
+const REDIS_IMAGE = 'redis:7-alpine'
+const REDIS = { statefulSet: 'damselfly-redis', service: 'damselfly-redis', port: 6379, secret: 'damselfly-redis' }
 /** Downward API values a node would fill in. */
 const FIELDS: Record<string, string> = { 'status.hostIP': '10.0.3.7', 'status.podIP': '10.244.5.9', 'spec.nodeName': 'node-a' }
 /** The downward API's answers on an IPv6-only cluster. */
 const FIELDS_V6: Record<string, string> = { 'status.hostIP': 'fd00:3::7', 'status.podIP': 'fd00:244:5::9', 'spec.nodeName': 'node-a' }
 const TEST_SECRET = 'a-test-cluster-secret-that-is-long-enough'
+
+type Scheduler = Workload & {
+  spec: {
+    replicas?: number
+    strategy?: unknown
+    template: { spec: { topologySpreadConstraints?: Array<{ maxSkew: number, topologyKey: string, whenUnsatisfiable: string, labelSelector?: { matchLabels?: Record<string, string> } }> } }
+  }
+}
+
+type RedisSet = Workload & { spec: { replicas?: number } }
+
+interface ClaimTemplate { metadata: { name: string }, spec: { accessModes?: string[], resources?: { requests?: { storage?: string } } } }
 
 function find<T extends K8sObject> (objects: K8sObject[], kind: string, name: string): T {
   const obj = objects.find(o => o.kind === kind && o.metadata.name === name)
@@ -101,13 +119,16 @@ interface Invocation {
   file: string
   env: Record<string, string>
   flags: Record<string, string | boolean | string[] | undefined>
+  /** The --config file as mounted, before any path in it was pointed at a copy. */
+  mounted: Record<string, unknown>
 }
 
 /**
  * What `damselfly` would be started with in this container: the subcommand, its
  * flags (parsed as strictly as the CLI parses them), the environment, and the
  * --config file written to `dir` with the cluster secret file pointed at a copy
- * holding `secret` (the mounted one when undefined).
+ * holding `secret` (the mounted one when undefined), and the Redis password file
+ * (statePasswordFile) at a copy of the mounted one.
  */
 async function invocation (objects: K8sObject[], w: Workload, c: Container, dir: string, secret?: string, fields: Record<string, string> = FIELDS): Promise<Invocation> {
   assert.equal(c.command, undefined, `${c.name} runs the image's entrypoint`)
@@ -120,15 +141,21 @@ async function invocation (objects: K8sObject[], w: Workload, c: Container, dir:
   const { values } = parseArgs({ args: argv, options, strict: true, allowPositionals: false })
   const flags = values as Invocation['flags']
   assert.equal(typeof flags.config, 'string', `${c.name} passes --config`)
-  const yaml = parseYaml(mountedFile(objects, w, c, flags.config as string)) as { swarm?: { clusterSecretFile?: string } }
+  const text = mountedFile(objects, w, c, flags.config as string)
+  const yaml = parseYaml(text) as { swarm?: { clusterSecretFile?: string }, statePasswordFile?: string }
   const secretFile = yaml.swarm?.clusterSecretFile
   assert.ok(secretFile !== undefined, `${c.name}: the config names swarm.clusterSecretFile`)
   const secretCopy = path.join(dir, `${w.metadata.name}-${c.name}-secret`)
   await writeFile(secretCopy, secret ?? mountedFile(objects, w, c, secretFile))
   yaml.swarm = { ...yaml.swarm, clusterSecretFile: secretCopy }
+  if (yaml.statePasswordFile !== undefined) {
+    const passwordCopy = path.join(dir, `${w.metadata.name}-${c.name}-state-password`)
+    await writeFile(passwordCopy, mountedFile(objects, w, c, yaml.statePasswordFile))
+    yaml.statePasswordFile = passwordCopy
+  }
   const file = path.join(dir, `${w.metadata.name}-${c.name}.yaml`)
   await writeFile(file, stringifyYaml(yaml))
-  return { command, file, env: containerEnv(c, fields), flags }
+  return { command, file, env: containerEnv(c, fields), flags, mounted: parseYaml(text) as Record<string, unknown> }
 }
 
 for (const [label, dir, fields, ip] of [['base', BASE, FIELDS, 'ip4'], ['overlay harbor', HARBOR, FIELDS, 'ip4'], ['overlay ipv6', IPV6, FIELDS_V6, 'ip6']] as const) {
@@ -142,9 +169,11 @@ for (const [label, dir, fields, ip] of [['base', BASE, FIELDS, 'ip4'], ['overlay
       const kinds = objects.map(o => `${o.kind}/${o.metadata.name.replace(/-[a-z0-9]{10}$/, '')}`).sort()
       assert.deepEqual(kinds, [
         'ConfigMap/damselfly-config', 'DaemonSet/damselfly-peer', 'Deployment/damselfly-scheduler', 'Namespace/damselfly',
-        'Secret/damselfly-cluster-secret', 'Service/damselfly-scheduler', 'Service/damselfly-seed-peer',
-        'ServiceAccount/damselfly-peer', 'ServiceAccount/damselfly-scheduler', 'ServiceAccount/damselfly-seed-peer',
-        'StatefulSet/damselfly-seed-peer'
+        'PodDisruptionBudget/damselfly-scheduler',
+        'Secret/damselfly-cluster-secret', 'Secret/damselfly-redis',
+        'Service/damselfly-redis', 'Service/damselfly-scheduler', 'Service/damselfly-seed-peer',
+        'ServiceAccount/damselfly-peer', 'ServiceAccount/damselfly-redis', 'ServiceAccount/damselfly-scheduler', 'ServiceAccount/damselfly-seed-peer',
+        'StatefulSet/damselfly-redis', 'StatefulSet/damselfly-seed-peer'
       ])
     })
 
@@ -156,14 +185,15 @@ for (const [label, dir, fields, ip] of [['base', BASE, FIELDS, 'ip4'], ['overlay
       }
     })
 
-    test('every container runs the one pinned image, unprivileged, within limits', () => {
+    test('every container runs its pinned image, unprivileged, within limits', () => {
       for (const w of objects.filter(isWorkload)) {
         const pod = w.spec.template.spec
+        const image = w.metadata.name === REDIS.statefulSet ? REDIS_IMAGE : IMAGE
         assert.equal(pod.securityContext?.runAsNonRoot, true, `${w.metadata.name}: pod runs as non-root`)
         assert.ok((pod.securityContext?.runAsUser ?? 0) > 0, `${w.metadata.name}: pod uid is not 0`)
         for (const c of allContainers(pod)) {
           const id = `${w.metadata.name}/${c.name}`
-          assert.equal(c.image, IMAGE, `${id} runs ${IMAGE}`)
+          assert.equal(c.image, image, `${id} runs ${image}`)
           assert.equal(c.securityContext?.allowPrivilegeEscalation, false, `${id}: no privilege escalation`)
           assert.equal(c.securityContext?.readOnlyRootFilesystem, true, `${id}: read-only root`)
           assert.deepEqual(c.securityContext?.capabilities?.drop, ['ALL'], `${id}: drops every capability`)
@@ -172,6 +202,8 @@ for (const [label, dir, fields, ip] of [['base', BASE, FIELDS, 'ip4'], ['overlay
           // Only the init containers that write root-owned host directories run as root.
           if (c.securityContext?.runAsUser === 0) assert.ok(pod.initContainers?.includes(c), `${id}: only init containers run as root`)
         }
+        // Redis's probes are redis-cli pings (the Redis tests below).
+        if (image !== IMAGE) continue
         for (const c of pod.containers) {
           for (const probe of [c.readinessProbe, c.livenessProbe]) assert.equal(probe?.httpGet?.path, '/healthy', `${w.metadata.name}/${c.name}: probes GET /healthy`)
         }
@@ -269,11 +301,17 @@ for (const [label, dir, fields, ip] of [['base', BASE, FIELDS, 'ip4'], ['overlay
       assertSchedulerAddress(objects, config.scheduler)
     })
 
-    test('the scheduler: one replica, ports and probes as configured', async (t) => {
+    test('the scheduler: three replicas spread over nodes, updated one at a time, ports and probes as configured', async (t) => {
       const tmp = await tmpDir('df-deploy-')
       t.after(() => tmp.cleanup())
-      const deploy = find<Workload & { spec: { replicas?: number } }>(objects, 'Deployment', 'damselfly-scheduler')
-      assert.equal(deploy.spec.replicas, 1, 'the swarm state is in memory: one scheduler')
+      const deploy = find<Scheduler>(objects, 'Deployment', 'damselfly-scheduler')
+      assert.equal(deploy.spec.replicas, 3, 'interchangeable replicas over the state in Redis')
+      assert.deepEqual(deploy.spec.strategy, { type: 'RollingUpdate', rollingUpdate: { maxUnavailable: 1, maxSurge: 1 } })
+      const byNode = deploy.spec.template.spec.topologySpreadConstraints?.find(s => s.topologyKey === 'kubernetes.io/hostname')
+      assert.ok(byNode !== undefined, 'the replicas are spread over nodes')
+      assert.equal(byNode.maxSkew, 1)
+      assert.equal(byNode.whenUnsatisfiable, 'DoNotSchedule', 'a replica does not double up on a node while another could take it')
+      assertSelectsOnly(objects, byNode.labelSelector?.matchLabels ?? {}, deploy, 'the spread over nodes')
       const c = container(deploy, 'scheduler')
       const config = loadSchedulerConfig(await invocation(objects, deploy, c, tmp.path, TEST_SECRET, fields))
       assert.deepEqual([config.host, config.httpHost], ip === 'ip6' ? ['::', '::'] : ['0.0.0.0', '0.0.0.0'])
@@ -283,8 +321,199 @@ for (const [label, dir, fields, ip] of [['base', BASE, FIELDS, 'ip4'], ['overlay
       for (const probe of [c.readinessProbe, c.livenessProbe]) assert.equal(probe?.httpGet?.port, 'http')
       const svc = find<Service>(objects, 'Service', 'damselfly-scheduler')
       assert.deepEqual(svc.spec.ports.map(p => [p.name, p.port]), [['p2p', 8002], ['http', 8080]])
+      // Peers dial the Service (assertSchedulerAddress), which reaches every replica.
+      assertSelectsOnly(objects, svc.spec.selector, deploy, 'Service/damselfly-scheduler')
+    })
+
+    test('a PodDisruptionBudget keeps two scheduler replicas up through drains', () => {
+      const deploy = find<Scheduler>(objects, 'Deployment', 'damselfly-scheduler')
+      const pdb = find<PodDisruptionBudget>(objects, 'PodDisruptionBudget', 'damselfly-scheduler')
+      assert.equal(pdb.spec.minAvailable, 2)
+      assert.ok(pdb.spec.minAvailable < (deploy.spec.replicas ?? 1), 'a drain can still take a replica')
+      assertSelectsOnly(objects, pdb.spec.selector.matchLabels, deploy, 'the PodDisruptionBudget')
+    })
+
+    test('the scheduler replicas share their state in the Redis Service, with the password from its Secret', async (t) => {
+      const tmp = await tmpDir('df-deploy-')
+      t.after(() => tmp.cleanup())
+      const deploy = find<Scheduler>(objects, 'Deployment', 'damselfly-scheduler')
+      const c = container(deploy, 'scheduler')
+      const inv = await invocation(objects, deploy, c, tmp.path, TEST_SECRET, fields)
+      const config = loadSchedulerConfig(inv)
+      assert.equal(inv.mounted.state, 'redis://damselfly-redis:6379/0')
+      const state = new URL(inv.mounted.state as string)
+      assert.equal(state.password, '', 'no password in the URL')
+      assert.equal(inv.mounted.statePassword, undefined, 'no password in the config')
+      const svc = find<Service>(objects, 'Service', state.hostname)
+      assert.ok(svc.spec.ports.some(p => p.port === Number(state.port)), `Service/${svc.metadata.name} has port ${state.port}`)
+      const redis = find<RedisSet>(objects, 'StatefulSet', REDIS.statefulSet)
+      assertSelectsOnly(objects, svc.spec.selector, redis, `Service/${svc.metadata.name}`)
+      // The scheduler reads the key Redis takes its password from.
+      const secret = generated(objects, 'Secret', REDIS.secret)
+      const file = inv.mounted.statePasswordFile
+      assert.equal(typeof file, 'string', 'the config names statePasswordFile')
+      const mount = c.volumeMounts?.find(m => m.mountPath === path.dirname(file as string))
+      assert.equal(deploy.spec.template.spec.volumes?.find(v => v.name === mount?.name)?.secret?.secretName, secret.metadata.name, `${file as string} is on the Secret`)
+      assert.equal(path.basename(file as string), 'password')
+      const env = container(redis, 'redis').env?.find(e => e.name === 'REDIS_PASSWORD')
+      assert.deepEqual(env?.valueFrom?.secretKeyRef, { name: secret.metadata.name, key: 'password' })
+      assert.equal(config.statePassword, Buffer.from(secret.data.password as string, 'base64').toString('utf8').trim())
+    })
+
+    test('Redis: one replica, its append-only file on a claim, behind the Service damselfly-redis', () => {
+      const sts = find<RedisSet>(objects, 'StatefulSet', REDIS.statefulSet)
+      assert.equal(sts.spec.replicas, 1)
+      const svc = find<Service>(objects, 'Service', REDIS.service)
+      assert.equal(sts.spec.serviceName, svc.metadata.name)
+      assertSelectsOnly(objects, svc.spec.selector, sts, `Service/${svc.metadata.name}`)
+      assert.deepEqual(svc.spec.ports.map(p => p.port), [REDIS.port])
+      const c = container(sts, 'redis')
+      assert.equal(c.ports?.find(p => p.name === svc.spec.ports[0]?.targetPort)?.containerPort, REDIS.port)
+      assert.match(redisScript(c), /\bexec redis-server --appendonly yes\b/)
+      const data = c.volumeMounts?.find(m => m.mountPath === '/data')
+      const claim = (sts.spec.volumeClaimTemplates as ClaimTemplate[] | undefined)?.find(v => v.metadata.name === data?.name)
+      assert.ok(claim !== undefined, 'the image\'s /data is a volume claim')
+      assert.equal(claim.spec.resources?.requests?.storage, '1Gi')
+      assert.deepEqual(claim.spec.accessModes, ['ReadWriteOnce'])
+      for (const probe of [c.readinessProbe, c.livenessProbe]) {
+        assert.match(probe?.exec?.command.join(' ') ?? '', /REDISCLI_AUTH=.*redis-cli ping \| grep/, 'the probes ping with the password and read the answer')
+      }
+    })
+
+    test('the Redis password comes from the Secret damselfly-redis, never from the manifest', () => {
+      const secret = generated(objects, 'Secret', REDIS.secret)
+      assert.deepEqual(Object.keys(secret.data), ['password'])
+      const placeholder = Buffer.from(secret.data.password as string, 'base64').toString('utf8').trim()
+      assert.equal(placeholder, PLACEHOLDER_SECRET, 'no real password is committed in deploy/kubernetes/base/redis-password.txt')
+      const c = container(find<RedisSet>(objects, 'StatefulSet', REDIS.statefulSet), 'redis')
+      const requirepass = /--requirepass\s+(\S+)/.exec(redisScript(c))
+      assert.ok(requirepass !== null, 'Redis requires a password')
+      assert.match(requirepass[1] as string, /^"?\$\{?\w+\}?"?$/, '--requirepass takes a shell variable, not a literal')
+      const env = c.env?.find(e => e.name === 'REDIS_PASSWORD')
+      assert.deepEqual(env?.valueFrom?.secretKeyRef, { name: secret.metadata.name, key: 'password' })
+      for (const w of objects.filter(isWorkload)) {
+        for (const k of allContainers(w.spec.template.spec)) {
+          const literal = [...(k.command ?? []), ...(k.args ?? []), ...(k.env ?? []).map(e => e.value ?? '')].join('\n')
+          assert.ok(!literal.includes(placeholder), `${w.metadata.name}/${k.name} spells no password out`)
+        }
+      }
     })
   })
+}
+
+/** Why Redis 7 cannot be run here, or undefined when it can. */
+function redisMissing (): string | undefined {
+  const r = spawnSync('redis-server', ['--version'], { encoding: 'utf8', timeout: 30_000 })
+  if (r.error !== undefined || r.status !== 0) return `redis-server is not on the PATH (${r.error?.message ?? `exit ${String(r.status)}`}): apt-get install redis-server`
+  if (!/\bv=7\./.test(r.stdout)) return `the manifests run Redis 7; this is ${r.stdout.trim()}`
+  return undefined
+}
+
+/** Absolute path of a command on the PATH. */
+function which (command: string): string {
+  const r = spawnSync('sh', ['-c', `command -v ${command}`], { encoding: 'utf8' })
+  assert.equal(r.status, 0, `${command} is on the PATH`)
+  return r.stdout.trim()
+}
+
+// The Redis container's script and probes, run as they are written against
+// this machine's redis-server and redis-cli (the image's are on its PATH; here
+// they are wrapped onto a free port and a temporary /data).
+describe('deploy/kubernetes Redis, run', { skip: NO_KUBECTL ?? redisMissing() }, () => {
+  let redis: Container
+  let secretValue = ''
+  before(async () => {
+    const objects = await renderKustomization(BASE)
+    redis = container(find<RedisSet>(objects, 'StatefulSet', REDIS.statefulSet), 'redis')
+    secretValue = Buffer.from(generated(objects, 'Secret', REDIS.secret).data.password as string, 'base64').toString('utf8')
+  })
+
+  /** A PATH with redis-server and redis-cli on `port`, Redis's files in `data`. */
+  async function wrappers (dir: string, port: number, data: string): Promise<string> {
+    const bin = path.join(dir, 'bin')
+    await mkdir(bin)
+    // Redis changes into --dir as it reads it, so /data is swapped, not overridden.
+    await writeFile(path.join(bin, 'redis-server'), [
+      '#!/bin/sh',
+      `for a; do shift; if [ "$a" = /data ]; then a='${data}'; fi; set -- "$@" "$a"; done`,
+      `exec ${which('redis-server')} "$@" --port ${port} --bind 127.0.0.1`
+    ].join('\n') + '\n')
+    await writeFile(path.join(bin, 'redis-cli'), `#!/bin/sh\nexec ${which('redis-cli')} -p ${port} "$@"\n`)
+    await Promise.all(['redis-server', 'redis-cli'].map(async f => chmod(path.join(bin, f), 0o755)))
+    return `${bin}:${process.env.PATH ?? ''}`
+  }
+
+  /** The container's environment with its Secret key set to `password`. */
+  function envWith (password: string, pathVar: string): NodeJS.ProcessEnv {
+    const env: NodeJS.ProcessEnv = { PATH: pathVar }
+    for (const e of redis.env ?? []) {
+      if (e.valueFrom?.secretKeyRef !== undefined) env[e.name] = password
+      else if (e.value !== undefined) env[e.name] = e.value
+    }
+    return env
+  }
+
+  function probe (kind: 'readiness' | 'liveness', env: NodeJS.ProcessEnv): number | null {
+    const command = (kind === 'readiness' ? redis.readinessProbe : redis.livenessProbe)?.exec?.command ?? []
+    assert.ok(command.length > 0, `an exec ${kind} probe`)
+    return spawnSync(command[0] as string, command.slice(1), { env, encoding: 'utf8', timeout: 10_000 }).status
+  }
+
+  test('the committed placeholder is refused: Redis does not start', async (t) => {
+    const tmp = await tmpDir('df-redis-')
+    t.after(() => tmp.cleanup())
+    const data = path.join(tmp.path, 'data')
+    await mkdir(data)
+    const env = envWith(secretValue, await wrappers(tmp.path, await freePort(), data))
+    const proc = spawnProcess(redis.command?.[0] as string, [...(redis.command ?? []).slice(1), ...(redis.args ?? [])], { env, cwd: data })
+    t.after(() => proc.stop())
+    const code = await Promise.race([proc.exited, new Promise<string>(resolve => setTimeout(() => resolve('still running'), 10_000).unref())])
+    assert.equal(code, 1, proc.output())
+    assert.match(proc.output(), /placeholder or shorter than 16 characters; write a real one to deploy\/kubernetes\/base\/redis-password\.txt/)
+  })
+
+  test('with a real password: append-only, the password required and not on its command line, the probes pass', async (t) => {
+    const tmp = await tmpDir('df-redis-')
+    t.after(() => tmp.cleanup())
+    const data = path.join(tmp.path, 'data')
+    await mkdir(data)
+    const pathVar = await wrappers(tmp.path, await freePort(), data)
+    // As `openssl rand -hex 32 > redis-password.txt` writes it: with a newline, which is not part of the password.
+    const password = 'f'.repeat(24) + '0123456789abcdef'
+    const env = envWith(`${password}\n`, pathVar)
+    const proc = spawnProcess(redis.command?.[0] as string, [...(redis.command ?? []).slice(1), ...(redis.args ?? [])], { env, cwd: data })
+    t.after(() => proc.stop())
+    let exited = false
+    void proc.exited.then(() => { exited = true })
+    await waitFor(async () => probe('readiness', env) === 0, { timeoutMs: 30_000, what: 'the readiness probe', giveUpIf: () => exited ? `Redis exited:\n${proc.output()}` : undefined })
+    assert.equal(probe('liveness', env), 0)
+    assert.notEqual(probe('readiness', envWith('another-password-of-some-length', pathVar)), 0, 'the probe reads the answer, not only the exit code')
+    const cli = async (args: string[], auth?: string): Promise<string> => (await run('redis-cli', args, { env: { PATH: pathVar, ...(auth !== undefined ? { REDISCLI_AUTH: auth } : {}) } })).stdout.trim()
+    assert.match(await cli(['ping']), /NOAUTH/)
+    assert.equal(await cli(['ping'], password), 'PONG', 'the password without the newline')
+    assert.equal(await cli(['config', 'get', 'appendonly'], password), 'appendonly\nyes')
+    assert.equal(await cli(['config', 'get', 'maxmemory-policy'], password), 'maxmemory-policy\nnoeviction')
+    if (process.platform === 'linux') {
+      // The shell exec'd redis-server: the same process, whose arguments held the password.
+      const cmdline = (await readFile(`/proc/${String(proc.child.pid)}/cmdline`, 'utf8')).replaceAll('\0', ' ').trim()
+      assert.match(cmdline, /redis-server [^ ]*:\d+$/, 'Redis shows its title')
+      assert.ok(!cmdline.includes(password), `the password is not in the command line: ${cmdline}`)
+    }
+  })
+})
+
+/** `selector` selects the pods of `target` and of no other workload. */
+function assertSelectsOnly (objects: K8sObject[], selector: Record<string, string>, target: Workload, what: string): void {
+  assert.ok(Object.keys(selector).length > 0, `${what} has a selector`)
+  const selected = objects.filter(isWorkload).filter(w => selects(selector, w.spec.template.metadata.labels))
+  assert.deepEqual(selected.map(w => `${w.kind}/${w.metadata.name}`), [`${target.kind}/${target.metadata.name}`], `${what} selects ${target.kind}/${target.metadata.name} only`)
+}
+
+/** What the Redis container runs: `sh -c <script>`, so the script. */
+function redisScript (c: Container): string {
+  assert.deepEqual(c.command, ['sh', '-c'])
+  assert.equal(c.args?.length, 1)
+  return c.args[0] as string
 }
 
 /** The peers' scheduler address is the scheduler Service's DNS name and p2p port. */
@@ -324,26 +553,30 @@ describe('the checks can fail', () => {
     ds.spec.template.spec.serviceAccountName = 'nobody'
     const seedSvc = broken.find(o => isService(o) && o.metadata.name === 'damselfly-seed-peer') as Service
     seedSvc.spec.ports.push({ name: 'extra', port: 9999, targetPort: 'metrics' })
+    const pdb = broken.find(o => o.kind === 'PodDisruptionBudget') as PodDisruptionBudget
+    pdb.spec.selector.matchLabels = { 'app.kubernetes.io/component': 'schedular' }
     const problems = crossObjectProblems(broken).join('\n')
     assert.match(problems, /Service\/damselfly-scheduler: its selector matches no pod template/)
     assert.match(problems, /DaemonSet\/damselfly-peer\/peer: readiness probe port 4999 is not one of the container's ports/)
     assert.match(problems, /volume config names ConfigMap damselfly-config, which does not exist/, 'the unhashed name is not the generated one')
     assert.match(problems, /ServiceAccount nobody does not exist/)
     assert.match(problems, /Service\/damselfly-seed-peer: port extra targets metrics, which StatefulSet\/damselfly-seed-peer does not expose/)
+    assert.match(problems, /PodDisruptionBudget\/damselfly-scheduler: its selector matches no pod template/)
   })
 })
 
-test('the committed placeholder is what the README tells operators to replace', async () => {
-  const committed = (await readFile(path.join(BASE, 'cluster-secret.txt'), 'utf8')).trim()
-  assert.equal(committed, PLACEHOLDER_SECRET)
-  assert.ok(committed.length < 16, 'too short to be accepted as a cluster secret')
+test('the committed placeholders are what the README tells operators to replace', async () => {
   const readme = await readFile(path.join(ROOT, 'README.md'), 'utf8')
-  assert.ok(readme.includes('cluster-secret.txt'), 'the README says where the secret goes')
+  for (const file of ['cluster-secret.txt', 'redis-password.txt']) {
+    const committed = (await readFile(path.join(BASE, file), 'utf8')).trim()
+    assert.equal(committed, PLACEHOLDER_SECRET)
+    assert.ok(committed.length < 16, `${file}: too short to be accepted`)
+    assert.ok(readme.includes(`openssl rand -hex 32 > deploy/kubernetes/base/${file}`), `the README says how to replace ${file}`)
+  }
   await access(path.join(HARBOR, 'kustomization.yaml'))
 })
 
 test('without kubectl the rendering tests are skipped with the reason, not failed and not passed', { skip: NO_KUBECTL }, async () => {
-  const { run } = await import('../helpers/process.ts')
   const file = fileURLToPath(import.meta.url)
   // The child sees no kubectl; its own copy of this test is skipped by the same rule, so this does not recurse.
   // NODE_TEST_CONTEXT would make the child report to this runner instead of printing TAP.

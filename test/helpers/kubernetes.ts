@@ -118,6 +118,7 @@ export interface Container {
 export interface Probe {
   httpGet?: { host?: string, path?: string, port: number | string }
   tcpSocket?: { port: number | string }
+  exec?: { command: string[] }
 }
 
 export interface Volume {
@@ -148,6 +149,10 @@ export interface Workload extends K8sObject {
   }
 }
 
+export interface PodDisruptionBudget extends K8sObject {
+  spec: { minAvailable?: number | string, maxUnavailable?: number | string, selector: { matchLabels: Record<string, string> } }
+}
+
 export interface Service extends K8sObject {
   spec: { clusterIP?: string, selector: Record<string, string>, ports: Array<{ name?: string, port: number, targetPort?: number | string }> }
 }
@@ -173,8 +178,9 @@ export function selects (selector: Record<string, string>, labels: Record<string
 }
 
 /**
- * Problems with how the rendered objects refer to each other: Services that
- * select no pods or target ports the pods do not have, ConfigMaps, Secrets and
+ * Problems with how the rendered objects refer to each other: Services and
+ * PodDisruptionBudgets that select no pods, Services that target ports the
+ * pods do not have, ConfigMaps, Secrets and
  * ServiceAccounts that do not exist, mounts of undeclared volumes, probes on
  * ports the container does not declare. An empty list means none found.
  */
@@ -235,6 +241,12 @@ export function crossObjectProblems (objects: K8sObject[]): string[] {
         if (!has) problems.push(`${id}: port ${p.name ?? p.port} targets ${target}, which ${w.kind}/${w.metadata.name} does not expose`)
       }
     }
+  }
+
+  for (const pdb of objects.filter(o => o.kind === 'PodDisruptionBudget') as PodDisruptionBudget[]) {
+    const selector = pdb.spec.selector.matchLabels
+    const targets = workloads.filter(w => w.metadata.namespace === pdb.metadata.namespace && selects(selector, w.spec.template.metadata.labels))
+    if (targets.length === 0) problems.push(`PodDisruptionBudget/${pdb.metadata.name}: its selector matches no pod template`)
   }
   return problems
 }
