@@ -23,7 +23,7 @@ interface Command {
 const COMMANDS: Record<string, Command> = {
   peer: {
     summary: 'Run a peer: the registry mirror and piece exchange of one node',
-    usage: 'damselfly peer --data-dir DIR --port MIRROR_PORT --p2p-port P2P_PORT --registry URL [--scheduler HOST:PORT] [--seed] [--host ADDR]',
+    usage: 'damselfly peer --data-dir DIR --port MIRROR_PORT --p2p-port P2P_PORT --registry URL [--scheduler HOST:PORT[,HOST:PORT...]] [--seed] [--host ADDR]',
     run: runPeer
   },
   scheduler: {
@@ -77,7 +77,7 @@ async function runPeer (argv: string[]): Promise<number> {
   const logger = createLogger({ level: config.logLevel, base: { service: 'peer' } })
   const { createPeer } = await import('../peer/main.ts')
   const faults = testFaults(logger)
-  if (config.scheduler !== '') {
+  if (config.schedulers.length > 0) {
     const peer = await createPeer(config, { logger, faults })
     return runUntilSignal(logger, peer)
   }

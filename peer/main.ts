@@ -78,8 +78,8 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     registries: [...config.registries, ...config.mirrors.map(m => m.registry), ...config.proxy.intercept.map(h => `https://${h.replace(/:443$/, '')}`)],
     allowUnlisted: config.allowUnlistedRegistries
   })
-  const scheduler = config.scheduler !== '' ? config.scheduler : deps.scheduler
-  if (scheduler === undefined) throw new ConfigError('scheduler', 'no scheduler address and no embedded scheduler')
+  const scheduler = config.schedulers.length > 0 ? config.schedulers : deps.scheduler === undefined ? [] : [deps.scheduler]
+  if (scheduler.length === 0) throw new ConfigError('scheduler', 'no scheduler address and no embedded scheduler')
   // The swarm: membership, the session with the scheduler, the piece fetcher. Below the data path.
   const swarm = await createSwarm({ logger, store, tags, publicContent, metrics }, {
     dataDir,

@@ -28,8 +28,8 @@ export interface SwarmInit {
   /** Multiaddrs the libp2p node listens on. */
   listen: string[]
   announce?: string[] | undefined
-  /** Scheduler address: `host:port` or a multiaddr. */
-  scheduler: string
+  /** Scheduler addresses (`host:port` or a multiaddr each); the session moves between them. */
+  scheduler: string[]
   seed: boolean
   location: string
   idc: string
@@ -109,7 +109,7 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
       ...publicContent.entries().map(({ origin, repo, digest, record }): Fact => ({ kind: 'public', registry: origin, repo, digest, size: record.size, ...(record.mediaType === undefined ? {} : { mediaType: record.mediaType }) }))
     ],
     originOf: (digest) => origins.get(digest)
-  }, { address: init.scheduler })
+  }, { addresses: init.scheduler })
 
   // Children fetch over HTTP from parents that offer an upload port, unless this peer keeps pieces on libp2p.
   const http = init.httpPieces ? createPieceHttpClient({ self: node.peerId, secret: init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8') }) : undefined

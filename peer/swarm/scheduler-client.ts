@@ -1,11 +1,12 @@
 import type { Static, TSchema } from '@sinclair/typebox'
-import { backoff, sleep, withDeadline, type AbortOptions } from '../../src/abort.ts'
+import { backoff, raceSignal, sleep, withDeadline, type AbortOptions } from '../../src/abort.ts'
 import { DamselflyError, SchedulerUnavailableError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { call, type P2PNode } from '../../src/p2p/index.ts'
 import { AckResponse, ErrorResponse, RegisterResponse, SCHEDULER_PROTOCOL, type Fact, type HostInfo, type Load, type OriginRef, type Report, type SchedulerRequest, type TaskUpdate } from '../../src/protocol/messages.ts'
 import { Type } from '@sinclair/typebox'
 import type { PieceInventory } from '../piece-store/index.ts'
+import { createSchedulerTargets, type ResolveAll } from './scheduler-targets.ts'
 
 export interface SchedulerClientComponents {
   logger: Logger
@@ -16,11 +17,26 @@ export interface SchedulerClientComponents {
   facts: () => Fact[]
   /** Where each task can be fetched, as far as this peer knows. */
   originOf: (digest: string) => OriginRef | undefined
+  /** Name resolution for scheduler addresses. Default: node:dns `lookup(name, { all: true })`. */
+  resolve?: ResolveAll
+  /** A number in [0, 1), to pick the first scheduler. Default `Math.random`. */
+  random?: () => number
 }
 
 export interface SchedulerClientInit {
-  /** `host:port` or a multiaddr. */
-  address: string
+  /**
+   * Scheduler replicas: `host:port` or a multiaddr each, a DNS name standing
+   * for every address it resolves to. The peer joins one, starting at a
+   * random one, and moves to the next when its session drops or it cannot
+   * be reached.
+   */
+  addresses: string[]
+  /**
+   * Deadline of one connection attempt while there are other schedulers to
+   * move to: a replica that went without a word (its node died) is given up
+   * quickly. Default 3 s. With a single address the node's own 10 s applies.
+   */
+  connectTimeoutMs?: number
   /** Piece announcements are batched this long. Default 20 ms. */
   flushMs?: number
   /**
@@ -39,7 +55,7 @@ export interface SchedulerClient {
   settled: () => Promise<void>
   stop: () => Promise<void>
   readonly connected: boolean
-  /** The scheduler's peer id while connected. */
+  /** The peer id of the scheduler this peer is in session with, while it is. */
   readonly peerId: string | undefined
   /** One request; throws SchedulerUnavailableError when the scheduler cannot be asked. */
   request: <T extends TSchema>(request: SchedulerRequest, schema: T, options?: AbortOptions & { waitMs?: number }) => Promise<Static<T>>
@@ -61,6 +77,12 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
   const minAnnounceIntervalMs = init.minAnnounceIntervalMs ?? 100
   let lastFlushAt = 0
   const requestTimeoutMs = init.requestTimeoutMs ?? 10_000
+  const connectTimeoutMs = init.connectTimeoutMs ?? 3_000
+  const targets = createSchedulerTargets({
+    logger,
+    ...(components.resolve === undefined ? {} : { resolve: components.resolve }),
+    ...(components.random === undefined ? {} : { random: components.random })
+  }, { addresses: init.addresses })
   const stopping = new AbortController()
   let schedulerPeer: string | undefined
   let connected = false
@@ -104,7 +126,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
   }
 
   /** Register, then send everything held, in chunks. */
-  async function session (peerId: string): Promise<void> {
+  async function session (peerId: string, address: string): Promise<void> {
     await rawRequest(peerId, { type: 'register', host: components.hostInfo() }, RegisterResponse)
     // Snapshot and clear the queue in one go: what lands from now on is queued again.
     pending.clear()
@@ -132,7 +154,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
     await send()
     for (let i = 0; i < facts.length; i += 1000) await rawRequest(peerId, { type: 'announce', tasks: [], facts: facts.slice(i, i + 1000) }, AckResponse)
     pendingLoad ??= latestLoad
-    logger.info({ blobs: inventory.length, facts: facts.length }, 'registered with the scheduler')
+    logger.info({ blobs: inventory.length, facts: facts.length, scheduler: peerId, address }, 'registered with the scheduler')
   }
 
   /** What this peer holds of one blob, as an announcement. */
@@ -149,29 +171,56 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
     return { digest, size: blob.size, ...(blob.mediaType === undefined ? {} : { mediaType: blob.mediaType }), ...(origin === undefined ? {} : { origin }), add, ...(blob.verified ? { verified: true } : {}) }
   }
 
+  /**
+   * One session at a time, with whichever scheduler `targets` names next.
+   * After a session ends or an attempt fails the peer moves on at once (a
+   * quarter to half a second, so that a replica's peers do not all land on
+   * the next one in the same instant); only when every address has failed
+   * in a row does it back off, up to 5 s. With one address that is exactly
+   * the old single-scheduler behaviour.
+   */
   async function run (): Promise<void> {
-    for (let attempt = 0; !stopping.signal.aborted; attempt++) {
+    let failures = 0
+    let rounds = 0
+    let lastError: unknown
+    while (!stopping.signal.aborted) {
+      let count = 1
+      let address: string | undefined
       try {
-        const peerId = await node.connect({ addr: init.address }, { signal: stopping.signal })
+        ({ address, count } = await targets.next({ signal: stopping.signal }))
+        const signal = count > 1 ? withDeadline(stopping.signal, connectTimeoutMs, `connect to the scheduler at ${address}`) : stopping.signal
+        const peerId = await node.connect({ addr: address }, { signal })
         const gone = new Promise<void>(resolve => { disconnected = resolve })
         schedulerPeer = peerId
-        await session(peerId)
+        await session(peerId, address)
         connected = true
-        attempt = 0
+        failures = 0
+        rounds = 0
         firstAttempt.resolve()
         schedule()
-        await Promise.race([gone, new Promise(resolve => stopping.signal.addEventListener('abort', resolve, { once: true }))])
-        if (!stopping.signal.aborted) logger.warn('lost the scheduler; serving what we hold and falling back to the origin until it is back')
+        await raceSignal(gone, stopping.signal).catch(() => {})
+        if (!stopping.signal.aborted) logger.warn({ address, scheduler: peerId }, count > 1 ? 'lost the scheduler; moving to the next one' : 'lost the scheduler; serving what we hold and falling back to the origin until it is back')
       } catch (err) {
-        firstAttempt.resolve()
         if (stopping.signal.aborted) break
-        if (attempt === 0 || attempt % 20 === 0) logger.warn({ err: (err as Error).message, address: init.address }, 'scheduler unreachable; retrying')
+        failures++
+        lastError = err
+        logger.debug({ err: (err as Error).message, address }, 'scheduler attempt failed')
       } finally {
         connected = false
         disconnected = undefined
       }
-      await sleep(250 + backoff(Math.min(attempt, 6), 250, 5_000), { signal: stopping.signal }).catch(() => {})
+      let delayMs = 250 + backoff(0, 250, 5_000)
+      if (failures >= count) {
+        // Every address failed since the last session: until one is back, peers fall back to the origin.
+        if (rounds === 0 || rounds % 20 === 0) logger.warn({ err: (lastError as Error | undefined)?.message, addresses: init.addresses }, count > 1 ? 'no scheduler reachable; retrying' : 'scheduler unreachable; retrying')
+        delayMs = 250 + backoff(Math.min(rounds, 6), 250, 5_000)
+        failures = 0
+        rounds++
+        firstAttempt.resolve()
+      }
+      await sleep(delayMs, { signal: stopping.signal }).catch(() => {})
     }
+    firstAttempt.resolve()
   }
 
   function schedule (): void {

@@ -3,6 +3,7 @@ import type { TSchema, TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { parse as parseYaml } from 'yaml'
 import { ConfigError } from '../errors.ts'
+import { parseDialAddress } from '../p2p/address.ts'
 import { PeerConfig, SchedulerConfig, type PeerConfigInput, type SchedulerConfigInput } from './schema.ts'
 
 export { PeerConfig, SchedulerConfig }
@@ -63,6 +64,8 @@ export function settingsOf (schema: TObject): Setting[] {
 
 /** Validated peer configuration with sizes in bytes and durations in milliseconds. */
 export interface ResolvedPeerConfig extends Omit<PeerConfigInput, 'cacheSize' | 'memoryCacheSize' | 'authCacheTtl' | 'authStaleIfError' | 'cacheTtl' | 'uploadRateLimit' | 'originRateLimit' | 'downloadRateLimit' | 'prefetchRateLimit'> {
+  /** `scheduler` split at its commas, each address checked (names not resolved); empty: run an embedded scheduler. */
+  schedulers: string[]
   cacheSize: number
   memoryCacheSize: number
   authCacheTtl: number
@@ -86,6 +89,7 @@ export function loadPeerConfig (sources: ConfigSources): Readonly<ResolvedPeerCo
   const raw = load(PeerConfig, sources) as PeerConfigInput
   const resolved: ResolvedPeerConfig = {
     ...raw,
+    schedulers: parseSchedulerList(raw.scheduler),
     cacheSize: parseSize(raw.cacheSize, 'cacheSize'),
     memoryCacheSize: parseSize(raw.memoryCacheSize, 'memoryCacheSize'),
     authCacheTtl: parseDuration(raw.authCacheTtl, 'authCacheTtl'),
@@ -121,6 +125,22 @@ export function loadSchedulerConfig (sources: ConfigSources): Readonly<ResolvedS
   const secret = clusterSecret(raw.swarm)
   const host = swarmHost(raw.host, 'host', secret, 'its p2p port would let anyone who can reach it join the swarm and read who holds what')
   return deepFreeze({ ...raw, host, clusterSecret: secret, apiToken: apiToken(raw.api) })
+}
+
+/**
+ * The peer's `scheduler` setting, comma-separated addresses, as a list. Each
+ * entry is checked here, so a typo stops the peer at start rather than at the
+ * reconnect that needs it.
+ */
+export function parseSchedulerList (value: string): string[] {
+  const entries = value.split(',').map(s => s.trim()).filter(s => s !== '')
+  for (const entry of entries) {
+    const parsed = parseDialAddress(entry)
+    if ('problem' in parsed) {
+      throw new ConfigError('scheduler', `expected ${acceptedForms(PeerConfig.properties.scheduler) ?? 'host:port'} (got ${JSON.stringify(entry.slice(0, 80))}: ${parsed.problem})`)
+    }
+  }
+  return [...new Set(entries)]
 }
 
 /** Whether binding `host` keeps a port to this machine (127.0.0.0/8, ::1, localhost). */

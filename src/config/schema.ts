@@ -1,4 +1,5 @@
 import { Type, type Static, type TInteger, type TString, type TUnion } from '@sinclair/typebox'
+import { DIAL_ADDRESS_FORMS } from '../p2p/address.ts'
 import { DEFAULTS } from './defaults.ts'
 
 /**
@@ -13,6 +14,7 @@ import { DEFAULTS } from './defaults.ts'
 const SIZE_FORMS = 'a number of bytes, or a number and a unit: KiB, MiB, GiB, TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000), e.g. "10GiB" or "512MB"'
 const DURATION_FORMS = 'a number of milliseconds, or a number and a unit (ms, s, m, h), e.g. "30s" or "5m"'
 const HOST_FORMS = 'a host name or an IP address, e.g. "127.0.0.1", "0.0.0.0" or "::"'
+const SCHEDULER_FORMS = `scheduler addresses separated by commas, each ${DIAL_ADDRESS_FORMS}, e.g. "sched-0.example:8002,sched-1.example:8002", or one DNS name that resolves to every replica, e.g. "damselfly-scheduler.damselfly.svc:8002"`
 
 const Port = (defaultValue: number, description: string): TInteger => Type.Integer({ minimum: 0, maximum: 65535, default: defaultValue, description, accepts: 'a port number from 0 to 65535, e.g. 4001' })
 const Size = (defaultValue: string, description: string): TUnion<[TInteger, TString]> => Type.Union([Type.Integer({ minimum: 0 }), Type.String({ pattern: '^\\s*\\d+(\\.\\d+)?\\s*([kKmMgGtT]i?[bB]?|[bB])?\\s*$' })], { default: defaultValue, description, accepts: SIZE_FORMS })
@@ -65,7 +67,7 @@ export const PeerConfig = Type.Object({
   registries: Type.Array(RegistryUrl, { default: [], description: 'Registries by URL, so containerd\'s ns=host maps to the right scheme (hosts not listed are https)' }),
   allowUnlistedRegistries: Type.Boolean({ default: false, description: 'Let requests name registries that registry, registries, mirrors and proxy.intercept do not list. They are passed through, verified but never cached, shared in the swarm or served from the cache; without this they get 403' }),
   mirrors: Type.Array(PeerMirror, { default: [], description: 'Extra mirror listeners, each serving one registry to clients that send no registry header' }),
-  scheduler: Type.String({ default: '', description: 'Scheduler address (host:port or a multiaddr); empty runs an embedded single-node scheduler' }),
+  scheduler: Type.String({ default: '', maxLength: 8192, description: 'Scheduler addresses, comma-separated (host:port or a multiaddr each); the peer starts at a random one and moves to the next when it goes. A DNS name is resolved at every (re)connect and stands for every address it resolves to (a headless Service). Empty runs an embedded single-node scheduler', accepts: SCHEDULER_FORMS }),
   seed: Type.Boolean({ default: false, description: 'Seed peer: preferred first fetcher from the origin; fetches whole blobs; runs preheats' }),
   cacheSize: Size(DEFAULTS.cacheSize, 'Byte quota of the piece cache; least recently used blobs are evicted past it'),
   diskHighWatermark: Type.Integer({ minimum: 1, maximum: 100, default: 90, description: 'Percent of the data dir\'s file system in use past which least recently used blobs are evicted (whoever filled it)', accepts: 'a percentage from 1 to 100, e.g. 90' }),
