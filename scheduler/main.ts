@@ -8,7 +8,7 @@ import { createP2PNode, type P2PNode } from '../src/p2p/index.ts'
 import { buildSchedulerApi } from './api/app.ts'
 import { createPreheatJobs } from './preheat/index.ts'
 import { createSchedulerService } from './rpc/index.ts'
-import { createMemoryState } from './state/index.ts'
+import { createSwarm } from './swarm/index.ts'
 
 export interface SchedulerDeps {
   logger: Logger
@@ -21,16 +21,21 @@ export interface Scheduler {
   readonly addresses: { p2p: string[], http: string | undefined }
 }
 
+type StateKeys = 'state' | 'statePasswordFile' | 'stateCaFile' | 'statePassword' | 'stateCa'
+/** Without the `state` keys: one scheduler, in memory (the peer's embedded scheduler). */
+export type SchedulerConfig = Omit<ResolvedSchedulerConfig, 'httpPort' | 'api' | 'apiToken' | StateKeys> & Partial<Pick<ResolvedSchedulerConfig, StateKeys>> & { httpPort: number | undefined, apiToken?: string | undefined }
+
 /**
  * The scheduler's composition root. `httpPort` undefined runs without the HTTP
  * API (the embedded scheduler), which then needs no API token either.
  */
-export async function createScheduler (config: Omit<ResolvedSchedulerConfig, 'httpPort' | 'api' | 'apiToken'> & { httpPort: number | undefined, apiToken?: string | undefined }, deps: SchedulerDeps): Promise<Scheduler> {
+
+export async function createScheduler (config: SchedulerConfig, deps: SchedulerDeps): Promise<Scheduler> {
   const logger = deps.logger
   const dataDir = resolve(config.dataDir)
   await mkdir(dataDir, { recursive: true })
   const metrics = createMetricsRegistry({}, { processMetrics: true })
-  const state = createMemoryState()
+  const { state, trust, scheduling, machine, log } = createSwarm({ logger, metrics }, { state: config.state ?? 'memory', redis: { password: config.statePassword, ca: config.stateCa } })
   let node: P2PNode | undefined
   let service: ReturnType<typeof createSchedulerService> | undefined
   let api: FastifyInstance | undefined
@@ -51,7 +56,8 @@ export async function createScheduler (config: Omit<ResolvedSchedulerConfig, 'ht
         inboundConnectionThreshold: 1_000,
         maxIncomingPendingConnections: 1_024
       })
-      service = createSchedulerService({ logger, node, state, metrics })
+      await log.start()
+      service = createSchedulerService({ logger, node, state, machine, log, scheduling, trust, metrics })
       await service.start()
       const jobs = createPreheatJobs({ logger, state, control: async (peerId, command) => (service as NonNullable<typeof service>).control(peerId, command) })
       addresses.p2p = node.addrs()
@@ -67,6 +73,7 @@ export async function createScheduler (config: Omit<ResolvedSchedulerConfig, 'ht
       await api?.close()
       await service?.stop()
       await node?.stop()
+      await log.stop()
     }
   }
 }

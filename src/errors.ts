@@ -220,6 +220,13 @@ export class SchedulerUnavailableError extends DamselflyError {
   }
 }
 
+/** The store scheduler replicas share cannot be reached (or lost its data): the swarm's state cannot change. */
+export class StateUnavailableError extends DamselflyError {
+  constructor (message: string, options: { cause?: unknown } = {}) {
+    super('DF_ERR_STATE_UNAVAILABLE', message, options)
+  }
+}
+
 export class PeerUnavailableError extends DamselflyError {
   constructor (message: string, options: { cause?: unknown } = {}) {
     super('DF_ERR_PEER_UNAVAILABLE', message, options)

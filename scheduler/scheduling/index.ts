@@ -22,6 +22,25 @@ export interface ParentsPlan {
   provisional: number[]
   /** A seed that was just made first fetcher of this task and must be told to start. */
   startSeed: HostRecord | undefined
+  /**
+   * The origin assignments the plan makes, not yet applied: `propose` leaves
+   * the state alone so that replicas can agree on them through the event log
+   * first; `plan` applies them at once.
+   */
+  appointment: Appointment
+}
+
+/**
+ * Hosts sent to the origin for pieces. Each entry says whom the proposer saw
+ * holding the assignment (`''`: nobody live), so applying it is a
+ * compare-and-set: of two replicas proposing at once, the second finds the
+ * piece taken and its proposal is refused for that piece.
+ */
+export interface Appointment {
+  first: Array<{ peer: string, pieces: Array<[number, string]> }>
+  confirm: Array<{ peer: string, pieces: Array<[number, string]> }>
+  /** Leases of the requester's earlier assignments that run on. */
+  renew: { peer: string, first: number[], confirm: number[] } | undefined
 }
 
 /** Half-life of the "recently sent children here" counter. */
@@ -46,7 +65,16 @@ export interface PlanOptions {
   mayAuthor?: (host: HostRecord) => boolean
 }
 
-export function createScheduling (state: SwarmState, init: SchedulingInit = {}): { plan: (task: TaskRecord, requester: HostRecord, first: number, last: number, exclude: ReadonlySet<string>, options?: PlanOptions) => ParentsPlan } {
+type PlanFn = (task: TaskRecord, requester: HostRecord, first: number, last: number, exclude: ReadonlySet<string>, options?: PlanOptions) => ParentsPlan
+
+export interface Scheduling {
+  /** The plan, its origin assignments applied to the state at once (one scheduler, or a test). */
+  plan: PlanFn
+  /** The plan without touching the state: its `appointment` is for the caller to apply (see `appoint`). */
+  propose: PlanFn
+}
+
+export function createScheduling (state: SwarmState, init: SchedulingInit = {}): Scheduling {
   const maxParents = init.maxParents ?? 8
   const sampleSize = init.sampleSize ?? 32
   const partialScan = init.partialScan ?? 256
@@ -68,19 +96,18 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
     return best
   }
 
-  /** Sends a host to the origin for pieces, as first fetcher or as confirmer, on a lease its progress renews. */
-  function lease (task: TaskRecord, role: 'first' | 'confirmer', slot: number, pieces: Iterable<number>, t: number): void {
-    // The host now has a stake in this task; its departure must release the assignment.
-    state.hostBySlot(slot)?.tasks.add(task.digest)
-    const who = role === 'first' ? (task.assignee ??= new Int32Array(task.pieceCount)) : (task.confirmer ??= new Int32Array(task.pieceCount))
-    const until = role === 'first' ? (task.assignedUntil ??= new Float64Array(task.pieceCount)) : (task.confirmerUntil ??= new Float64Array(task.pieceCount))
+  /** Proposes sending a host to the origin for pieces, as first fetcher or as confirmer. */
+  function lease (proposal: Appointment, task: TaskRecord, role: 'first' | 'confirmer', host: HostRecord, pieces: Iterable<number>, t: number): void {
+    const who = role === 'first' ? task.assignee : task.confirmer
+    const until = role === 'first' ? task.assignedUntil : task.confirmerUntil
+    const seen: Array<[number, string]> = []
     for (const i of pieces) {
-      who[i] = slot + 1
-      until[i] = t + ASSIGNMENT_LEASE_MS
+      const a = who?.[i] ?? 0
+      const live = a !== 0 && (until?.[i] ?? 0) > t ? state.hostBySlot(a - 1) : undefined
+      seen.push([i, live?.info.peerId ?? ''])
     }
+    if (seen.length > 0) (role === 'first' ? proposal.first : proposal.confirm).push({ peer: host.info.peerId, pieces: seen })
   }
-  const assign = (task: TaskRecord, slot: number, pieces: Iterable<number>, t: number): void => { lease(task, 'first', slot, pieces, t) }
-  const assignConfirmer = (task: TaskRecord, slot: number, pieces: Iterable<number>, t: number): void => { lease(task, 'confirmer', slot, pieces, t) }
 
   function score (host: HostRecord, requester: HostRecord, t: number): number {
     const capacity = host.info.uploadCapacity
@@ -98,134 +125,204 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
     set.add(i)
   }
 
-  return {
-    plan (task, requester, first, last, exclude, options = {}) {
-      const whole = options.whole ?? true
-      const mayAuthor = options.mayAuthor ?? ((host: HostRecord) => host.barredUntil <= now())
-      const t = now()
-      last = Math.min(last, task.pieceCount - 1)
-      // A requester that may not write entries still fetches for itself, but is sent nowhere on the swarm's behalf.
-      const barred = !mayAuthor(requester)
-      // Pieces a live, usable host is already fetching from the origin: waited for, not fetched again.
-      const inProgress = new Map<number, PieceSet>()
-      /** Of those, the ones a confirmer is fetching: what a range reader may wait for. */
-      const confirming = new Map<number, PieceSet>()
-      const mine: number[] = []
-      const toConfirm: number[] = []
-      const wanted: number[] = []
-      /** Pieces this range reader may take only from a confirmer (or the origin). */
-      const needsConfirmer = new Set<number>()
-      for (let i = first; i <= last; i++) {
-        const trusted = whole || task.confirmed.has(i)
-        if (trusted && state.holds(task, requester.slot, i)) continue
-        // Its own entry: the requester took those bytes from the origin itself.
-        if (!trusted && task.author[i] === requester.slot + 1) continue
-        wanted.push(i)
-        const a = task.assignee?.[i] ?? 0
-        const assignee = a === 0 ? undefined : state.hostBySlot(a - 1)
-        if (assignee === requester) { mine.push(i); continue }
-        const fetching = a !== 0 && (task.assignedUntil?.[i] ?? 0) > t && usable(assignee, requester, exclude, t)
-        if (fetching) addTo(inProgress, assignee.slot, task.pieceCount, i)
-        if (trusted) continue
-        needsConfirmer.add(i)
-        const c = task.confirmer?.[i] ?? 0
-        const confirmer = c === 0 ? undefined : state.hostBySlot(c - 1)
-        if (confirmer === requester) { mine.push(i); continue }
-        if (c !== 0 && (task.confirmerUntil?.[i] ?? 0) > t && usable(confirmer, requester, exclude, t)) {
-          addTo(inProgress, confirmer.slot, task.pieceCount, i)
-          addTo(confirming, confirmer.slot, task.pieceCount, i)
-          continue
-        }
-        // Nobody is confirming it: a piece someone holds or fetches gets this reader as its confirmer.
-        if (task.known.has(i) || fetching) toConfirm.push(i)
+  function propose (task: TaskRecord, requester: HostRecord, first: number, last: number, exclude: ReadonlySet<string>, options: PlanOptions = {}): ParentsPlan {
+    const appointment: Appointment = { first: [], confirm: [], renew: undefined }
+    const whole = options.whole ?? true
+    const mayAuthor = options.mayAuthor ?? ((host: HostRecord) => host.barredUntil <= now())
+    const t = now()
+    last = Math.min(last, task.pieceCount - 1)
+    // A requester that may not write entries still fetches for itself, but is sent nowhere on the swarm's behalf.
+    const barred = !mayAuthor(requester)
+    // Pieces a live, usable host is already fetching from the origin: waited for, not fetched again.
+    const inProgress = new Map<number, PieceSet>()
+    /** Of those, the ones a confirmer is fetching: what a range reader may wait for. */
+    const confirming = new Map<number, PieceSet>()
+    const mine: number[] = []
+    const toConfirm: number[] = []
+    const wanted: number[] = []
+    /** Pieces this range reader may take only from a confirmer (or the origin). */
+    const needsConfirmer = new Set<number>()
+    for (let i = first; i <= last; i++) {
+      const trusted = whole || task.confirmed.has(i)
+      if (trusted && state.holds(task, requester.slot, i)) continue
+      // Its own entry: the requester took those bytes from the origin itself.
+      if (!trusted && task.author[i] === requester.slot + 1) continue
+      wanted.push(i)
+      const a = task.assignee?.[i] ?? 0
+      const assignee = a === 0 ? undefined : state.hostBySlot(a - 1)
+      if (assignee === requester) { mine.push(i); continue }
+      const fetching = a !== 0 && (task.assignedUntil?.[i] ?? 0) > t && usable(assignee, requester, exclude, t)
+      if (fetching) addTo(inProgress, assignee.slot, task.pieceCount, i)
+      if (trusted) continue
+      needsConfirmer.add(i)
+      const c = task.confirmer?.[i] ?? 0
+      const confirmer = c === 0 ? undefined : state.hostBySlot(c - 1)
+      if (confirmer === requester) { mine.push(i); continue }
+      if (c !== 0 && (task.confirmerUntil?.[i] ?? 0) > t && usable(confirmer, requester, exclude, t)) {
+        addTo(inProgress, confirmer.slot, task.pieceCount, i)
+        addTo(confirming, confirmer.slot, task.pieceCount, i)
+        continue
       }
-
-      // Candidates: holders of the window's pieces.
-      const candidates = new Map<number, { host: HostRecord, held: PieceSet | undefined, complete: boolean }>()
-      for (const slot of task.complete.sample(sampleSize, random)) {
-        const host = state.hostBySlot(slot)
-        if (usable(host, requester, exclude, t)) candidates.set(slot, { host, held: undefined, complete: true })
-      }
-      let scanned = 0
-      for (const [slot, pieces] of task.partial) {
-        if (scanned++ >= partialScan || candidates.size >= sampleSize * 2) break
-        const host = state.hostBySlot(slot)
-        if (!usable(host, requester, exclude, t) || !overlaps(pieces, first, last)) continue
-        candidates.set(slot, { host, held: pieces, complete: false })
-      }
-      const covered = (i: number): boolean => {
-        for (const c of candidates.values()) if (c.complete || c.held?.has(i) === true) return true
-        for (const set of inProgress.values()) if (set.has(i)) return true
-        return false
-      }
-
-      // Pieces nobody usable has or is getting get exactly one first fetcher.
-      const confirmLater = new Set(toConfirm)
-      const orphans = wanted.filter(i => !mine.includes(i) && !confirmLater.has(i) && !covered(i))
-      let startSeed: HostRecord | undefined
-      if (orphans.length > 0) {
-        const seed = pickSeed(task, requester, exclude, t, mayAuthor)
-        if (seed !== undefined) {
-          // A seed takes the whole task: it fetches whole blobs into the swarm.
-          const all = new Set(orphans)
-          for (let i = 0; i < task.pieceCount; i++) {
-            if (!state.hasHolder(task, i) && !((task.assignee?.[i] ?? 0) !== 0 && (task.assignedUntil?.[i] ?? 0) > t)) all.add(i)
-          }
-          assign(task, seed.slot, all, t)
-          startSeed = seed
-          for (const i of all) addTo(inProgress, seed.slot, task.pieceCount, i)
-          // A range reader then confirms what it needs of the seed's pieces from the origin.
-          for (const i of orphans) if (needsConfirmer.has(i)) toConfirm.push(i)
-        } else {
-          mine.push(...orphans)
-          // A barred host may still fetch for itself, but writes no table entry others would trust.
-          if (!barred) assign(task, requester.slot, orphans, t)
-        }
-      }
-      if (toConfirm.length > 0) {
-        mine.push(...toConfirm)
-        if (!barred) assignConfirmer(task, requester.slot, toConfirm, t)
-      }
-      // Pieces it was sent for before: their leases run on.
-      const again = mine.filter(i => !toConfirm.includes(i) && !orphans.includes(i))
-      if (again.length > 0 && !barred) {
-        assign(task, requester.slot, again.filter(i => task.assignee?.[i] === requester.slot + 1), t)
-        assignConfirmer(task, requester.slot, again.filter(i => task.confirmer?.[i] === requester.slot + 1), t)
-      }
-
-      // Rank; keep the best, then add whoever else is needed so every wanted piece has a source.
-      const all = new Map<number, ParentInfo>()
-      for (const [slot, c] of candidates) all.set(slot, parentInfo(c.host, c.complete, c.held, inProgress.get(slot), confirming.get(slot)))
-      for (const [slot, fetching] of inProgress) {
-        const host = state.hostBySlot(slot)
-        if (host !== undefined && !all.has(slot)) all.set(slot, parentInfo(host, false, task.partial.get(slot), fetching, confirming.get(slot)))
-      }
-      const ranked = [...all.entries()]
-        .map(([slot, info]) => {
-          const host = state.hostBySlot(slot) as HostRecord
-          return { info, host, score: score(host, requester, t) + (inProgress.has(slot) ? 1 : 0) }
-        })
-        .sort((a, b) => b.score - a.score)
-      const chosen = ranked.slice(0, maxParents)
-      const supplies = (r: { info: ParentInfo, host: HostRecord }, i: number): boolean => needsConfirmer.has(i)
-        ? confirming.get(r.host.slot)?.has(i) ?? false
-        : r.info.complete || (candidates.get(r.host.slot)?.held?.has(i) ?? false) || (inProgress.get(r.host.slot)?.has(i) ?? false)
-      for (const i of wanted) {
-        if (mine.includes(i) || chosen.some(r => supplies(r, i))) continue
-        const extra = ranked.find(r => !chosen.includes(r) && supplies(r, i))
-        if (extra !== undefined) chosen.push(extra)
-      }
-      for (const { host } of chosen) bump(host, t)
-
-      const digests: Array<[number, string]> = []
-      const provisional: number[] = []
-      for (let i = first; i <= last; i++) {
-        if (!task.known.has(i)) continue
-        digests.push([i, task.digests.toString('hex', i * 32, i * 32 + 32)])
-        if (!task.confirmed.has(i)) provisional.push(i)
-      }
-      return { parents: chosen.map(r => r.info), assigned: [...new Set(mine)].sort((a, b) => a - b), digests, provisional, startSeed }
+      // Nobody is confirming it: a piece someone holds or fetches gets this reader as its confirmer.
+      if (task.known.has(i) || fetching) toConfirm.push(i)
     }
+
+    // Candidates: holders of the window's pieces.
+    const candidates = new Map<number, { host: HostRecord, held: PieceSet | undefined, complete: boolean }>()
+    for (const slot of task.complete.sample(sampleSize, random)) {
+      const host = state.hostBySlot(slot)
+      if (usable(host, requester, exclude, t)) candidates.set(slot, { host, held: undefined, complete: true })
+    }
+    let scanned = 0
+    for (const [slot, pieces] of task.partial) {
+      if (scanned++ >= partialScan || candidates.size >= sampleSize * 2) break
+      const host = state.hostBySlot(slot)
+      if (!usable(host, requester, exclude, t) || !overlaps(pieces, first, last)) continue
+      candidates.set(slot, { host, held: pieces, complete: false })
+    }
+    const covered = (i: number): boolean => {
+      for (const c of candidates.values()) if (c.complete || c.held?.has(i) === true) return true
+      for (const set of inProgress.values()) if (set.has(i)) return true
+      return false
+    }
+
+    // Pieces nobody usable has or is getting get exactly one first fetcher.
+    const confirmLater = new Set(toConfirm)
+    const orphans = wanted.filter(i => !mine.includes(i) && !confirmLater.has(i) && !covered(i))
+    let startSeed: HostRecord | undefined
+    if (orphans.length > 0) {
+      const seed = pickSeed(task, requester, exclude, t, mayAuthor)
+      if (seed !== undefined) {
+        // A seed takes the whole task: it fetches whole blobs into the swarm.
+        const all = new Set(orphans)
+        for (let i = 0; i < task.pieceCount; i++) {
+          if (!state.hasHolder(task, i) && !((task.assignee?.[i] ?? 0) !== 0 && (task.assignedUntil?.[i] ?? 0) > t)) all.add(i)
+        }
+        lease(appointment, task, 'first', seed, all, t)
+        startSeed = seed
+        for (const i of all) addTo(inProgress, seed.slot, task.pieceCount, i)
+        // A range reader then confirms what it needs of the seed's pieces from the origin.
+        for (const i of orphans) if (needsConfirmer.has(i)) toConfirm.push(i)
+      } else {
+        mine.push(...orphans)
+        // A barred host may still fetch for itself, but writes no table entry others would trust.
+        if (!barred) lease(appointment, task, 'first', requester, orphans, t)
+      }
+    }
+    if (toConfirm.length > 0) {
+      mine.push(...toConfirm)
+      if (!barred) lease(appointment, task, 'confirmer', requester, toConfirm, t)
+    }
+    // Pieces it was sent for before: their leases run on.
+    const again = mine.filter(i => !toConfirm.includes(i) && !orphans.includes(i))
+    if (again.length > 0 && !barred) {
+      appointment.renew = {
+        peer: requester.info.peerId,
+        first: again.filter(i => task.assignee?.[i] === requester.slot + 1),
+        confirm: again.filter(i => task.confirmer?.[i] === requester.slot + 1)
+      }
+    }
+
+    // Rank; keep the best, then add whoever else is needed so every wanted piece has a source.
+    const all = new Map<number, ParentInfo>()
+    for (const [slot, c] of candidates) all.set(slot, parentInfo(c.host, c.complete, c.held, inProgress.get(slot), confirming.get(slot)))
+    for (const [slot, fetching] of inProgress) {
+      const host = state.hostBySlot(slot)
+      if (host !== undefined && !all.has(slot)) all.set(slot, parentInfo(host, false, task.partial.get(slot), fetching, confirming.get(slot)))
+    }
+    const ranked = [...all.entries()]
+      .map(([slot, info]) => {
+        const host = state.hostBySlot(slot) as HostRecord
+        return { info, host, score: score(host, requester, t) + (inProgress.has(slot) ? 1 : 0) }
+      })
+      .sort((a, b) => b.score - a.score)
+    const chosen = ranked.slice(0, maxParents)
+    const supplies = (r: { info: ParentInfo, host: HostRecord }, i: number): boolean => needsConfirmer.has(i)
+      ? confirming.get(r.host.slot)?.has(i) ?? false
+      : r.info.complete || (candidates.get(r.host.slot)?.held?.has(i) ?? false) || (inProgress.get(r.host.slot)?.has(i) ?? false)
+    for (const i of wanted) {
+      if (mine.includes(i) || chosen.some(r => supplies(r, i))) continue
+      const extra = ranked.find(r => !chosen.includes(r) && supplies(r, i))
+      if (extra !== undefined) chosen.push(extra)
+    }
+    for (const { host } of chosen) bump(host, t)
+
+    const digests: Array<[number, string]> = []
+    const provisional: number[] = []
+    for (let i = first; i <= last; i++) {
+      if (!task.known.has(i)) continue
+      digests.push([i, task.digests.toString('hex', i * 32, i * 32 + 32)])
+      if (!task.confirmed.has(i)) provisional.push(i)
+    }
+    return { parents: chosen.map(r => r.info), assigned: [...new Set(mine)].sort((a, b) => a - b), digests, provisional, startSeed, appointment }
+  }
+
+  return {
+    propose,
+    plan (task, requester, first, last, exclude, options) {
+      const plan = propose(task, requester, first, last, exclude, options)
+      const granted = appoint(state, task, plan.appointment, now())
+      return withGranted(plan, granted, requester)
+    }
+  }
+}
+
+/**
+ * Applies an appointment: each piece goes to its host unless, since the
+ * proposal was made, someone else has been sent for it and is still on its
+ * lease. Deterministic in the state and `t`, so every replica applying the
+ * same log reaches the same assignments. Returns, per host, the pieces it got.
+ */
+export function appoint (state: SwarmState, task: TaskRecord, appointment: Appointment, t: number): Map<string, Set<number>> {
+  const granted = new Map<string, Set<number>>()
+  const take = (role: 'first' | 'confirmer', peer: string, pieces: Array<[number, string]>): void => {
+    const host = state.hostByPeer(peer)
+    if (host === undefined) return
+    const who = role === 'first' ? (task.assignee ??= new Int32Array(task.pieceCount)) : (task.confirmer ??= new Int32Array(task.pieceCount))
+    const until = role === 'first' ? (task.assignedUntil ??= new Float64Array(task.pieceCount)) : (task.confirmerUntil ??= new Float64Array(task.pieceCount))
+    let mine = granted.get(peer)
+    for (const [i, seen] of pieces) {
+      if (i < 0 || i >= task.pieceCount) continue
+      const a = who[i] as number
+      const live = a !== 0 && (until[i] as number) > t ? state.hostBySlot(a - 1) : undefined
+      const current = live?.info.peerId ?? ''
+      if (current !== seen && current !== peer) continue
+      who[i] = host.slot + 1
+      until[i] = t + ASSIGNMENT_LEASE_MS
+      if (mine === undefined) { mine = new Set(); granted.set(peer, mine) }
+      mine.add(i)
+    }
+    // The host now has a stake in this task; its departure must release the assignment.
+    if (mine !== undefined) host.tasks.add(task.digest)
+  }
+  for (const { peer, pieces } of appointment.first) take('first', peer, pieces)
+  for (const { peer, pieces } of appointment.confirm) take('confirmer', peer, pieces)
+  const renew = appointment.renew
+  const host = renew === undefined ? undefined : state.hostByPeer(renew.peer)
+  if (renew !== undefined && host !== undefined) {
+    for (const i of renew.first) if (task.assignee?.[i] === host.slot + 1 && task.assignedUntil !== undefined) task.assignedUntil[i] = t + ASSIGNMENT_LEASE_MS
+    for (const i of renew.confirm) if (task.confirmer?.[i] === host.slot + 1 && task.confirmerUntil !== undefined) task.confirmerUntil[i] = t + ASSIGNMENT_LEASE_MS
+  }
+  return granted
+}
+
+/**
+ * The plan as it stands once its appointment was applied: pieces proposed
+ * for the requester that went to someone else are no longer its to fetch
+ * (it waits for them like any piece in progress), and a seed that got
+ * nothing is not started.
+ */
+export function withGranted (plan: ParentsPlan, granted: ReadonlyMap<string, ReadonlySet<number>>, requester: HostRecord): ParentsPlan {
+  const proposed = new Set<number>()
+  for (const list of [plan.appointment.first, plan.appointment.confirm]) {
+    for (const { peer, pieces } of list) if (peer === requester.info.peerId) for (const [i] of pieces) proposed.add(i)
+  }
+  const mine = granted.get(requester.info.peerId)
+  const seed = plan.startSeed
+  return {
+    ...plan,
+    assigned: plan.assigned.filter(i => !proposed.has(i) || mine?.has(i) === true),
+    startSeed: seed !== undefined && granted.has(seed.info.peerId) ? seed : undefined
   }
 }
 

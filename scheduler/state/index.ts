@@ -20,6 +20,8 @@ export interface HostRecord {
   bytes: ByteCounts | undefined
   /** Tasks this host holds pieces of or is fetching, for cleanup. */
   readonly tasks: Set<string>
+  /** The scheduler replica the host's session is with ('' for one scheduler). */
+  via: string
 }
 
 export interface TaskRecord {
@@ -85,9 +87,9 @@ export interface StateInit {
 }
 
 /**
- * Who holds what. Memory only (a restarted scheduler is refilled by the
- * peers' re-announcements); the interface is what a shared store for several
- * scheduler replicas would implement.
+ * Who holds what, in this process's memory. With one scheduler a restart
+ * is refilled by the peers' re-announcements; replicas each keep a copy,
+ * kept alike by applying one shared log of events (scheduler/swarm).
  */
 export interface SwarmState {
   upsertHost: (info: HostInfo) => { host: HostRecord, fresh: boolean }
@@ -122,6 +124,13 @@ export interface SwarmState {
   tagFact: (registry: string, repo: string, tag: string) => Fact | undefined
   /** That content is public, if `factQuorum` different hosts say so (alike). */
   publicFact: (registry: string, repo: string, digest: string) => Fact | undefined
+
+  /** Forgets everything: hosts, tasks, facts. */
+  clear: () => void
+  /** Everything, as plain data a replica can load (`load`) to catch up with a shared log. */
+  snapshot: () => StateSnapshot
+  /** Replaces everything with a snapshot. */
+  load: (snapshot: StateSnapshot) => void
 }
 
 export interface UpdateResult {
@@ -188,7 +197,8 @@ class MemorySwarmState implements SwarmState {
       recentAt: now,
       barredUntil: 0,
       bytes: undefined,
-      tasks: new Set()
+      tasks: new Set(),
+      via: ''
     }
     this.#byPeer.set(info.peerId, host)
     this.#bySlot[slot] = host
@@ -422,6 +432,99 @@ class MemorySwarmState implements SwarmState {
     return (this.#public.get(`${registry}\n${repo}\n${digest}`) ?? []).find(c => c.by.size >= this.#quorum)?.fact
   }
 
+  clear (): void {
+    this.#byPeer.clear()
+    this.#bySlot.length = 0
+    this.#freeSlots.length = 0
+    this.#tasks.clear()
+    this.#tags.clear()
+    this.#public.clear()
+  }
+
+  snapshot (): StateSnapshot {
+    const hosts: HostSnapshot[] = []
+    for (const h of this.#byPeer.values()) {
+      hosts.push({ info: h.info, connectedAt: h.connectedAt, lastSeen: h.lastSeen, activeUploads: h.activeUploads, throughput: h.throughput, barredUntil: h.barredUntil, bytes: h.bytes, via: h.via })
+    }
+    const peer = (slot: number): string => this.#bySlot[slot]?.info.peerId ?? ''
+    const slots = (arr: Int32Array | undefined): string[] | undefined => arr === undefined ? undefined : Array.from(arr, a => a === 0 ? '' : peer(a - 1))
+    const tasks: TaskSnapshot[] = []
+    for (const t of this.#tasks.values()) {
+      tasks.push({
+        digest: t.digest,
+        size: t.size,
+        mediaType: t.mediaType,
+        origin: t.origin,
+        digests: t.digests.toString('base64'),
+        known: t.known.toBase64(),
+        author: slots(t.author) as string[],
+        confirmed: t.confirmed.toBase64(),
+        verifierAsked: t.verifierAsked,
+        interested: [...t.interested].map(peer),
+        complete: [...t.complete].map(peer),
+        partial: [...t.partial].map(([slot, pieces]) => [peer(slot), pieces.toBase64()]),
+        assignee: slots(t.assignee),
+        assignedUntil: t.assignedUntil === undefined ? undefined : Array.from(t.assignedUntil),
+        confirmer: slots(t.confirmer),
+        confirmerUntil: t.confirmerUntil === undefined ? undefined : Array.from(t.confirmerUntil),
+        seedFailed: t.seedFailed,
+        lastActivity: t.lastActivity
+      })
+    }
+    const facts = (cache: LRUCache<string, Vouched[]>): Array<[string, Array<{ fact: Fact, by: string[] }>]> =>
+      [...cache.entries()].reverse().map(([k, v]) => [k, v.map(c => ({ fact: c.fact, by: [...c.by] }))])
+    return { hosts, tasks, tags: facts(this.#tags), public: facts(this.#public) }
+  }
+
+  load (snapshot: StateSnapshot): void {
+    this.clear()
+    for (const h of snapshot.hosts) {
+      const { host } = this.upsertHost(h.info)
+      Object.assign(host, { connectedAt: h.connectedAt, lastSeen: h.lastSeen, activeUploads: h.activeUploads, throughput: h.throughput, barredUntil: h.barredUntil, bytes: h.bytes, via: h.via })
+    }
+    const slotOf = (peerId: string): number | undefined => this.#byPeer.get(peerId)?.slot
+    const slots = (list: string[]): Int32Array => Int32Array.from(list, p => p === '' ? 0 : (slotOf(p) ?? -1) + 1)
+    for (const s of snapshot.tasks) {
+      const task = this.ensureTask(s.digest, s.size, { mediaType: s.mediaType, origin: s.origin })
+      if (task === undefined) continue
+      task.digests.write(s.digests, 'base64')
+      for (const i of PieceSet.fromBase64(task.pieceCount, s.known)) task.known.add(i)
+      task.author.set(slots(s.author))
+      for (const i of PieceSet.fromBase64(task.pieceCount, s.confirmed)) task.confirmed.add(i)
+      task.verifierAsked = s.verifierAsked
+      for (const p of s.interested) { const slot = slotOf(p); if (slot !== undefined) task.interested.add(slot) }
+      for (const p of s.complete) {
+        const host = this.#byPeer.get(p)
+        if (host === undefined) continue
+        task.complete.add(host.slot)
+        host.tasks.add(task.digest)
+      }
+      for (const [p, bits] of s.partial) {
+        const host = this.#byPeer.get(p)
+        if (host === undefined) continue
+        const pieces = PieceSet.fromBase64(task.pieceCount, bits)
+        task.partial.set(host.slot, pieces)
+        for (const i of pieces) task.pieceHolders[i] = (task.pieceHolders[i] as number) + 1
+        host.tasks.add(task.digest)
+      }
+      if (s.assignee !== undefined) task.assignee = slots(s.assignee)
+      if (s.assignedUntil !== undefined) task.assignedUntil = Float64Array.from(s.assignedUntil)
+      if (s.confirmer !== undefined) task.confirmer = slots(s.confirmer)
+      if (s.confirmerUntil !== undefined) task.confirmerUntil = Float64Array.from(s.confirmerUntil)
+      for (const arr of [task.assignee, task.confirmer]) {
+        if (arr === undefined) continue
+        for (const a of arr) if (a > 0) this.#bySlot[a - 1]?.tasks.add(task.digest)
+      }
+      task.seedFailed = s.seedFailed
+      task.lastActivity = s.lastActivity
+    }
+    const facts = (cache: LRUCache<string, Vouched[]>, list: StateSnapshot['tags']): void => {
+      for (const [k, v] of list) cache.set(k, v.map(c => ({ fact: c.fact, by: new Set(c.by) })))
+    }
+    facts(this.#tags, snapshot.tags)
+    facts(this.#public, snapshot.public)
+  }
+
   #extendAssignments (task: TaskRecord, slot: number): void {
     const until = this.#now() + ASSIGNMENT_LEASE_MS
     if (task.assignee !== undefined && task.assignedUntil !== undefined) {
@@ -438,6 +541,46 @@ class MemorySwarmState implements SwarmState {
     // Keep the table of a task nobody holds only while it is young; it is cheap to relearn.
     this.#tasks.delete(task.digest)
   }
+}
+
+export interface HostSnapshot {
+  info: HostInfo
+  connectedAt: number
+  lastSeen: number
+  activeUploads: number
+  throughput: number
+  barredUntil: number
+  bytes: ByteCounts | undefined
+  via: string
+}
+
+/** A task with hosts named by peer id ('' for none): slots are each replica's own. */
+export interface TaskSnapshot {
+  digest: string
+  size: number
+  mediaType: string | undefined
+  origin: OriginRef | undefined
+  digests: string
+  known: string
+  author: string[]
+  confirmed: string
+  verifierAsked: boolean
+  interested: string[]
+  complete: string[]
+  partial: Array<[string, string]>
+  assignee: string[] | undefined
+  assignedUntil: number[] | undefined
+  confirmer: string[] | undefined
+  confirmerUntil: number[] | undefined
+  seedFailed: boolean
+  lastActivity: number
+}
+
+export interface StateSnapshot {
+  hosts: HostSnapshot[]
+  tasks: TaskSnapshot[]
+  tags: Array<[string, Array<{ fact: Fact, by: string[] }>]>
+  public: Array<[string, Array<{ fact: Fact, by: string[] }>]>
 }
 
 /** A fact and the hosts that said it. */

@@ -81,6 +81,10 @@ export interface ResolvedPeerConfig extends Omit<PeerConfigInput, 'cacheSize' | 
 
 export interface ResolvedSchedulerConfig extends SchedulerConfigInput {
   clusterSecret: string
+  /** The Redis password itself (read from `statePasswordFile`); undefined without one. */
+  statePassword: string | undefined
+  /** The PEM CA bundle itself (read from `stateCaFile`). */
+  stateCa: string | undefined
   /** The API token itself (read from `api.tokenFile` when that is set); empty when the API is open. */
   apiToken: string
 }
@@ -124,7 +128,26 @@ export function loadSchedulerConfig (sources: ConfigSources): Readonly<ResolvedS
   if (raw.port !== 0 && raw.port === raw.httpPort) throw new ConfigError('httpPort', `port ${raw.port} is already used by port`)
   const secret = clusterSecret(raw.swarm)
   const host = swarmHost(raw.host, 'host', secret, 'its p2p port would let anyone who can reach it join the swarm and read who holds what')
-  return deepFreeze({ ...raw, host, clusterSecret: secret, apiToken: apiToken(raw.api) })
+  if (raw.state !== 'memory') {
+    let url: URL | undefined
+    try { url = new URL(raw.state) } catch {}
+    if (url === undefined || (url.protocol !== 'redis:' && url.protocol !== 'rediss:') || url.hostname === '' || !/^(\/\d*)?$/.test(url.pathname)) {
+      throw new ConfigError('state', `expected ${acceptedForms(SchedulerConfig.properties.state) ?? 'memory'} (got ${JSON.stringify(raw.state.slice(0, 80))})`)
+    }
+    if (url.password !== '') throw new ConfigError('state', 'the URL holds a password: put it in statePasswordFile instead, so it stays out of process listings and logs')
+  }
+  if (raw.stateCaFile !== '' && !raw.state.startsWith('rediss://')) throw new ConfigError('stateCaFile', 'a CA bundle is for a TLS connection: use a rediss:// state URL')
+  const statePassword = raw.statePasswordFile === '' ? undefined : readSetting('statePasswordFile', raw.statePasswordFile).trim()
+  const stateCa = raw.stateCaFile === '' ? undefined : readSetting('stateCaFile', raw.stateCaFile)
+  return deepFreeze({ ...raw, host, clusterSecret: secret, apiToken: apiToken(raw.api), statePassword, stateCa })
+}
+
+function readSetting (key: string, file: string): string {
+  try {
+    return readFileSync(file, 'utf8')
+  } catch (err) {
+    throw new ConfigError(key, `cannot read ${file}: ${(err as Error).message}`)
+  }
 }
 
 /**

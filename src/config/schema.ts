@@ -97,6 +97,9 @@ export const SchedulerConfig = Type.Object({
   httpHost: Host('0.0.0.0', 'Address of the HTTP API (status, preheat, swarm page, metrics). Off loopback, starting preheats needs api.token'),
   httpPort: Port(8080, 'HTTP API port'),
   announce: Type.Array(Type.String(), { default: [], description: 'Multiaddrs peers should dial (default: the listen addresses)' }),
+  state: Type.String({ default: 'memory', accepts: 'memory, or redis://[user@]host:port[/db] (rediss:// for TLS)', description: 'Where the swarm\'s state lives: this process\'s memory (one scheduler), or a Redis that any number of interchangeable replicas share' }),
+  statePasswordFile: Type.String({ default: '', description: 'File holding the Redis password (the ACL user, if any, goes in the state URL)' }),
+  stateCaFile: Type.String({ default: '', description: 'PEM CA bundle that signs the Redis server\'s certificate, for rediss://' }),
   api: SchedulerApi,
   swarm: Swarm,
   logLevel: LogLevel

@@ -4,7 +4,7 @@ import { test } from 'node:test'
 import { silentLogger } from '../../src/logger.ts'
 import { MIB } from '../../src/pieces.ts'
 import type { HostInfo } from '../../src/protocol/messages.ts'
-import { createTrustKeeper } from '../../scheduler/rpc/trust.ts'
+import { createTrustKeeper } from '../../scheduler/swarm/trust.ts'
 import { createScheduling } from '../../scheduler/scheduling/index.ts'
 import { createMemoryState, isCertified, type HostRecord, type SwarmState, type TaskRecord } from '../../scheduler/state/index.ts'
 

@@ -4,7 +4,7 @@
 set -eu
 
 missing=''
-for cmd in docker-registry skopeo containerd ctr podman htpasswd openssl curl chromium; do
+for cmd in docker-registry skopeo containerd ctr podman htpasswd openssl curl chromium redis-server; do
   command -v "$cmd" >/dev/null 2>&1 || missing="$missing $cmd"
 done
 [ -z "$missing" ] && exit 0
@@ -15,7 +15,7 @@ elif command -v sudo >/dev/null 2>&1; then
   SUDO='sudo'
 else
   echo "ensure-deps: missing commands:$missing" >&2
-  echo "ensure-deps: not root and no sudo; install docker-registry skopeo containerd podman apache2-utils openssl curl chromium" >&2
+  echo "ensure-deps: not root and no sudo; install docker-registry skopeo containerd podman apache2-utils openssl curl chromium redis-server" >&2
   exit 1
 fi
 
@@ -26,10 +26,10 @@ fi
 
 $SUDO apt-get update -qq
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  docker-registry skopeo containerd podman apache2-utils openssl curl chromium >/dev/null
+  docker-registry skopeo containerd podman apache2-utils openssl curl chromium redis-server >/dev/null
 
 still=''
-for cmd in docker-registry skopeo containerd ctr podman htpasswd openssl curl chromium; do
+for cmd in docker-registry skopeo containerd ctr podman htpasswd openssl curl chromium redis-server; do
   command -v "$cmd" >/dev/null 2>&1 || still="$still $cmd"
 done
 if [ -n "$still" ]; then

@@ -62,6 +62,15 @@ export interface TrustKeeper {
    */
   observed: (task: TaskRecord, host: HostRecord, pieces: ReadonlyArray<readonly [number, string]>) => Verdict[]
   isBarred: (host: HostRecord) => boolean
+  clear: () => void
+  /** Reports and open disputes as plain data, for a replica that joins later. */
+  snapshot: () => TrustSnapshot
+  load: (snapshot: TrustSnapshot) => void
+}
+
+export interface TrustSnapshot {
+  badReports: Array<[string, Array<[string, number]>]>
+  disputes: Array<[string, Array<{ entries: Array<[number, { hex: string, author: string }]>, reporter: string, matched: number[] }>]>
 }
 
 export function createTrustKeeper (components: { state: SwarmState, logger: Logger }, init: TrustInit = {}): TrustKeeper {
@@ -85,6 +94,23 @@ export function createTrustKeeper (components: { state: SwarmState, logger: Logg
 
   return {
     isBarred: (host) => host.barredUntil > now(),
+
+    clear () {
+      badReports.clear()
+      disputes.clear()
+    },
+
+    snapshot: () => ({
+      badReports: [...badReports.entries()].reverse().map(([parent, by]) => [parent, [...by]]),
+      disputes: [...disputes.entries()].reverse().map(([digest, list]) => [digest, list.map(d => ({ entries: [...d.entries], reporter: d.reporter, matched: [...d.matched] }))])
+    }),
+
+    load (snapshot) {
+      badReports.clear()
+      disputes.clear()
+      for (const [parent, by] of snapshot.badReports) badReports.set(parent, new Map(by))
+      for (const [digest, list] of snapshot.disputes) disputes.set(digest, list.map(d => ({ entries: new Map(d.entries), reporter: d.reporter, matched: new Set(d.matched) })))
+    },
 
     badPiece (reporter, parent) {
       const t = now()

@@ -1,0 +1,315 @@
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { sleep, withDeadline, type AbortOptions } from '../../src/abort.ts'
+import { StateUnavailableError } from '../../src/errors.ts'
+import type { Logger } from '../../src/logger.ts'
+import type { Envelope } from './events.ts'
+import type { Apply, SwarmLog } from './log.ts'
+import type { Outcome } from './machine.ts'
+
+export interface RedisLogComponents {
+  logger: Logger
+  apply: Apply
+  /** This replica's copy of the swarm as plain data, and loading one back (empty: forget everything). */
+  snapshot: () => unknown
+  load: (snapshot: unknown) => void
+  clear: () => void
+}
+
+export interface RedisLogInit {
+  /** `redis://[user@]host:port[/db]` or `rediss://…` (TLS). */
+  url: string
+  password?: string | undefined
+  /** PEM CA bundle for `rediss://`. */
+  ca?: string | undefined
+  /** Key prefix, so several swarms can share one Redis. Default `damselfly:`. */
+  prefix?: string | undefined
+  /** How long an append waits for Redis and for this replica to apply it. Default 2 s. */
+  appendTimeoutMs?: number
+  /** How often a snapshot is written (by one replica at a time) and the log trimmed behind it. Default 30 s. */
+  snapshotEveryMs?: number
+  /** A replica not renewing its liveness this long is gone, and so are the hosts connected through it. Default 10 s. */
+  replicaTtlMs?: number
+}
+
+/**
+ * Appends an event: refused unless the epoch is still the one the appender
+ * reads (a Redis that lost its data starts a new history, and a replica
+ * still on the old one must not write into it); numbered so readers notice
+ * a gap (trimmed before they read it) and catch up from a snapshot instead.
+ */
+const APPEND = `
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return redis.error_reply('EPOCH the shared state changed') end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[1], '*', 's', seq, 'e', ARGV[2])
+return seq
+`
+
+interface Snapshot {
+  epoch: string
+  seq: number
+  id: string
+  /** The id of the snapshot before: the log is trimmed to it, so a reader a little behind still finds its next event. */
+  previousId: string
+  replicas: string[]
+  swarm: unknown
+}
+
+/**
+ * The swarm's log in a Redis stream. Each replica reads the whole stream
+ * with a blocking XREAD and applies every event to its own copy of the state;
+ * plans are answered from that copy, so they cost Redis nothing. A replica
+ * joining late loads the newest snapshot and reads on from where it was
+ * taken.
+ */
+export function createRedisLog (components: RedisLogComponents, init: RedisLogInit): SwarmLog {
+  const logger = components.logger.child({ component: 'scheduler:redis-log' })
+  const prefix = init.prefix ?? 'damselfly:'
+  const keys = { events: `${prefix}events`, seq: `${prefix}seq`, epoch: `${prefix}epoch`, snapshot: `${prefix}snapshot`, snapshotLock: `${prefix}snapshot-lock`, replica: (id: string) => `${prefix}replica:${id}` }
+  const appendTimeoutMs = init.appendTimeoutMs ?? 2_000
+  const snapshotEveryMs = init.snapshotEveryMs ?? 30_000
+  const replicaTtlMs = init.replicaTtlMs ?? 10_000
+  const replica = randomUUID()
+  const options = {
+    // Fail fast while Redis is away: a plan that waits on it is a pull that waits.
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    connectTimeout: 2_000,
+    lazyConnect: true,
+    retryStrategy: (times: number) => Math.min(100 * times, 2_000),
+    ...(init.password === undefined ? {} : { password: init.password }),
+    ...(init.ca === undefined ? {} : { tls: { ca: init.ca } })
+  }
+  const cmd = new Redis(init.url, { ...options, commandTimeout: appendTimeoutMs })
+  // XREAD BLOCK holds its connection: reads get their own.
+  const reader = new Redis(init.url, options)
+  for (const [name, conn] of [['commands', cmd], ['reader', reader]] as const) {
+    conn.on('error', (err: Error) => { logger.debug({ err: err.message, connection: name }, 'redis connection error') })
+  }
+  cmd.defineCommand('dfAppend', { numberOfKeys: 3, lua: APPEND })
+
+  const stopping = new AbortController()
+  let epoch: string | undefined
+  let lastId = '0-0'
+  let lastSeq = 0
+  let snapshotId = '0-0'
+  let n = 0
+  const pending = new Map<number, { resolve: (o: Outcome) => void, reject: (e: Error) => void }>()
+  /** Replicas seen appending, watched for liveness. */
+  const replicas = new Set<string>()
+  const resyncListeners: Array<() => void> = []
+  /** An append failed since the store was last healthy: this replica's peers may have told it things nobody kept. */
+  let missed = false
+  let healthy = false
+  const loops: Array<Promise<void>> = []
+
+  const resync = (why: string): void => {
+    logger.warn({ why }, 'the shared swarm state may lack what this replica\'s peers hold; asking them to announce again')
+    for (const l of resyncListeners) l()
+  }
+
+  /** The epoch changed (or was first read): the reader reloads before it reads on. */
+  let reload = false
+
+  /** Reads (or starts) the epoch; a new one means the history this replica holds is gone. */
+  async function checkEpoch (): Promise<boolean> {
+    let current = await cmd.get(keys.epoch)
+    if (current === null) {
+      await cmd.set(keys.epoch, randomUUID(), 'NX')
+      current = await cmd.get(keys.epoch)
+    }
+    if (current === null) throw new StateUnavailableError('the shared state has no epoch')
+    if (current === epoch) return false
+    const first = epoch === undefined
+    epoch = current
+    reload = true
+    if (!first) resync('the shared state was lost (a new epoch)')
+    return true
+  }
+
+  /** Loads the newest snapshot of this epoch (or nothing) and reads on from it. */
+  async function catchUp (): Promise<void> {
+    const raw = await cmd.get(keys.snapshot)
+    const snap = raw === null ? undefined : JSON.parse(raw) as Snapshot
+    components.clear()
+    replicas.clear()
+    if (snap !== undefined && snap.epoch === epoch) {
+      components.load(snap.swarm)
+      lastId = snap.id
+      lastSeq = snap.seq
+      snapshotId = snap.id
+      for (const r of snap.replicas) replicas.add(r)
+    } else {
+      lastId = '0-0'
+      lastSeq = 0
+      snapshotId = '0-0'
+    }
+    logger.info({ epoch, seq: lastSeq, snapshot: snap !== undefined && snap.epoch === epoch }, 'swarm state loaded from the shared store')
+  }
+
+  function applyBatch (entries: Array<[string, string[]]>): void {
+    for (const [id, fields] of entries) {
+      let seq = 0
+      let raw = ''
+      for (let i = 0; i + 1 < fields.length; i += 2) {
+        if (fields[i] === 's') seq = Number(fields[i + 1])
+        else if (fields[i] === 'e') raw = fields[i + 1] as string
+      }
+      if (seq !== lastSeq + 1) throw new GapError(`expected event ${lastSeq + 1}, read ${seq}`)
+      lastSeq = seq
+      lastId = id
+      let envelope: Envelope
+      try {
+        envelope = JSON.parse(raw) as Envelope
+      } catch {
+        logger.error({ id }, 'an unreadable event in the shared log was skipped')
+        continue
+      }
+      replicas.add(envelope.by)
+      const local = envelope.by === replica
+      let outcome: Outcome
+      try {
+        outcome = components.apply(envelope, local)
+      } catch (err) {
+        logger.error({ err, type: envelope.e.type }, 'applying an event failed')
+        if (local) pending.get(envelope.n)?.reject(err as Error)
+        pending.delete(envelope.n)
+        continue
+      }
+      if (local) {
+        pending.get(envelope.n)?.resolve(outcome)
+        pending.delete(envelope.n)
+      }
+    }
+  }
+
+  async function readLoop (): Promise<void> {
+    while (!stopping.signal.aborted) {
+      try {
+        if (epoch === undefined) await checkEpoch()
+        if (reload) {
+          reload = false
+          await catchUp()
+        }
+        const res = await reader.xread('COUNT', 1000, 'BLOCK', 1000, 'STREAMS', keys.events, lastId) as Array<[string, Array<[string, string[]]>]> | null
+        // Read before a reload: of the old history, or from before the snapshot.
+        if (res === null || reload) continue
+        for (const [, entries] of res) applyBatch(entries)
+      } catch (err) {
+        if (stopping.signal.aborted) break
+        if (err instanceof GapError) {
+          logger.warn({ err: err.message }, 'this replica fell behind the trimmed log; loading a snapshot')
+          reload = true
+          continue
+        }
+        logger.debug({ err: (err as Error).message }, 'reading the shared log failed')
+        await sleep(250, { signal: stopping.signal }).catch(() => {})
+      }
+    }
+  }
+
+  /** Liveness, the epoch, dead replicas, snapshots: every second. */
+  async function houseLoop (): Promise<void> {
+    let lastSnapshot = Date.now()
+    while (!stopping.signal.aborted) {
+      await sleep(1_000, { signal: stopping.signal }).catch(() => {})
+      if (stopping.signal.aborted) break
+      try {
+        await cmd.set(keys.replica(replica), '1', 'PX', replicaTtlMs)
+        const changed = await checkEpoch()
+        healthy = true
+        if (missed && !changed) {
+          missed = false
+          resync('appends were refused while the shared store was away')
+        }
+        missed = false
+        for (const r of [...replicas]) {
+          if (r === replica) continue
+          if (await cmd.exists(keys.replica(r)) === 1) continue
+          replicas.delete(r)
+          logger.warn({ replica: r }, 'a scheduler replica stopped renewing its liveness: the hosts connected through it are gone')
+          await append({ type: 'replica-gone', replica: r }).catch(() => {})
+        }
+        if (Date.now() - lastSnapshot >= snapshotEveryMs) {
+          lastSnapshot = Date.now()
+          await writeSnapshot()
+        }
+      } catch (err) {
+        healthy = false
+        missed = true
+        logger.debug({ err: (err as Error).message }, 'the shared store is unreachable')
+      }
+    }
+  }
+
+  async function writeSnapshot (): Promise<void> {
+    // One replica at a time; the others' turn comes with the next interval.
+    if (await cmd.set(keys.snapshotLock, replica, 'PX', snapshotEveryMs, 'NX') !== 'OK') return
+    if (epoch === undefined) return
+    const snap: Snapshot = { epoch, seq: lastSeq, id: lastId, previousId: snapshotId, replicas: [...replicas], swarm: components.snapshot() }
+    await cmd.set(keys.snapshot, JSON.stringify(snap))
+    // Trimmed only to the snapshot before: a reader up to one interval behind still finds its next event.
+    if (snapshotId !== '0-0') await cmd.xtrim(keys.events, 'MINID', snapshotId)
+    snapshotId = lastId
+  }
+
+  async function append (e: Envelope['e'], opts: AbortOptions = {}): Promise<Outcome> {
+    if (epoch === undefined || stopping.signal.aborted) throw new StateUnavailableError('the shared swarm state is not reachable')
+    const envelope: Envelope = { e, at: Date.now(), by: replica, n: ++n }
+    const applied = Promise.withResolvers<Outcome>()
+    pending.set(envelope.n, applied)
+    const signal = withDeadline(opts.signal, appendTimeoutMs, `append ${e.type}`)
+    const onAbort = (): void => { applied.reject(new StateUnavailableError(`the shared swarm state did not take a ${e.type} in time`)) }
+    signal.addEventListener('abort', onAbort, { once: true })
+    try {
+      await (cmd as unknown as { dfAppend: (...args: string[]) => Promise<number> }).dfAppend(keys.events, keys.seq, keys.epoch, epoch, JSON.stringify(envelope))
+      return await applied.promise
+    } catch (err) {
+      missed = true
+      if (err instanceof StateUnavailableError) throw err
+      throw new StateUnavailableError(`the shared swarm state refused a ${e.type}: ${(err as Error).message}`, { cause: err })
+    } finally {
+      signal.removeEventListener('abort', onAbort)
+      pending.delete(envelope.n)
+    }
+  }
+
+  return {
+    replica,
+    get healthy () { return healthy && epoch !== undefined },
+    append,
+    onResync (listener) { resyncListeners.push(listener) },
+    async start () {
+      await Promise.all([cmd.connect(), reader.connect()]).catch((err: unknown) => {
+        // Not fatal: the replica answers "go to the origin" until Redis is back.
+        logger.warn({ err: (err as Error).message, url: redact(init.url) }, 'redis is unreachable; peers go to the origin until it answers')
+      })
+      await checkEpoch().then(() => { healthy = true }, () => {})
+      await cmd.set(keys.replica(replica), '1', 'PX', replicaTtlMs).catch(() => {})
+      loops.push(readLoop(), houseLoop())
+    },
+    async stop () {
+      stopping.abort()
+      for (const p of pending.values()) p.reject(new StateUnavailableError('the scheduler is stopping'))
+      pending.clear()
+      // Gone at once rather than when the liveness key runs out: the hosts here move elsewhere.
+      await cmd.del(keys.replica(replica)).catch(() => {})
+      reader.disconnect()
+      await Promise.allSettled(loops)
+      await cmd.quit().catch(() => { cmd.disconnect() })
+    }
+  }
+}
+
+class GapError extends Error {}
+
+/** The URL without its password, for logs. */
+function redact (url: string): string {
+  try {
+    const u = new URL(url)
+    if (u.password !== '') u.password = '***'
+    return u.toString()
+  } catch {
+    return '(unparsable url)'
+  }
+}
