@@ -6,7 +6,7 @@ import type { Logger } from '../src/logger.ts'
 import { createMetricsRegistry } from '../src/metrics.ts'
 import { createP2PNode, type P2PNode } from '../src/p2p/index.ts'
 import { buildSchedulerApi } from './api/app.ts'
-import { createPreheatJobs } from './preheat/index.ts'
+import { createPreheatJobs, type PreheatJob } from './preheat/index.ts'
 import { createSchedulerService } from './rpc/index.ts'
 import { createSwarm } from './swarm/index.ts'
 
@@ -59,7 +59,11 @@ export async function createScheduler (config: SchedulerConfig, deps: SchedulerD
       await log.start()
       service = createSchedulerService({ logger, node, state, machine, log, scheduling, trust, metrics })
       await service.start()
-      const jobs = createPreheatJobs({ logger, state, control: async (peerId, command) => (service as NonNullable<typeof service>).control(peerId, command) })
+      const record = async (job: PreheatJob): Promise<PreheatJob> => {
+        const { job: kept } = await log.append({ type: 'job', job })
+        return kept ?? job
+      }
+      const jobs = createPreheatJobs({ logger, state, record, replica: log.replica, control: async (peerId, command) => (service as NonNullable<typeof service>).control(peerId, command) })
       addresses.p2p = node.addrs()
       if (config.httpPort !== undefined) {
         api = buildSchedulerApi({ logger, state, jobs, metrics, ready: () => ready, apiToken: config.apiToken ?? '' })

@@ -102,7 +102,7 @@ export function buildSchedulerApi (components: SchedulerApiComponents): FastifyI
     const body = request.body as { image: string, platform?: string, username?: string, password?: string }
     const ref = parseImageRef(body.image)
     if (ref === undefined) return reply.code(400).send({ error: 'image must look like [scheme://]host[:port]/repository[:tag|@digest]' })
-    const job = jobs.create({
+    const job = await jobs.create({
       ...ref,
       platform: body.platform,
       credentials: body.username === undefined ? undefined : { username: body.username, password: body.password ?? '' }

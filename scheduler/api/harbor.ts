@@ -49,7 +49,6 @@
  * which sends it to the origin as it is; it is in no answer and no log line.
  */
 import type { FastifyError, FastifyInstance } from 'fastify'
-import { LRUCache } from 'lru-cache'
 import { InvalidPreheatRequestError, isDamselflyError } from '../../src/errors.ts'
 import { validateName, validateReference } from '../../src/oci/names.ts'
 import type { JobStatus, PreheatJob, PreheatJobs } from '../preheat/index.ts'
@@ -58,8 +57,6 @@ import type { SwarmState } from '../state/index.ts'
 export interface HarborApiOptions {
   jobs: PreheatJobs
   state: SwarmState
-  /** Numeric job ids remembered for Harbor (its client reads `id` as an integer). Default 1000, as many as jobs kept. */
-  maxJobs?: number
 }
 
 /** Every route that creates or reads a preheat job: the API guard's (see guard.ts). */
@@ -142,8 +139,6 @@ export function registerHarborApi (app: FastifyInstance, options: HarborApiOptio
 function harborRoutes (app: FastifyInstance, options: HarborApiOptions): void {
   const { jobs, state } = options
   // Harbor's client reads the open API's `id` as an integer: ours are UUIDs, so number them here.
-  const numbered = new LRUCache<number, string>({ max: options.maxJobs ?? 1000 })
-  let nextId = 1
 
   app.setErrorHandler((err: FastifyError, _request, reply) => {
     if (err.validation !== undefined) return reply.code(400).send({ code: 'DF_ERR_PREHEAT_INVALID', message: err.message })
@@ -159,21 +154,19 @@ function harborRoutes (app: FastifyInstance, options: HarborApiOptions): void {
     const image = parseManifestUrl(body.args.url, 'args.url')
     const authorization = authorizationOf(body.args.headers, 'args.headers')
     const username = body.args.username ?? ''
-    const job = jobs.create({
+    const job = await jobs.create({
       ...image,
       platform: body.args.platform === undefined || body.args.platform === '' ? undefined : body.args.platform,
       authorization,
       credentials: authorization === undefined && username !== '' ? { username, password: body.args.password ?? '' } : undefined
     })
-    const id = nextId++
-    numbered.set(id, job.id)
-    return reply.code(200).send(openApiJob(id, job, state))
+    return reply.code(200).send(openApiJob(job.number, job, state))
   })
 
   app.get('/oapi/v1/jobs/:id', async (request, reply) => {
     const raw = (request.params as { id: string }).id
     const id = /^\d{1,15}$/.test(raw) ? Number(raw) : undefined
-    const job = id === undefined ? undefined : jobs.get(numbered.get(id) ?? '')
+    const job = id === undefined ? undefined : jobs.byNumber(id)
     if (id === undefined || job === undefined) return reply.code(404).send({ message: `no job ${JSON.stringify(raw.slice(0, 32))}` })
     return openApiJob(id, job, state)
   })
@@ -184,7 +177,7 @@ function harborRoutes (app: FastifyInstance, options: HarborApiOptions): void {
   app.post('/preheats', { schema: { body: LegacyPreheatBody } }, async (request, reply) => {
     const body = request.body as LegacyPreheatRequest
     if (body.type !== 'image') throw new InvalidPreheatRequestError(`type: only image preheats are supported here, not ${JSON.stringify(body.type)}`)
-    const job = jobs.create({ ...parseManifestUrl(body.url, 'url'), authorization: authorizationOf(body.headers, 'headers') })
+    const job = await jobs.create({ ...parseManifestUrl(body.url, 'url'), authorization: authorizationOf(body.headers, 'headers') })
     return reply.code(200).send({ ID: job.id })
   })
 

@@ -1,11 +1,10 @@
 import { randomUUID } from 'node:crypto'
-import { LRUCache } from 'lru-cache'
 import { DamselflyError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import type { ControlCommand, ControlResponse, PreheatBlobResult } from '../../src/protocol/messages.ts'
-import type { HostRecord, SwarmState } from '../state/index.ts'
+import type { HostRecord, JobRecord, JobStatus, SwarmState } from '../state/index.ts'
 
-export type JobStatus = 'PENDING' | 'RUNNING' | 'SUCCESS' | 'FAILURE'
+export type { JobStatus }
 
 export interface PreheatRequest {
   /** Registry as a URL (`https://harbor.local`) or a host the seed maps to a scheme. */
@@ -25,27 +24,25 @@ export interface PreheatRequest {
   authorization?: string | undefined
 }
 
-export interface PreheatJob {
-  readonly id: string
-  readonly request: Omit<PreheatRequest, 'credentials' | 'authorization'>
-  status: JobStatus
-  /** The seed peer that ran it. */
-  seed: string | undefined
-  createdAt: number
-  finishedAt: number | undefined
-  error: string | undefined
-  results: PreheatBlobResult[]
-}
+/** A job as every scheduler replica sees it. */
+export type PreheatJob = JobRecord
 
 export interface PreheatJobsComponents {
   logger: Logger
   state: SwarmState
+  /** Records a job or a change to it where every replica sees it; resolves with the job as kept. */
+  record: (job: PreheatJob) => Promise<PreheatJob>
+  /** This replica's id: a job dies with the replica that runs it. */
+  replica: string
   control: (peerId: string, command: ControlCommand) => Promise<ControlResponse>
 }
 
 export interface PreheatJobs {
-  create: (request: PreheatRequest) => PreheatJob
+  /** Throws StateUnavailableError when the job cannot be recorded (the replicas' store is away). */
+  create: (request: PreheatRequest) => Promise<PreheatJob>
   get: (id: string) => PreheatJob | undefined
+  /** By the small number clients that read ids as integers use. */
+  byNumber: (number: number) => PreheatJob | undefined
   list: () => PreheatJob[]
 }
 
@@ -54,10 +51,20 @@ export interface PreheatJobs {
  * config and layers) and fetches every blob into the swarm before anyone asks.
  * The least busy connected seed takes each job.
  */
-export function createPreheatJobs (components: PreheatJobsComponents, init: { maxJobs?: number } = {}): PreheatJobs {
+export function createPreheatJobs (components: PreheatJobsComponents): PreheatJobs {
   const logger = components.logger.child({ component: 'scheduler:preheat' })
-  const jobs = new LRUCache<string, PreheatJob>({ max: init.maxJobs ?? 1000 })
+  const { state } = components
+  /** Jobs this replica runs, per seed, to spread them. */
   const running = new Map<string, number>()
+
+  /** A change to a job, recorded; a store that is away loses the change, not the job's run. */
+  const update = async (job: PreheatJob, change: Partial<PreheatJob>): Promise<PreheatJob> => {
+    const next = { ...job, ...change }
+    return components.record(next).catch((err: unknown) => {
+      logger.warn({ job: job.id, err: (err as Error).message }, 'a preheat job\'s progress could not be recorded')
+      return next
+    })
+  }
 
   function pickSeed (): HostRecord | undefined {
     let best: HostRecord | undefined
@@ -68,15 +75,14 @@ export function createPreheatJobs (components: PreheatJobsComponents, init: { ma
     return best
   }
 
-  async function run (job: PreheatJob, request: PreheatRequest): Promise<void> {
+  async function run (created: PreheatJob, request: PreheatRequest): Promise<void> {
     const seed = pickSeed()
     if (seed === undefined) {
-      finish(job, 'FAILURE', 'no seed peer is connected to the scheduler')
+      await finish(created, 'FAILURE', 'no seed peer is connected to the scheduler', [])
       return
     }
     const peerId = seed.info.peerId
-    job.seed = peerId
-    job.status = 'RUNNING'
+    const job = await update(created, { seed: peerId, status: 'RUNNING' })
     running.set(peerId, (running.get(peerId) ?? 0) + 1)
     try {
       const res = await components.control(peerId, {
@@ -90,33 +96,31 @@ export function createPreheatJobs (components: PreheatJobsComponents, init: { ma
         ...(request.authorization === undefined ? {} : { authorization: request.authorization })
       })
       if (!res.ok) throw new DamselflyError(res.code, res.message)
-      job.results = res.results ?? []
-      const failed = job.results.filter(r => r.status === 'FAILURE')
-      finish(job, failed.length === 0 ? 'SUCCESS' : 'FAILURE', failed.length === 0 ? undefined : `${failed.length} of ${job.results.length} blobs failed`)
+      const results = res.results ?? []
+      const failed = results.filter(r => r.status === 'FAILURE')
+      await finish(job, failed.length === 0 ? 'SUCCESS' : 'FAILURE', failed.length === 0 ? undefined : `${failed.length} of ${results.length} blobs failed`, results)
     } catch (err) {
-      finish(job, 'FAILURE', (err as Error).message)
+      await finish(job, 'FAILURE', (err as Error).message, [])
     } finally {
       running.set(peerId, (running.get(peerId) ?? 1) - 1)
     }
   }
 
-  function finish (job: PreheatJob, status: JobStatus, error: string | undefined): void {
-    job.status = status
-    job.error = error
-    job.finishedAt = Date.now()
-    logger.info({ job: job.id, status, error, blobs: job.results.length }, 'preheat finished')
+  async function finish (job: PreheatJob, status: JobStatus, error: string | undefined, results: PreheatBlobResult[]): Promise<void> {
+    await update(job, { status, error, results, finishedAt: Date.now() })
+    logger.info({ job: job.id, status, error, blobs: results.length }, 'preheat finished')
   }
 
   return {
-    create (request) {
+    async create (request) {
       const { credentials: _kept, authorization: _alsoKept, ...shown } = request
-      const job: PreheatJob = { id: randomUUID(), request: shown, status: 'PENDING', seed: undefined, createdAt: Date.now(), finishedAt: undefined, error: undefined, results: [] }
-      jobs.set(job.id, job)
+      const job = await components.record({ id: randomUUID(), number: 0, request: shown, status: 'PENDING', seed: undefined, replica: components.replica, createdAt: Date.now(), finishedAt: undefined, error: undefined, results: [] })
       logger.info({ job: job.id, registry: request.registry, repo: request.repo, reference: request.reference }, 'preheat requested')
       void run(job, request)
       return job
     },
-    get: (id) => jobs.get(id),
-    list: () => [...jobs.values()]
+    get: (id) => state.job(id),
+    byNumber: (number) => state.jobByNumber(number),
+    list: () => state.jobs()
   }
 }

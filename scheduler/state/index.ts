@@ -1,6 +1,6 @@
 import { LRUCache } from 'lru-cache'
 import { PieceSet, choosePieceSize, pieceCount } from '../../src/pieces.ts'
-import type { ByteCounts, Fact, HostInfo, OriginRef, TaskUpdate } from '../../src/protocol/messages.ts'
+import type { ByteCounts, Fact, HostInfo, OriginRef, PreheatBlobResult, TaskUpdate } from '../../src/protocol/messages.ts'
 import { HostSet } from './host-set.ts'
 
 /** One connected peer. `slot` is a small integer used in per-task bitsets. */
@@ -74,6 +74,25 @@ export interface TaskRecord {
   lastActivity: number
 }
 
+export type JobStatus = 'PENDING' | 'RUNNING' | 'SUCCESS' | 'FAILURE'
+
+/** A preheat job as every replica sees it (the credentials it runs with are never here). */
+export interface JobRecord {
+  readonly id: string
+  /** Small and increasing, for clients that read job ids as integers (Harbor). */
+  number: number
+  readonly request: { registry: string, repo: string, reference: string, platform?: string | undefined }
+  status: JobStatus
+  /** The seed peer that ran it. */
+  seed: string | undefined
+  /** The scheduler replica running it: if that replica goes, so does the job. */
+  replica: string
+  createdAt: number
+  finishedAt: number | undefined
+  error: string | undefined
+  results: PreheatBlobResult[]
+}
+
 export interface StateInit {
   /** Tag and public-content facts kept. Default 100,000 each. */
   maxFacts?: number
@@ -125,7 +144,13 @@ export interface SwarmState {
   /** That content is public, if `factQuorum` different hosts say so (alike). */
   publicFact: (registry: string, repo: string, digest: string) => Fact | undefined
 
-  /** Forgets everything: hosts, tasks, facts. */
+  /** A new job (numbered here) or a change to one. Returns the job as kept. */
+  putJob: (job: JobRecord) => JobRecord
+  job: (id: string) => JobRecord | undefined
+  jobByNumber: (number: number) => JobRecord | undefined
+  jobs: () => JobRecord[]
+
+  /** Forgets everything: hosts, tasks, facts, jobs. */
   clear: () => void
   /** Everything, as plain data a replica can load (`load`) to catch up with a shared log. */
   snapshot: () => StateSnapshot
@@ -166,6 +191,9 @@ class MemorySwarmState implements SwarmState {
   readonly #tags: LRUCache<string, Vouched[]>
   readonly #public: LRUCache<string, Vouched[]>
   readonly #quorum: number
+  readonly #jobs = new LRUCache<string, JobRecord>({ max: 1000 })
+  readonly #jobNumbers = new LRUCache<number, string>({ max: 1000 })
+  #lastJobNumber = 0
 
   constructor (init: StateInit) {
     this.#now = init.now ?? Date.now
@@ -432,7 +460,26 @@ class MemorySwarmState implements SwarmState {
     return (this.#public.get(`${registry}\n${repo}\n${digest}`) ?? []).find(c => c.by.size >= this.#quorum)?.fact
   }
 
+  putJob (job: JobRecord): JobRecord {
+    const existing = this.#jobs.get(job.id)
+    const kept: JobRecord = { ...job, results: [...job.results], number: existing?.number ?? ++this.#lastJobNumber }
+    this.#jobs.set(kept.id, kept)
+    this.#jobNumbers.set(kept.number, kept.id)
+    return kept
+  }
+
+  job (id: string): JobRecord | undefined { return this.#jobs.get(id) }
+  jobByNumber (number: number): JobRecord | undefined {
+    const id = this.#jobNumbers.get(number)
+    return id === undefined ? undefined : this.#jobs.get(id)
+  }
+
+  jobs (): JobRecord[] { return [...this.#jobs.values()] }
+
   clear (): void {
+    this.#jobs.clear()
+    this.#jobNumbers.clear()
+    this.#lastJobNumber = 0
     this.#byPeer.clear()
     this.#bySlot.length = 0
     this.#freeSlots.length = 0
@@ -473,7 +520,7 @@ class MemorySwarmState implements SwarmState {
     }
     const facts = (cache: LRUCache<string, Vouched[]>): Array<[string, Array<{ fact: Fact, by: string[] }>]> =>
       [...cache.entries()].reverse().map(([k, v]) => [k, v.map(c => ({ fact: c.fact, by: [...c.by] }))])
-    return { hosts, tasks, tags: facts(this.#tags), public: facts(this.#public) }
+    return { hosts, tasks, tags: facts(this.#tags), public: facts(this.#public), jobs: [...this.#jobs.values()].reverse(), lastJobNumber: this.#lastJobNumber }
   }
 
   load (snapshot: StateSnapshot): void {
@@ -523,6 +570,11 @@ class MemorySwarmState implements SwarmState {
     }
     facts(this.#tags, snapshot.tags)
     facts(this.#public, snapshot.public)
+    for (const job of snapshot.jobs) {
+      this.#jobs.set(job.id, job)
+      this.#jobNumbers.set(job.number, job.id)
+    }
+    this.#lastJobNumber = snapshot.lastJobNumber
   }
 
   #extendAssignments (task: TaskRecord, slot: number): void {
@@ -581,6 +633,8 @@ export interface StateSnapshot {
   tasks: TaskSnapshot[]
   tags: Array<[string, Array<{ fact: Fact, by: string[] }>]>
   public: Array<[string, Array<{ fact: Fact, by: string[] }>]>
+  jobs: JobRecord[]
+  lastJobNumber: number
 }
 
 /** A fact and the hosts that said it. */

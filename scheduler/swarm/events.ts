@@ -1,5 +1,6 @@
 import type { ControlCommand, Fact, HostInfo, Load, OriginRef, Report, TaskUpdate } from '../../src/protocol/messages.ts'
 import type { Appointment } from '../scheduling/index.ts'
+import type { JobRecord } from '../state/index.ts'
 
 /**
  * Every change to the swarm's state, as one event. Replicas share a log of
@@ -19,6 +20,8 @@ export type SwarmEvent =
   | { type: 'appoint', peer: string, digest: string, appointment: Appointment }
   | { type: 'seed-failed', digest: string, seed: string }
   | { type: 'verifier-failed', digest: string }
+  /** A preheat job started or changed (the replica running it appends these). */
+  | { type: 'job', job: JobRecord }
   /** A replica stopped renewing its liveness: the hosts still connected through it are gone. */
   | { type: 'replica-gone', replica: string }
 

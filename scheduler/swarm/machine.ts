@@ -2,7 +2,7 @@ import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
 import type { Report } from '../../src/protocol/messages.ts'
 import { appoint } from '../scheduling/index.ts'
-import { isCertified, releaseAssignments, type HostRecord, type StateSnapshot, type SwarmState, type TaskRecord } from '../state/index.ts'
+import { isCertified, releaseAssignments, type HostRecord, type JobRecord, type StateSnapshot, type SwarmState, type TaskRecord } from '../state/index.ts'
 import type { TrustKeeper, TrustSnapshot } from './trust.ts'
 import type { Effect, Envelope, SwarmEvent } from './events.ts'
 
@@ -20,6 +20,8 @@ export interface Outcome {
   existed?: boolean | undefined
   /** `leave`: the host that left. */
   left?: HostRecord | undefined
+  /** `job`: the job as kept (numbered). */
+  job?: JobRecord | undefined
 }
 
 export interface MachineCounters {
@@ -192,7 +194,15 @@ export function createSwarmMachine (components: SwarmMachineComponents): SwarmMa
           if (host.via !== e.replica) continue
           state.removeHost(host.info.peerId)
         }
+        // Its jobs will not finish: their callers should ask again.
+        for (const job of state.jobs()) {
+          if (job.replica !== e.replica || job.status === 'SUCCESS' || job.status === 'FAILURE') continue
+          state.putJob({ ...job, status: 'FAILURE', error: 'the scheduler replica running the job went away', finishedAt: t })
+        }
         return { effects }
+      }
+      case 'job': {
+        return { effects, job: state.putJob(e.job) }
       }
       case 'announce': {
         const host = state.hostByPeer(e.peer)

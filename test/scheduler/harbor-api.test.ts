@@ -30,6 +30,8 @@ async function setup (t: { after: (fn: () => Promise<void>) => void }, token = '
   const jobs = createPreheatJobs({
     logger: silentLogger(),
     state,
+    record: async (job) => state.putJob(job),
+    replica: 'test',
     control: async (_peer, command) => {
       commands.push(command)
       return new Promise<ControlResponse>(resolve => { waiting.push(resolve) })

@@ -114,7 +114,7 @@ let redis: TestRedis | undefined
 const opened: Swarm[] = []
 async function redisSwarm (init: { password?: string | undefined, snapshotEveryMs?: number, replicaTtlMs?: number, url?: string } = {}): Promise<Swarm> {
   const r = redis as TestRedis
-  const swarm = createSwarm({ logger }, { state: init.url ?? r.url, redis: { password: init.password, snapshotEveryMs: init.snapshotEveryMs ?? 30_000, replicaTtlMs: init.replicaTtlMs ?? 10_000, appendTimeoutMs: 1_500 } })
+  const swarm = createSwarm({ logger }, { state: init.url ?? r.url, redis: { password: init.password, snapshotEveryMs: init.snapshotEveryMs ?? 30_000, replicaTtlMs: init.replicaTtlMs ?? 10_000, appendTimeoutMs: 5_000 } })
   opened.push(swarm)
   await swarm.log.start()
   return swarm
@@ -135,7 +135,7 @@ describe('replicas over one redis', () => {
   let r: TestRedis
   const mine: Swarm[] = []
   const replica = async (init: Parameters<typeof redisSwarm>[0] = {}): Promise<Swarm> => {
-    const swarm = createSwarm({ logger }, { state: init.url ?? r.url, redis: { password: init.password, snapshotEveryMs: init.snapshotEveryMs ?? 30_000, replicaTtlMs: init.replicaTtlMs ?? 10_000, appendTimeoutMs: 1_500 } })
+    const swarm = createSwarm({ logger }, { state: init.url ?? r.url, redis: { password: init.password, snapshotEveryMs: init.snapshotEveryMs ?? 30_000, replicaTtlMs: init.replicaTtlMs ?? 10_000, appendTimeoutMs: 5_000 } })
     mine.push(swarm)
     await swarm.log.start()
     return swarm
