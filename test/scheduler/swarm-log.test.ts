@@ -204,6 +204,19 @@ describe('replicas over one redis', () => {
     assert.ok(b.state.hostByPeer('G2') !== undefined, 'hosts of the live replica stay')
   })
 
+  test('a preheat job recorded by one replica is answered by any; it fails when its replica goes', async () => {
+    await r.command('FLUSHALL')
+    const [a, b] = [await replica({ password }), await replica({ password })]
+    const job = { id: 'job-1', number: 0, request: { registry: 'https://harbor.example', repo: 'library/app', reference: 'v1' }, status: 'PENDING' as const, seed: undefined, replica: a.log.replica, createdAt: Date.now(), finishedAt: undefined, error: undefined, results: [] }
+    const kept = (await a.log.append({ type: 'job', job })).job
+    assert.equal(kept?.number, 1, 'numbered in log order')
+    await a.log.append({ type: 'job', job: { ...job, status: 'RUNNING', seed: 'S' } })
+    await waitFor(async () => b.state.jobByNumber(1)?.status === 'RUNNING', { timeoutMs: 5_000, what: 'the job on replica b' })
+    await a.log.stop()
+    await waitFor(async () => b.state.job('job-1')?.status === 'FAILURE', { timeoutMs: 8_000, what: 'the job failed on b' })
+    assert.match(b.state.job('job-1')?.error ?? '', /replica running the job went away/)
+  })
+
   test('without the password the store refuses, and the replica says so at once', async () => {
     const bad = await replica({ password: 'wrong-password-for-this-redis' })
     const started = Date.now()
