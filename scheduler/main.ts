@@ -54,7 +54,9 @@ export async function createScheduler (config: SchedulerConfig, deps: SchedulerD
         clusterSecret: config.clusterSecret,
         maxConnections: 20_000,
         inboundConnectionThreshold: 1_000,
-        maxIncomingPendingConnections: 1_024
+        maxIncomingPendingConnections: 1_024,
+        // Peers ping their scheduler (and move on when it is gone); a dead peer is found by the children it fails.
+        pingIntervalMs: 60_000
       })
       await log.start()
       service = createSchedulerService({ logger, node, state, machine, log, scheduling, trust, metrics })

@@ -49,6 +49,14 @@ export interface P2PNodeInit {
   inboundConnectionThreshold?: number
   /** Inbound connections mid-handshake at once. Default 256. */
   maxIncomingPendingConnections?: number
+  /**
+   * How often every connection is pinged, and closed when the ping fails
+   * (how a peer notices a scheduler that vanished without closing its
+   * sessions). libp2p pings all connections in one burst; with thousands of
+   * sessions that burst was most of a scheduler's idle CPU and its slowest
+   * answers. Default 10 s.
+   */
+  pingIntervalMs?: number
 }
 
 export interface P2PNodeComponents {
@@ -106,6 +114,7 @@ export async function createP2PNode (components: P2PNodeComponents, init: P2PNod
       inboundConnectionThreshold: init.inboundConnectionThreshold ?? 100,
       maxIncomingPendingConnections: init.maxIncomingPendingConnections ?? 256
     },
+    connectionMonitor: { pingInterval: init.pingIntervalMs ?? 10_000 },
     nodeInfo: { userAgent: `damselfly/${hostname()}` },
     // Without a secret nothing tells a member from a stranger: only this machine may connect.
     ...(secret === undefined ? { connectionGater: { denyInboundConnection: async (conn: { remoteAddr: Multiaddr }) => !isLoopbackMultiaddr(conn.remoteAddr) } } : {})
