@@ -22,21 +22,32 @@ const peerLayers = [
   ['manifests', 'upload'],
   ['jobs', 'mirror', 'proxy']
 ]
-const peerRules = peerLayers.flatMap((layer, depth) => layer.map(folder => {
-  const later = peerLayers.slice(depth + 1).flat()
+// The scheduler likewise (scheduler/main.ts): the state, the rules that choose parents, the
+// swarm that changes the state through a log, then what serves peers, jobs and the HTTP API.
+const schedulerLayers = [
+  ['state'],
+  ['scheduling'],
+  ['swarm'],
+  ['rpc', 'preheat'],
+  ['api']
+]
+const layerRules = (root, layers, outside) => layers.flatMap((layer, depth) => layer.map(folder => {
+  const later = layers.slice(depth + 1).flat()
   const siblings = layer.filter(other => other !== folder)
   return {
-    files: [`peer/${folder}/**/*.ts`],
+    files: [`${root}/${folder}/**/*.ts`],
     rules: {
       'no-restricted-imports': ['error', {
         patterns: [
-          { group: ['**/scheduler/**', '**/cli/**'], message: 'peer/ and scheduler/ meet only through src/' },
-          ...[...later, ...siblings].map(other => ({ group: [`**/peer/${other}/**`, `../${other}/**`], message: `peer/${folder} is built before peer/${other}: it may not import it (see docs/architecture.md)` }))
+          { group: outside.map(dir => `**/${dir}/**`), message: 'peer/ and scheduler/ meet only through src/' },
+          ...[...later, ...siblings].map(other => ({ group: [`**/${root}/${other}/**`, `../${other}/**`], message: `${root}/${folder} is built before ${root}/${other}: it may not import it (see docs/architecture.md)` }))
         ]
       }]
     }
   }
 }))
+const peerRules = layerRules('peer', peerLayers, ['scheduler', 'cli'])
+const schedulerRules = layerRules('scheduler', schedulerLayers, ['peer', 'cli'])
 
 export default [
   ...neostandard({ ts: true, ignores: ['node_modules/**', 'bench/results/**', 'bench/.scratch/**', 'deploy/**/*.json'] }),
@@ -74,6 +85,7 @@ export default [
   })),
   // After the folder-wide rules, which they include: the last matching rule wins.
   ...peerRules,
+  ...schedulerRules,
   {
     // The scheduler's status page runs in a browser, as a module, unbuilt.
     files: ['scheduler/ui/**/*.js'],
