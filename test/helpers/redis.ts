@@ -1,7 +1,9 @@
 import net from 'node:net'
 import path from 'node:path'
-import { writeFile } from 'node:fs/promises'
+import tls from 'node:tls'
+import { readFile, writeFile } from 'node:fs/promises'
 import { freePort } from './ports.ts'
+import { makeTestCert } from './registry.ts'
 import { spawnProcess, waitFor, type Spawned } from './process.ts'
 import { tmpDir } from './tmp.ts'
 
@@ -10,11 +12,15 @@ export interface RedisOptions {
   password?: string
   /** Keep data across restarts (append-only file in the data dir). Default false: a restart loses everything. */
   persist?: boolean
+  /** Serve TLS only (a self-signed certificate for 127.0.0.1, which is also the CA: `ca`). */
+  tls?: boolean
 }
 
 export interface TestRedis {
-  /** redis://127.0.0.1:PORT/0 */
+  /** redis://127.0.0.1:PORT/0, or rediss:// with `tls`. */
   url: string
+  /** With `tls`: the PEM file to trust. */
+  caFile: string | undefined
   port: number
   /** A file holding the password, when there is one. */
   passwordFile: string | undefined
@@ -36,10 +42,13 @@ export async function startRedis (opts: RedisOptions = {}): Promise<TestRedis> {
     passwordFile = path.join(tmp.path, 'password')
     await writeFile(passwordFile, `${opts.password}\n`)
   }
-  const args = ['--port', String(port), '--bind', '127.0.0.1', '--dir', tmp.path, '--save', '', '--appendonly', opts.persist === true ? 'yes' : 'no', '--protected-mode', 'no',
+  const cert = opts.tls === true ? await makeTestCert(path.join(tmp.path, 'tls')) : undefined
+  const ca = cert === undefined ? undefined : await readFile(cert.cert, 'utf8')
+  const listen = cert === undefined ? ['--port', String(port)] : ['--port', '0', '--tls-port', String(port), '--tls-cert-file', cert.cert, '--tls-key-file', cert.key, '--tls-auth-clients', 'no']
+  const args = [...listen, '--bind', '127.0.0.1', '--dir', tmp.path, '--save', '', '--appendonly', opts.persist === true ? 'yes' : 'no', '--protected-mode', 'no',
     ...(opts.password === undefined ? [] : ['--requirepass', opts.password])]
   let proc: Spawned | undefined
-  const command = async (...cmd: string[]): Promise<string> => respCommand(port, opts.password, cmd)
+  const command = async (...cmd: string[]): Promise<string> => respCommand(port, opts.password, ca, cmd)
   const start = async (): Promise<void> => {
     if (proc !== undefined) return
     const p = spawnProcess('redis-server', args)
@@ -60,7 +69,8 @@ export async function startRedis (opts: RedisOptions = {}): Promise<TestRedis> {
   }
   await start()
   return {
-    url: `redis://127.0.0.1:${port}/0`,
+    url: `${cert === undefined ? 'redis' : 'rediss'}://127.0.0.1:${port}/0`,
+    caFile: cert?.cert,
     port,
     passwordFile,
     stop,
@@ -74,12 +84,12 @@ export async function startRedis (opts: RedisOptions = {}): Promise<TestRedis> {
 }
 
 /** Sends one command and returns its reply as text (errors as `-ERR …`, arrays as their length). */
-async function respCommand (port: number, password: string | undefined, cmd: string[]): Promise<string> {
+async function respCommand (port: number, password: string | undefined, ca: string | undefined, cmd: string[]): Promise<string> {
   const encode = (parts: string[]): string => `*${parts.length}\r\n${parts.map(p => `$${Buffer.byteLength(p)}\r\n${p}\r\n`).join('')}`
   const payload = (password === undefined ? '' : encode(['AUTH', password])) + encode(cmd)
   const replies = password === undefined ? 1 : 2
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: '127.0.0.1', port })
+    const socket = ca === undefined ? net.connect({ host: '127.0.0.1', port }) : tls.connect({ host: '127.0.0.1', port, ca })
     let data = ''
     socket.setTimeout(5_000, () => socket.destroy(new Error('redis did not answer')))
     socket.on('error', reject)

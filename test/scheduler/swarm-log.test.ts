@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict'
+import { readFile } from 'node:fs/promises'
 import { after, before, describe, test } from 'node:test'
 import { createLogger } from '../../src/logger.ts'
 import { StateUnavailableError } from '../../src/errors.ts'
@@ -129,6 +130,21 @@ describe('redis', () => {
     await redis?.command('FLUSHALL')
     return redisSwarm()
   }, closeRedis)
+})
+
+test('over TLS: a replica trusting the server\'s CA works; one that does not is refused', async (t) => {
+  const r = await startRedis({ tls: true, password: 'a-long-test-password' })
+  t.after(async () => { await r.close() })
+  const ca = await readFile(r.caFile as string, 'utf8')
+  const good = createSwarm({ logger }, { state: r.url, redis: { password: 'a-long-test-password', ca, appendTimeoutMs: 5_000 } })
+  const bad = createSwarm({ logger }, { state: r.url, redis: { password: 'a-long-test-password', appendTimeoutMs: 5_000 } })
+  t.after(async () => { await good.log.stop(); await bad.log.stop() })
+  await good.log.start()
+  await bad.log.start()
+  await good.log.append({ type: 'register', host: hostInfo('T1') })
+  assert.equal(good.state.hostCount, 1)
+  assert.equal(await r.command('GET', 'damselfly:seq'), '1', 'the event went through the TLS connection into the stream')
+  await assert.rejects(bad.log.append({ type: 'register', host: hostInfo('T2') }), StateUnavailableError)
 })
 
 describe('replicas over one redis', () => {
