@@ -35,7 +35,8 @@ export async function createScheduler (config: SchedulerConfig, deps: SchedulerD
   const dataDir = resolve(config.dataDir)
   await mkdir(dataDir, { recursive: true })
   const metrics = createMetricsRegistry({}, { processMetrics: true })
-  const { state, trust, scheduling, machine, log } = createSwarm({ logger, metrics }, { state: config.state ?? 'memory', redis: { password: config.statePassword, ca: config.stateCa } })
+  const stateUrl = config.state ?? 'memory'
+  const { state, trust, scheduling, machine, log } = createSwarm({ logger, metrics }, { state: stateUrl, redis: { password: config.statePassword, ca: config.stateCa } })
   let node: P2PNode | undefined
   let service: ReturnType<typeof createSchedulerService> | undefined
   let api: FastifyInstance | undefined
@@ -68,7 +69,7 @@ export async function createScheduler (config: SchedulerConfig, deps: SchedulerD
       const jobs = createPreheatJobs({ logger, state, record, replica: log.replica, control: async (peerId, command) => (service as NonNullable<typeof service>).control(peerId, command) })
       addresses.p2p = node.addrs()
       if (config.httpPort !== undefined) {
-        api = buildSchedulerApi({ logger, state, jobs, metrics, ready: () => ready, apiToken: config.apiToken ?? '' })
+        api = buildSchedulerApi({ logger, state, jobs, metrics, ready: () => ready, replica: () => ({ id: log.replica, state: stateUrl === 'memory' ? 'memory' : 'redis', healthy: log.healthy }), apiToken: config.apiToken ?? '' })
         addresses.http = await api.listen({ host: config.httpHost, port: config.httpPort })
       }
       ready = true

@@ -13,6 +13,8 @@ export interface SchedulerApiComponents {
   jobs: PreheatJobs
   metrics: Registry
   ready: () => boolean
+  /** Which replica answers, and whether the store the replicas share takes changes now. */
+  replica?: () => { id: string, state: 'memory' | 'redis', healthy: boolean }
   /** `api.token`: required on preheat endpoints when set (see harbor.ts). */
   apiToken?: string
 }
@@ -42,7 +44,9 @@ export function buildSchedulerApi (components: SchedulerApiComponents): FastifyI
 
   app.get('/healthy', async (_req, reply) => {
     if (!components.ready()) return reply.code(503).send({ status: 'starting' })
-    return { status: 'ok' }
+    // Still ready with Redis away: the replica then sends peers to the origin, which beats no answer.
+    const replica = components.replica?.()
+    return replica === undefined ? { status: 'ok' } : { status: 'ok', replica: replica.id, state: replica.state, stateHealthy: replica.healthy }
   })
   app.get('/metrics', async (_req, reply) => {
     reply.header('content-type', components.metrics.contentType)
@@ -65,7 +69,8 @@ export function buildSchedulerApi (components: SchedulerApiComponents): FastifyI
       barred: h.barredUntil > Date.now(),
       tasks: h.tasks.size,
       connectedAt: new Date(h.connectedAt).toISOString(),
-      bytes: h.bytes
+      bytes: h.bytes,
+      replica: h.via
     }))
   })
 

@@ -58,6 +58,7 @@ export function createSchedulerService (components: SchedulerServiceComponents):
         selection: new Histogram({ name: 'damselfly_scheduler_parent_selection_seconds', help: 'Time to answer a parents request', buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05], registers }),
         toOrigin: new Counter({ name: 'damselfly_scheduler_state_unavailable_plans_total', help: 'Plans answered "go to the origin" because the shared state could not be changed', registers }),
         hosts: new Gauge({ name: 'damselfly_scheduler_hosts', help: 'Connected hosts', labelNames: ['seed'], registers, collect () { let seeds = 0; for (const h of state.hosts()) if (h.info.seed) seeds++; this.set({ seed: 'true' }, seeds); this.set({ seed: 'false' }, state.hostCount - seeds) } }),
+        stateHealthy: new Gauge({ name: 'damselfly_scheduler_state_healthy', help: 'Whether the store scheduler replicas share takes changes now (always 1 with the state in memory)', registers, collect () { this.set(log.healthy ? 1 : 0) } }),
         tasks: new Gauge({ name: 'damselfly_scheduler_tasks', help: 'Tasks (blobs) tracked', registers, collect () { this.set(state.taskCount) } })
       }
 
