@@ -98,7 +98,12 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
   /** Replicas seen appending, watched for liveness. */
   const replicas = new Set<string>()
   const resyncListeners: Array<() => void> = []
-  /** An append failed since the store was last healthy: this replica's peers may have told it things nobody kept. */
+  /**
+   * Redis was unreachable since it was last seen healthy: what this replica's
+   * peers told it meanwhile was refused, and they should tell it again. (An
+   * append that was only slow is not a reason: hanging up every peer of a
+   * busy replica would make it busier.)
+   */
   let missed = false
   let healthy = false
   const loops: Array<Promise<void>> = []
@@ -265,7 +270,7 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
       await (cmd as unknown as { dfAppend: (...args: string[]) => Promise<number> }).dfAppend(keys.events, keys.seq, keys.epoch, epoch, JSON.stringify(envelope))
       return await applied.promise
     } catch (err) {
-      missed = true
+      if (cmd.status !== 'ready') missed = true
       if (err instanceof StateUnavailableError) throw err
       throw new StateUnavailableError(`the shared swarm state refused a ${e.type}: ${(err as Error).message}`, { cause: err })
     } finally {

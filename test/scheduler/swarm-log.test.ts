@@ -233,6 +233,17 @@ describe('replicas over one redis', () => {
     assert.match(b.state.job('job-1')?.error ?? '', /replica running the job went away/)
   })
 
+  test('a replica started while redis is down works once redis is up', async () => {
+    const port = r.port
+    await r.stop()
+    const a = await replica({ password })
+    await assert.rejects(a.log.append({ type: 'register', host: hostInfo('U1') }), StateUnavailableError)
+    await r.start()
+    await waitFor(async () => a.log.healthy, { timeoutMs: 10_000, what: `the replica connected to redis on ${port}` })
+    await a.log.append({ type: 'register', host: hostInfo('U1') })
+    assert.ok(a.state.hostByPeer('U1') !== undefined)
+  })
+
   test('without the password the store refuses, and the replica says so at once', async () => {
     const bad = await replica({ password: 'wrong-password-for-this-redis' })
     const started = Date.now()
