@@ -44,6 +44,12 @@ export interface PieceFetcherInit {
    * yet) are asked again, with growing pauses, before the origin is. Default 20 s.
    */
   busyPatienceMs?: number
+  /**
+   * How long a read waits for the session with the scheduler to move to
+   * another replica before it goes to the origin. Default 10 s; it only
+   * waits while the client has replicas left to try.
+   */
+  failoverWaitMs?: number
 }
 
 interface Parent {
@@ -94,6 +100,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
   const planRetries = init.planRetries ?? 2
   const planRetryDelayMs = init.planRetryDelayMs ?? 500
   const busyPatienceMs = init.busyPatienceMs ?? 20_000
+  const failoverWaitMs = init.failoverWaitMs ?? 10_000
   const plans = new LRUCache<string, Plan>({ max: 1024 })
   /** The swarm's piece table as heard, per blob: what origin bytes must match. */
   const tables = new LRUCache<string, Map<number, TableEntry>>({ max: 1024, ttl: 600_000 })
@@ -176,9 +183,14 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       try {
         return await plan(ctx, index, exclude, options)
       } catch (err) {
-        if (options.signal?.aborted === true || attempt >= planRetries || !client.connected || !(err instanceof SchedulerUnavailableError)) throw err
+        if (options.signal?.aborted === true || attempt >= planRetries || !schedulerGone(err)) throw err
+        // Its session dropped: asked again of the replica it moves to, if it moves.
+        if (!client.connected) {
+          if (await client.awaitSession({ maxMs: failoverWaitMs, signal: options.signal })) continue
+          throw err
+        }
         m?.planRetries.inc()
-        logger.debug({ err: err.message, digest: ctx.task.digest, attempt }, 'the scheduler is slow; asking again')
+        logger.debug({ err: (err as Error).message, digest: ctx.task.digest, attempt }, 'the scheduler is slow; asking again')
         const delay = planRetryDelayMs * 2 ** attempt
         await sleep(delay / 2 + Math.random() * delay, undefined, options.signal === undefined ? undefined : { signal: options.signal })
       }
@@ -295,7 +307,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         resolveFirst(piece)
         return piece
       }, (err: unknown) => {
-        if (err instanceof PeerBusyError || (inProgress && err instanceof PieceNotHeldError)) {
+        // The scheduler going away mid-piece (its digest unknown yet) says nothing about the parent.
+        if (err instanceof PeerBusyError || (inProgress && err instanceof PieceNotHeldError) || schedulerGone(err)) {
           later++
         } else if (!isAbort(err)) {
           logger.debug({ parent: parent.info.peerId, piece: index, err: (err as Error).message }, 'parent failed a piece')
@@ -358,7 +371,9 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     },
     async fetch (ctx, index, options): Promise<RemotePiece | OriginDirective> {
       const { task } = ctx
-      if (!client.connected) {
+      // A session that just dropped while other replicas are listed is back in about a second:
+      // waiting for it beats sending the rest of the blob to the origin.
+      if (!client.connected && !(await client.awaitSession({ maxMs: failoverWaitMs, signal: options.signal }))) {
         m?.fallbacks.inc({ reason: 'no-scheduler' })
         return { kind: 'origin', upTo: ctx.lastWanted }
       }
@@ -411,4 +426,11 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       return { kind: 'origin', upTo: index }
     }
   }
+}
+
+/** The scheduler could not answer (gone, or it lost this peer's session), as opposed to the parent failing. */
+function schedulerGone (err: unknown): boolean {
+  if (err instanceof SchedulerUnavailableError) return true
+  const code = (err as { code?: unknown }).code
+  return code === 'DF_ERR_NOT_REGISTERED' || code === 'DF_ERR_STATE_UNAVAILABLE'
 }

@@ -55,6 +55,12 @@ export interface SchedulerClient {
   settled: () => Promise<void>
   stop: () => Promise<void>
   readonly connected: boolean
+  /**
+   * Resolves true once a session is up: at once when one is, after the move
+   * when the session just dropped and another replica is being tried, false
+   * when there is nowhere left to try (or `maxMs` passes).
+   */
+  awaitSession: (options: AbortOptions & { maxMs: number }) => Promise<boolean>
   /** The peer id of the scheduler this peer is in session with, while it is. */
   readonly peerId: string | undefined
   /** One request; throws SchedulerUnavailableError when the scheduler cannot be asked. */
@@ -86,6 +92,13 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
   const stopping = new AbortController()
   let schedulerPeer: string | undefined
   let connected = false
+  /** Between losing a session and having tried every other address: a session is likely back soon. */
+  let moving = false
+  const sessionWaiters = new Set<() => void>()
+  const settleWaiters = (): void => {
+    for (const wake of sessionWaiters) wake()
+    sessionWaiters.clear()
+  }
   let disconnected: (() => void) | undefined
   let loop: Promise<void> | undefined
   /** Pending per-task changes, merged until the next flush. */
@@ -194,11 +207,14 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
         schedulerPeer = peerId
         await session(peerId, address)
         connected = true
+        moving = false
+        settleWaiters()
         failures = 0
         rounds = 0
         firstAttempt.resolve()
         schedule()
         await raceSignal(gone, stopping.signal).catch(() => {})
+        moving = count > 1
         if (!stopping.signal.aborted) logger.warn({ address, scheduler: peerId }, count > 1 ? 'lost the scheduler; moving to the next one' : 'lost the scheduler; serving what we hold and falling back to the origin until it is back')
       } catch (err) {
         if (stopping.signal.aborted) break
@@ -214,6 +230,8 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
         // Every address failed since the last session: until one is back, peers fall back to the origin.
         if (rounds === 0 || rounds % 20 === 0) logger.warn({ err: (lastError as Error | undefined)?.message, addresses: init.addresses }, count > 1 ? 'no scheduler reachable; retrying' : 'scheduler unreachable; retrying')
         delayMs = 250 + backoff(Math.min(rounds, 6), 250, 5_000)
+        moving = false
+        settleWaiters()
         failures = 0
         rounds++
         firstAttempt.resolve()
@@ -254,6 +272,22 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
 
   return {
     get connected () { return connected },
+    async awaitSession ({ maxMs, signal }) {
+      if (connected) return true
+      if (!moving || maxMs <= 0 || signal?.aborted === true) return false
+      await new Promise<void>((resolve) => {
+        const done = (): void => {
+          clearTimeout(timer)
+          signal?.removeEventListener('abort', done)
+          sessionWaiters.delete(done)
+          resolve()
+        }
+        const timer = setTimeout(done, maxMs)
+        signal?.addEventListener('abort', done, { once: true })
+        sessionWaiters.add(done)
+      })
+      return connected
+    },
     get peerId () { return connected ? schedulerPeer : undefined },
     request,
     start () {
@@ -267,6 +301,8 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
         await request({ type: 'leave' }, AckResponse, { signal: AbortSignal.timeout(1_000) }).catch(() => {})
       }
       stopping.abort()
+      moving = false
+      settleWaiters()
       firstAttempt.resolve()
       disconnected?.()
       await loop

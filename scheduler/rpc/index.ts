@@ -38,6 +38,8 @@ export interface SchedulerService {
 }
 
 const CONTROL_DEADLINE_MS = 30_000
+/** Pieces a plan sends a peer to the origin for while the replicas' shared state is away. */
+const ORIGIN_RUN_WHILE_STATE_AWAY = 4
 
 /**
  * The scheduler's side of the peer protocol: one handler per message type,
@@ -69,12 +71,21 @@ export function createSchedulerService (components: SchedulerServiceComponents):
     return host
   }
 
-  /** Appends an event and carries out what it asks of this replica. */
   async function change (event: SwarmEvent): Promise<ReturnType<SwarmMachine['apply']>> {
-    const outcome = await log.append(event, { signal: shutdown.signal })
-    for (const effect of outcome.effects) void perform(effect)
-    return outcome
+    return log.append(event, { signal: shutdown.signal })
   }
+
+  /**
+   * What an event asks of a peer is done by the replica that peer is in
+   * session with (a peer takes commands from its own scheduler only),
+   * whichever replica appended the event: every replica applies it, and the
+   * host's `via` names exactly one.
+   */
+  log.onApplied((_envelope, outcome) => {
+    for (const effect of outcome.effects) {
+      if (state.hostByPeer(effect.peer)?.via === log.replica) void perform(effect)
+    }
+  })
 
   async function perform (effect: Effect): Promise<void> {
     try {
@@ -169,8 +180,10 @@ export function createSchedulerService (components: SchedulerServiceComponents):
     logger.debug({ err: err.message }, 'plan answered "go to the origin"')
     const pieceSize = choosePieceSize(size)
     const count = pieceCount(size, pieceSize)
+    // A few pieces at a time: the store may be back for the next ask, and a whole window taken
+    // from the origin would keep coming from there long after it is.
     const assigned: number[] = []
-    for (let i = first; i <= Math.min(last, count - 1); i++) assigned.push(i)
+    for (let i = first; i <= Math.min(last, count - 1, first + ORIGIN_RUN_WHILE_STATE_AWAY - 1); i++) assigned.push(i)
     return { ok: true, pieceSize, pieceCount: count, parents: [], digests: [], assigned }
   }
 

@@ -125,8 +125,12 @@ export interface SwarmState {
   /** Applies a peer's update: holdings, table entries it may write, confirmations. */
   /** `vouches` false (a barred host): its pieces are counted where they match, but it writes and confirms no entry. */
   applyUpdate: (host: HostRecord, update: TaskUpdate, vouches?: boolean) => UpdateResult
-  /** Forgets a host's holdings of one task (or one piece of it). */
-  dropHolding: (host: HostRecord, digest: string, piece?: number) => void
+  /**
+   * Forgets a host's holdings of one task (or one piece of it), and the
+   * pieces it was sent to the origin for unless `keepLeases` (it is still
+   * fetching them).
+   */
+  dropHolding: (host: HostRecord, digest: string, piece?: number, options?: { keepLeases?: boolean }) => void
   /** Forgets a task entirely: table, holders, assignments. */
   dropTask: (digest: string) => TaskRecord | undefined
   /**
@@ -360,7 +364,7 @@ class MemorySwarmState implements SwarmState {
     return task.digests.toString('hex', index * 32, index * 32 + 32)
   }
 
-  dropHolding (host: HostRecord, digest: string, piece?: number): void {
+  dropHolding (host: HostRecord, digest: string, piece?: number, options: { keepLeases?: boolean } = {}): void {
     const task = this.#tasks.get(digest)
     if (task === undefined) {
       host.tasks.delete(digest)
@@ -374,8 +378,8 @@ class MemorySwarmState implements SwarmState {
         for (const i of pieces) task.pieceHolders[i] = (task.pieceHolders[i] as number) - 1
         task.partial.delete(host.slot)
       }
-      releaseAssignments(task, host.slot)
-      host.tasks.delete(digest)
+      if (options.keepLeases !== true) releaseAssignments(task, host.slot)
+      if (!hasLease(task, host.slot)) host.tasks.delete(digest)
       this.#forgetIfEmpty(task)
       return
     }
@@ -648,6 +652,10 @@ const MAX_CLAIMS = 8
 
 /** How long a host may sit on an origin assignment without landing a piece of it. */
 export const ASSIGNMENT_LEASE_MS = 30_000
+
+function hasLease (task: TaskRecord, slot: number): boolean {
+  return task.assignee?.includes(slot + 1) === true || task.confirmer?.includes(slot + 1) === true
+}
 
 /** Frees every piece a host was sent to the origin for, as first fetcher or confirmer. */
 export function releaseAssignments (task: TaskRecord, slot: number): void {

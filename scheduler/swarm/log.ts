@@ -22,6 +22,12 @@ export interface SwarmLog {
    * for a while): those peers should start new sessions and announce again.
    */
   onResync: (listener: () => void) => void
+  /**
+   * Called for every event applied, whoever appended it, with what applying
+   * it decided (the effects a peer must carry out, for the replica that peer
+   * is connected through).
+   */
+  onApplied: (listener: (envelope: Envelope, outcome: Outcome) => void) => void
   start: () => Promise<void>
   stop: () => Promise<void>
 }
@@ -32,13 +38,18 @@ export type Apply = (envelope: Envelope, local: boolean) => Outcome
 export function createMemoryLog (apply: Apply): SwarmLog {
   const replica = randomUUID()
   let n = 0
+  const applied: Array<(envelope: Envelope, outcome: Outcome) => void> = []
   return {
     replica,
     healthy: true,
     async append (e) {
-      return apply({ e, at: Date.now(), by: replica, n: ++n }, true)
+      const envelope = { e, at: Date.now(), by: replica, n: ++n }
+      const outcome = apply(envelope, true)
+      for (const listener of applied) listener(envelope, outcome)
+      return outcome
     },
     onResync () {},
+    onApplied (listener) { applied.push(listener) },
     async start () {},
     async stop () {}
   }

@@ -176,7 +176,10 @@ export function createSwarmMachine (components: SwarmMachineComponents): SwarmMa
     switch (e.type) {
       case 'register': {
         const existing = state.hostByPeer(e.host.peerId)
-        if (existing !== undefined) for (const digest of [...existing.tasks]) state.dropHolding(existing, digest)
+        // What it holds it announces again; what it was sent to the origin for it is still fetching
+        // (it moved to another replica, it did not stop), so those leases stay: another first fetcher
+        // for the same pieces would be a second copy from the origin.
+        if (existing !== undefined) for (const digest of [...existing.tasks]) state.dropHolding(existing, digest, undefined, { keepLeases: true })
         const { host } = state.upsertHost(e.host)
         host.via = envelope.by
         return { effects, existed: existing !== undefined }

@@ -98,6 +98,7 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
   /** Replicas seen appending, watched for liveness. */
   const replicas = new Set<string>()
   const resyncListeners: Array<() => void> = []
+  const appliedListeners: Array<(envelope: Envelope, outcome: Outcome) => void> = []
   /**
    * Redis was unreachable since it was last seen healthy: what this replica's
    * peers told it meanwhile was refused, and they should tell it again. (An
@@ -115,12 +116,15 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
 
   /** The epoch changed (or was first read): the reader reloads before it reads on. */
   let reload = false
+  /** No replica is declared gone before this (ms epoch). */
+  let sweepAfter = 0
 
   /** Reads (or starts) the epoch; a new one means the history this replica holds is gone. */
   async function checkEpoch (): Promise<boolean> {
     let current = await cmd.get(keys.epoch)
+    let created = false
     if (current === null) {
-      await cmd.set(keys.epoch, randomUUID(), 'NX')
+      created = await cmd.set(keys.epoch, randomUUID(), 'NX') === 'OK'
       current = await cmd.get(keys.epoch)
     }
     if (current === null) throw new StateUnavailableError('the shared state has no epoch')
@@ -128,6 +132,8 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
     const first = epoch === undefined
     epoch = current
     reload = true
+    // Liveness keys went with the old history: every replica gets one period to write its own again.
+    if (!first || created) sweepAfter = Date.now() + replicaTtlMs
     if (!first) resync('the shared state was lost (a new epoch)')
     return true
   }
@@ -181,6 +187,13 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
         pending.delete(envelope.n)
         continue
       }
+      for (const listener of appliedListeners) {
+        try {
+          listener(envelope, outcome)
+        } catch (err) {
+          logger.error({ err, type: envelope.e.type }, 'a listener of applied events failed')
+        }
+      }
       if (local) {
         pending.get(envelope.n)?.resolve(outcome)
         pending.delete(envelope.n)
@@ -193,6 +206,9 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
       try {
         if (epoch === undefined) await checkEpoch()
         if (reload) {
+          // A gap may be a new history (Redis came back empty) seen before the epoch check saw it:
+          // the epoch first, so this replica's peers are asked to come back before its copy is cleared.
+          await checkEpoch()
           reload = false
           await catchUp()
         }
@@ -228,7 +244,7 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
           resync('appends were refused while the shared store was away')
         }
         missed = false
-        for (const r of [...replicas]) {
+        for (const r of Date.now() < sweepAfter ? [] : [...replicas]) {
           if (r === replica) continue
           if (await cmd.exists(keys.replica(r)) === 1) continue
           replicas.delete(r)
@@ -284,6 +300,7 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
     get healthy () { return healthy && epoch !== undefined },
     append,
     onResync (listener) { resyncListeners.push(listener) },
+    onApplied (listener) { appliedListeners.push(listener) },
     async start () {
       await Promise.all([cmd.connect(), reader.connect()]).catch((err: unknown) => {
         // Not fatal: the replica answers "go to the origin" until Redis is back.

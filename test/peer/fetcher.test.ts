@@ -20,11 +20,19 @@ const task: SwarmTask = {
  * A scheduler client whose first `failures` parents requests time out; after
  * that the plan makes this node the first fetcher of pieces 3–6.
  */
-function slowScheduler (failures: number, connected = true): { client: SchedulerClient, asked: () => number } {
+function slowScheduler (failures: number, connected = true, movesInMs?: number): { client: SchedulerClient, asked: () => number } {
   let asked = 0
-  const client = {
+  const client: { connected: boolean } & Record<string, unknown> = {
     connected,
     peerId: 'scheduler',
+    // `movesInMs`: the session dropped and another replica takes over after that long; without it there is none.
+    async awaitSession ({ maxMs }: { maxMs: number }) {
+      if (client.connected) return true
+      if (movesInMs === undefined || movesInMs > maxMs) return false
+      await new Promise(resolve => setTimeout(resolve, movesInMs))
+      client.connected = true
+      return true
+    },
     async request (req: SchedulerRequest) {
       assert.equal(req.type, 'parents')
       asked++
@@ -33,8 +41,8 @@ function slowScheduler (failures: number, connected = true): { client: Scheduler
       return res
     },
     report () {}
-  } as unknown as SchedulerClient
-  return { client, asked: () => asked }
+  }
+  return { client: client as unknown as SchedulerClient, asked: () => asked }
 }
 
 function fetcherWith (client: SchedulerClient, planRetryDelayMs = 5): { fetcher: PieceFetcher, counter: (name: string) => Promise<number> } {
@@ -77,6 +85,14 @@ test('a scheduler that is gone sends the node to the origin at once', async () =
   const { fetcher } = fetcherWith(client)
   assert.deepEqual(await fetcher.fetch({ task, lastWanted: 40, whole: true }, 3, {}), { kind: 'origin', upTo: 40 })
   assert.equal(asked(), 0)
+})
+
+test('a session moving to another replica is waited for: the plan comes from the new one, not the origin', async () => {
+  const { client, asked } = slowScheduler(0, false, 50)
+  const { fetcher, counter } = fetcherWith(client)
+  assert.deepEqual(await fetcher.fetch({ task, lastWanted: 40, whole: true }, 3, {}), { kind: 'origin', upTo: 6 }, 'the plan\'s pieces 3–6, not the rest of the blob')
+  assert.equal(asked(), 1)
+  assert.equal(await counter('damselfly_swarm_origin_fallbacks_total'), 0)
 })
 
 test('a reader that gives up stops the waiting between asks', async () => {

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict'
 import { readFile } from 'node:fs/promises'
-import { after, before, describe, test } from 'node:test'
+import { after, afterEach, before, describe, test } from 'node:test'
 import { createLogger } from '../../src/logger.ts'
 import { StateUnavailableError } from '../../src/errors.ts'
 import type { HostInfo, TaskUpdate } from '../../src/protocol/messages.ts'
@@ -157,6 +157,10 @@ describe('replicas over one redis', () => {
     return swarm
   }
   before(async () => { r = await startRedis({ password: 'a-long-test-password' }) })
+  // Each test's replicas stop with it: one still running would see the next test's FLUSHALL as a lost history.
+  afterEach(async () => {
+    for (const s of mine.splice(0)) await s.log.stop()
+  })
   after(async () => {
     for (const s of mine.splice(0)) await s.log.stop()
     await r.close()
