@@ -23,9 +23,6 @@ import { tmpDir, type TmpDir } from '../helpers/tmp.ts'
 // replicas hang up their peers, which register and announce again, so the
 // swarm is known and serves a fresh peer from peers. And a seed in session
 // with one replica is the one sent to the origin for a peer planned by another.
-//
-// Assertions that fail because of product bugs (found with this test) say so
-// in a "PRODUCT BUG" comment beside them.
 
 const MIB = 1024 * 1024
 /** What the origin sends besides blob bytes: tag manifests and the small authorization HEADs a peer makes before serving a blob from the swarm. */
@@ -305,12 +302,8 @@ describe('scheduler replicas over Redis: one swarm whichever replica answers', (
       }
     }
 
-    // PRODUCT BUG (peer/swarm/fetcher.ts, fetch(): `if (!client.connected) return { kind: 'origin', upTo: ctx.lastWanted }`,
-    // and the catch after patientPlan(), which gives up at once when `!client.connected`): in the half second to few
-    // seconds a peer takes to move to another replica, every blob it is pulling is sent to the origin for all of its
-    // remaining pieces, so each peer of the killed replica fetches nearly the whole image from the origin (measured:
-    // 3×–5× the image instead of ≤ 1.05×). This assertion fails until the fetcher waits for the next session (when
-    // more than one replica is configured) instead of going to the origin for the rest of the blob.
+    // A peer whose replica died waits for its next session (fetcher `awaitSession`) rather than sending the rest of
+    // every blob to the origin, and keeps its origin leases when it registers with another replica (3–5× before).
     assert.ok(sent <= imageA.totalBytes * 1.05 + ORIGIN_SLACK, `origin sent ${sent} bytes, ${ratio.toFixed(3)}× the ${imageA.totalBytes}-byte image (per peer: ${byPeer.join(' ')})`)
   })
 
@@ -385,13 +378,8 @@ describe('scheduler replicas over Redis: one swarm whichever replica answers', (
       return out
     }
     let last: string[] = []
-    // PRODUCT BUG, intermittent (scheduler/swarm/redis-log.ts, readLoop()/houseLoop()): when Redis comes back empty,
-    // a replica's reader can see the new epoch's first events before its house loop reads the new epoch: it throws
-    // GapError ("expected event N, read 1"), and catchUp() clears this replica's copy (under the old epoch). When
-    // checkEpoch() then notices the new epoch, resync() walks state.hosts() — already empty — so the peers connected
-    // to this replica are never hung up, never register again, and stay missing ("hosts 5/6" below) until they
-    // reconnect for some other reason. Suggested fix: call checkEpoch() (whose resync runs before any clearing) before
-    // catchUp() in the reload path, or remember the hosts `via` this replica before clearing and hang those up.
+    // A reader that meets the new history before the epoch check did checks the epoch first, so this replica's peers
+    // are hung up (and register again) before its copy is cleared; before that fix, some stayed missing.
     await waitFor(async () => {
       last = (await Promise.all(survivors.map(async s => (await missing(s)).map(m => `${replicaName(s)}: ${m}`)))).flat()
       return last.length === 0
@@ -443,13 +431,8 @@ describe('scheduler replicas over Redis: one swarm whichever replica answers', (
     const refused = logLines(other.output()).filter(l => l.msg === 'a peer did not do what the scheduler asked' && l.peer === seedId && Date.parse(String(l.time)) >= startedAt)
     t.diagnostic(`seed (in session with ${replicaName(seedHome)}) fetched ${seedFetched} bytes from the origin, the probe (with ${replicaName(other)}) ${probeFetched}; ${replicaName(other)} logged ${refused.length} commands the seed did not carry out${refused[0] === undefined ? '' : ` (${String(refused[0].what)}: ${String(refused[0].err)})`}`)
     assert.ok(origin.bytesDown() <= imageC.totalBytes * 1.05 + ORIGIN_SLACK, `origin sent ${origin.bytesDown()} bytes for a ${imageC.totalBytes}-byte image`)
-    // PRODUCT BUG (scheduler/rpc/index.ts change()/perform(), with peer/jobs/control.ts): the effects of an event
-    // (here "seed the task") are carried out by the replica that appended it, i.e. the replica the *requesting* peer
-    // is in session with; the seed takes control commands only from the scheduler it is in session with
-    // (control.ts: `remotePeer !== session.peerId` → NotAuthorizedPeerError), so the command fails ("Cannot write to
-    // a stream that is closed"), a seed-failed event follows, and the ordinary peer fetches from the origin itself.
-    // Also affects "take a copy to certify a table" and "evict" (a reset table is not evicted from holders in
-    // session with other replicas). Fails until effects are performed by the replica the target host is `via`.
+    // The seed takes commands only from its own replica: the replica it is in session with carries out the
+    // command, whichever replica appended the event (before: the command failed and the probe fetched it itself).
     assert.ok(seedFetched >= layer.size, `the seed fetched the layer from the origin (${seedFetched} bytes; the probe ${probeFetched})`)
     assert.ok(probeFetched <= 2 * MIB, `the ordinary peer fetched ${probeFetched} bytes from the origin`)
   })
