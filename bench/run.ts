@@ -8,6 +8,7 @@ import { distribution } from './scenarios/distribution.ts'
 import { lazy } from './scenarios/lazy.ts'
 import { memory } from './scenarios/memory.ts'
 import { scheduler } from './scenarios/scheduler.ts'
+import { sessions } from './scenarios/sessions.ts'
 import { throughput } from './scenarios/throughput.ts'
 
 /**
@@ -16,7 +17,7 @@ import { throughput } from './scenarios/throughput.ts'
  * run) and writes bench/results/latest.json — quick.json for --quick, and
  * partial.json when --only picks scenarios (neither is kept in git).
  */
-const SCENARIOS: Scenario[] = [distribution, lazy, throughput, memory, scheduler, bittorrent]
+const SCENARIOS: Scenario[] = [distribution, lazy, throughput, memory, scheduler, sessions, bittorrent]
 
 const { values } = parseArgs({ options: { quick: { type: 'boolean', default: false }, only: { type: 'string' } } })
 const quick = values.quick === true
