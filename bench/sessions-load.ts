@@ -370,10 +370,13 @@ process.on('message', (msg: { id: number, cmd: string, args: unknown }) => {
     }
   })()
 })
-// The orchestrator went away: leave with it (the temp dir goes too).
-process.on('disconnect', () => {
+// The orchestrator went away, or this process is told to end: leave, and take the key files along.
+const leave = (): void => {
   void (async () => {
     if (dir !== undefined) await rm(dir, { recursive: true, force: true }).catch(() => {})
     process.exit(0)
   })()
-})
+}
+process.on('disconnect', leave)
+process.on('SIGTERM', leave)
+process.on('SIGINT', leave)
