@@ -37,11 +37,11 @@ const CONCURRENCY = 64
  * First one replica (state in memory) takes every session (5,000; 1,000
  * with --quick) — or as many as it keeps: starting them stops after a
  * while, since a replica that loses sessions as fast as they come would
- * never get there — and is measured idle (RSS, CPU; in the full run also
- * idle at 500 sessions on the way) and, when it kept them, under plan and
- * announcement loops and at an offered 2,000 plans/s.
+ * never get there — and is measured idle (RSS, CPU) and, when it kept
+ * them, under plan and announcement loops and at an offered 2,000 plans/s.
  *
- * Then a fresh replica and three replicas sharing the swarm through Redis
+ * Then a fresh replica (idle figures per session from it when the first
+ * did not keep every session) and three replicas sharing the swarm through Redis
  * (sessions spread over them) run side by side with the same sessions and
  * take turns (1, 3, 1, 3) at the same loops, so that whatever else the
  * machine runs weighs on both alike; last, 2,000 plans/s at each.
@@ -62,8 +62,8 @@ export const sessions: Scenario = {
       // A full minute holds one round of the scheduler's own pings (once a minute) besides six of the peers' (every 10 s).
       idleSeconds: quick ? 10 : 60,
       // Starting sessions stops here even short of all of them (they may drop as fast as they start).
-      growSeconds: quick ? 90 : 180,
-      loopSeconds: quick ? 3 : 6,
+      growSeconds: quick ? 90 : 240,
+      loopSeconds: quick ? 3 : 5,
       openSeconds: quick ? 3 : 5,
       // Plans still unanswered this long after the last was offered count as failed (quick runs only; else the peer's own 10 s deadline decides).
       graceMs: quick ? 2_000 : undefined,
@@ -76,16 +76,10 @@ export const sessions: Scenario = {
     try {
       // One replica takes every session, or as many as it keeps.
       const one = await deploy(o, 1, o.n, cleanup)
-      let idleFew: Idle | undefined
-      if (!quick) {
-        // Idle at the sessions compared later, for a clean figure per session (the full run only).
-        await grow(o, one, o.compareSessions, { strict: true })
-        idleFew = await idleFigures(o, one, o.idleSeconds)
-      }
       await grow(o, one, o.n, { strict: false, deadline: performance.now() + o.growSeconds * 1000 })
       await sleep(5_000)
       const held = (await census(one)).up >= o.n * 0.95
-      // Every session idle for the same window; a replica that lost them is looked at more briefly.
+      // Every session idle for a window that holds a round of the scheduler's pings; a replica that lost them, more briefly.
       const idleAll = await idleFigures(o, one, held ? o.idleSeconds : Math.min(20, o.idleSeconds))
       // The loops with every session up (the full run, when the replica kept them).
       const full = !quick && held ? await suite(o, one) : undefined
@@ -95,6 +89,8 @@ export const sessions: Scenario = {
       // Then a fresh replica and three over Redis, side by side with the same sessions, take turns.
       const single = await deploy(o, 1, o.compareSessions, cleanup)
       await grow(o, single, o.compareSessions, { strict: true })
+      // Idle figures per session from the fresh replica, when the first did not keep every session (the full run only).
+      const idleFew = quick || held ? undefined : await idleFigures(o, single, o.idleSeconds)
       const three = await deploy(o, 3, o.compareSessions, cleanup)
       await grow(o, three, o.compareSessions, { strict: true })
       const compared = await compare(o, single, three)
@@ -197,11 +193,11 @@ function rows (o: Options, one: Deployment, idleFew: Idle | undefined, all: Idle
   // Per-session idle figures from every session when one replica held them, else from the sessions compared.
   const few = heldAll || idleFew === undefined ? all : idleFew
   // RSS per session from the most sessions one replica held at once (idle, or as they were started).
-  const points: Array<{ sessions: number, rssMiB: number }> = [...(idleFew === undefined ? [] : [idleFew]), all, ...one.samples.flatMap(p => p.rssMiB === undefined ? [] : [{ sessions: p.up, rssMiB: p.rssMiB }])]
+  const points: Array<{ sessions: number, rssMiB: number }> = [all, ...one.samples.flatMap(p => p.rssMiB === undefined ? [] : [{ sessions: p.up, rssMiB: p.rssMiB }])]
   const best = points.reduce((a, b) => b.sessions > a.sessions ? b : a, { sessions: all.sessions, rssMiB: all.rssMiB })
   const rssPer1000 = best.sessions > 0 ? (best.rssMiB - one.rss0MiB) / (best.sessions / 1000) : NaN
   const rss5000 = measured ? all.rssMiB : one.rss0MiB + rssPer1000 * 5
-  // Idle CPU per session from the sessions compared (a window that holds one round of the scheduler's pings in the full run).
+  // Idle CPU per session from every session, or else from the sessions compared (a window that holds one round of the scheduler's pings in the full run).
   const idlePer1000 = few.sessions > 0 ? (few.cores.scheduler ?? 0) / (few.sessions / 1000) : NaN
   const idle5000 = measured ? (all.cores.scheduler ?? 0) : idlePer1000 * 5
   const projected = (what: string, from: number, unit: string): string => `${what}${measured ? '' : `, projected from ${at(from)}`}${unit}`
@@ -329,8 +325,9 @@ async function deploy (o: Options, replicas: number, sessions: number, cleanup: 
  */
 async function grow (o: Options, dep: Deployment, total: number, how: { strict: boolean, deadline?: number }): Promise<void> {
   const to = Math.ceil(total / o.generators)
-  // About 24 handshakes in flight in all: more only queue up in a busy replica, past the 3 s a peer gives one.
-  const concurrency = Math.max(1, Math.round(24 / o.generators))
+  // Handshakes in flight in all: more only queue up in a busy replica, past the 3 s a peer gives one when it knows
+  // several replicas (with one, the node's own 10 s apply).
+  const concurrency = Math.max(1, Math.round((dep.replicas === 1 ? 48 : 24) / o.generators))
   const chunk = Math.ceil(500 / o.generators)
   o.doing = `${dep.label}: starting sessions up to ${to * dep.generators.length}`
   const started = performance.now()
