@@ -4,6 +4,7 @@ import { parseArgs } from 'node:util'
 import { fileURLToPath } from 'node:url'
 import { pass, type Row, type Scenario } from './lib.ts'
 import { bittorrent } from './scenarios/bittorrent.ts'
+import { cluster } from './scenarios/cluster.ts'
 import { distribution } from './scenarios/distribution.ts'
 import { fleet } from './scenarios/fleet.ts'
 import { lazy } from './scenarios/lazy.ts'
@@ -18,7 +19,7 @@ import { throughput } from './scenarios/throughput.ts'
  * run) and writes bench/results/latest.json — quick.json for --quick, and
  * partial.json when --only picks scenarios (neither is kept in git).
  */
-const SCENARIOS: Scenario[] = [distribution, lazy, throughput, memory, scheduler, sessions, bittorrent, fleet]
+const SCENARIOS: Scenario[] = [distribution, lazy, throughput, memory, scheduler, sessions, bittorrent, fleet, cluster]
 
 const { values } = parseArgs({ options: { quick: { type: 'boolean', default: false }, only: { type: 'string' } } })
 const quick = values.quick === true

@@ -14,7 +14,12 @@ export interface Curve {
 
 const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd']
 
-export function finishPlot (title: string, tStarSeconds: number, curves: Curve[]): string {
+export interface PlotOptions {
+  /** Under the time axis. Default 'seconds since the pull started'. */
+  xLabel?: string
+}
+
+export function finishPlot (title: string, tStarSeconds: number, curves: Curve[], options: PlotOptions = {}): string {
   const W = 720
   const H = 420
   const left = 64
@@ -40,7 +45,7 @@ export function finishPlot (title: string, tStarSeconds: number, curves: Curve[]
     out.push(`<line x1="${x(s).toFixed(1)}" y1="${top + ph}" x2="${x(s).toFixed(1)}" y2="${top + ph + 4}" stroke="black"/>`)
     out.push(`<text x="${x(s).toFixed(1)}" y="${top + ph + 18}" text-anchor="middle">${fmt(s)}</text>`)
   }
-  out.push(`<text x="${left + pw / 2}" y="${H - 16}" text-anchor="middle">seconds since the pull started</text>`)
+  out.push(`<text x="${left + pw / 2}" y="${H - 16}" text-anchor="middle">${escape(options.xLabel ?? 'seconds since the pull started')}</text>`)
   const yStep = niceStep(yMax / 5)
   for (let n = 0; n <= yMax + 1e-9; n += yStep) {
     out.push(`<line x1="${left - 4}" y1="${y(n).toFixed(1)}" x2="${left}" y2="${y(n).toFixed(1)}" stroke="black"/>`)

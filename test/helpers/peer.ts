@@ -1,6 +1,7 @@
 import { fileURLToPath } from 'node:url'
 import path from 'node:path'
 import { request } from 'undici'
+import type { NetnsNode } from './netns.ts'
 import { freePorts } from './ports.ts'
 import { spawnProcess, waitFor, type Spawned } from './process.ts'
 import { tmpDir } from './tmp.ts'
@@ -21,6 +22,10 @@ export interface PeerOptions {
   name?: string
   /** Address of every port (mirror, p2p, upload). Default 127.0.0.1; '::1' for IPv6. */
   host?: string
+  /** Run inside this node's network namespace (test/helpers/netns.ts). */
+  netns?: Pick<NetnsNode, 'command'>
+  /** Mirror, p2p and upload ports; default: free ones (in a namespace of its own any port is free). */
+  ports?: [number, number, number]
 }
 
 export interface TestPeer {
@@ -49,6 +54,8 @@ export interface TestScheduler {
   readonly address: string
   readonly httpUrl: string
   readonly dataDir: string
+  /** The running process's id; undefined while stopped. */
+  readonly pid: number | undefined
   output: () => string
   stop: () => Promise<void>
   kill: () => Promise<void>
@@ -62,9 +69,9 @@ export async function startPeer (options: PeerOptions): Promise<TestPeer> {
   // peer's bind (test files and benchmarks run beside each other): try again with others.
   for (let attempt = 1; ; attempt++) {
     try {
-      return await startPeerOnce(options, await freePorts(3) as [number, number, number])
+      return await startPeerOnce(options, options.ports ?? await freePorts(3) as [number, number, number])
     } catch (err) {
-      if (attempt >= 3 || !String((err as Error).message).includes('EADDRINUSE')) throw err
+      if (attempt >= 3 || options.ports !== undefined || !String((err as Error).message).includes('EADDRINUSE')) throw err
     }
   }
 }
@@ -90,7 +97,7 @@ async function startPeerOnce (options: PeerOptions, [port, p2pPort, uploadPort]:
   let proc: Spawned | undefined
   const url = `http://${urlHost(options.host ?? '127.0.0.1')}:${port}`
   const start = async (): Promise<void> => {
-    const started = spawnProcess(process.execPath, args, { env: { ...process.env, ...options.env } })
+    const started = spawnIn(options.netns, args, { ...process.env, ...options.env })
     proc = started
     await waitFor(async () => healthy(url), {
       timeoutMs: 30_000,
@@ -128,15 +135,15 @@ async function startPeerOnce (options: PeerOptions, [port, p2pPort, uploadPort]:
 }
 
 /** Runs `damselfly scheduler` as its own process on loopback. */
-export async function startScheduler (options: { args?: string[], env?: NodeJS.ProcessEnv, host?: string } = {}): Promise<TestScheduler> {
-  const [port, httpPort] = await freePorts(2) as [number, number]
+export async function startScheduler (options: { args?: string[], env?: NodeJS.ProcessEnv, host?: string, netns?: Pick<NetnsNode, 'command'>, ports?: [number, number] } = {}): Promise<TestScheduler> {
+  const [port, httpPort] = options.ports ?? await freePorts(2) as [number, number]
   const tmp = await tmpDir('df-scheduler-')
   const host = options.host ?? '127.0.0.1'
   const args = [CLI, 'scheduler', '--data-dir', tmp.path, '--host', host, '--port', String(port), '--http-host', host, '--http-port', String(httpPort), '--log-level', 'debug', ...(options.args ?? [])]
   const httpUrl = `http://${urlHost(host)}:${httpPort}`
   let proc: Spawned | undefined
   const start = async (): Promise<void> => {
-    const started = spawnProcess(process.execPath, args, { env: { ...process.env, ...options.env } })
+    const started = spawnIn(options.netns, args, { ...process.env, ...options.env })
     proc = started
     await waitFor(async () => healthy(httpUrl), {
       timeoutMs: 30_000,
@@ -149,6 +156,7 @@ export async function startScheduler (options: { args?: string[], env?: NodeJS.P
     address: `${urlHost(host)}:${port}`,
     httpUrl,
     dataDir: tmp.path,
+    get pid () { return proc?.child.exitCode === null ? proc.child.pid : undefined },
     output: () => proc?.output() ?? '',
     stop: async () => { await proc?.stop() },
     kill: async () => { await proc?.stop('SIGKILL') },
@@ -158,6 +166,12 @@ export async function startScheduler (options: { args?: string[], env?: NodeJS.P
       await tmp.cleanup()
     }
   }
+}
+
+/** This Node running `args`, in a network namespace when one is given (`ip netns exec` execs in place: the pid is Node's). */
+function spawnIn (netns: Pick<NetnsNode, 'command'> | undefined, args: string[], env: NodeJS.ProcessEnv): Spawned {
+  const { cmd, args: argv } = netns?.command(process.execPath, args) ?? { cmd: process.execPath, args }
+  return spawnProcess(cmd, argv, { env })
 }
 
 /** An address as a URL's host: IPv6 in brackets. */

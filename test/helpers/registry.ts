@@ -3,6 +3,7 @@ import { readFile, writeFile, mkdir } from 'node:fs/promises'
 import path from 'node:path'
 import { Agent, request } from 'undici'
 import type { Dispatcher } from 'undici'
+import type { NetnsNode } from './netns.ts'
 import { freePort } from './ports.ts'
 import { run, spawnProcess, waitFor } from './process.ts'
 import type { Spawned } from './process.ts'
@@ -13,16 +14,26 @@ export interface RegistryOptions {
   auth?: { username: string, password: string }
   /** PEM file paths; the registry then serves https. */
   tls?: { cert: string, key: string }
+  /** Address to listen on. Default 127.0.0.1. */
+  host?: string
+  /** Port to listen on. Default: a free one. */
+  port?: number
+  /** Run inside this node's network namespace (test/helpers/netns.ts). */
+  netns?: Pick<NetnsNode, 'command'>
+  /** Serve Prometheus metrics (bytes sent per handler) on this port of `host`, at /metrics. */
+  metricsPort?: number
 }
 
 export interface TestRegistry {
-  /** http://127.0.0.1:PORT, or https:// with tls. */
+  /** http://HOST:PORT (127.0.0.1 unless `host` was given), or https:// with tls. */
   url: string
-  /** 127.0.0.1:PORT */
+  /** HOST:PORT */
   host: string
   port: number
   /** Storage root of the registry. */
   dataDir: string
+  /** The running process's id; undefined while stopped. */
+  readonly pid: number | undefined
   /** Stops the process; the data is kept. */
   stop(): Promise<void>
   /** Starts it again on the same port with the same data (for outage tests). */
@@ -65,7 +76,7 @@ export async function makeTestCa (dir: string, name: string): Promise<{ cert: st
   return { cert, key }
 }
 
-function registryConfig (o: { port: number, dataDir: string, tls: RegistryOptions['tls'], htpasswd: string | undefined }): string {
+function registryConfig (o: { host: string, port: number, metricsPort: number | undefined, dataDir: string, tls: RegistryOptions['tls'], htpasswd: string | undefined }): string {
   const lines = [
     'version: 0.1',
     'log:',
@@ -82,9 +93,12 @@ function registryConfig (o: { port: number, dataDir: string, tls: RegistryOption
     '    uploadpurging:',
     '      enabled: false',
     'http:',
-    `  addr: 127.0.0.1:${o.port}`,
+    `  addr: ${o.host}:${o.port}`,
     `  secret: ${randomBytes(16).toString('hex')}`
   ]
+  if (o.metricsPort !== undefined) {
+    lines.push('  debug:', `    addr: ${o.host}:${o.metricsPort}`, '    prometheus:', '      enabled: true', '      path: /metrics')
+  }
   if (o.tls !== undefined) {
     lines.push('  tls:', `    certificate: ${JSON.stringify(o.tls.cert)}`, `    key: ${JSON.stringify(o.tls.key)}`)
   }
@@ -98,7 +112,8 @@ function registryConfig (o: { port: number, dataDir: string, tls: RegistryOption
 export async function startRegistry (opts: RegistryOptions = {}): Promise<TestRegistry> {
   const tmp = await tmpDir('damselfly-registry')
   try {
-    const port = await freePort()
+    const port = opts.port ?? await freePort()
+    const bind = opts.host ?? '127.0.0.1'
     const dataDir = path.join(tmp.path, 'data')
     await mkdir(dataDir)
     let htpasswd: string | undefined
@@ -108,10 +123,10 @@ export async function startRegistry (opts: RegistryOptions = {}): Promise<TestRe
       await writeFile(htpasswd, stdout)
     }
     const configFile = path.join(tmp.path, 'config.yml')
-    await writeFile(configFile, registryConfig({ port, dataDir, tls: opts.tls, htpasswd }))
+    await writeFile(configFile, registryConfig({ host: bind, port, metricsPort: opts.metricsPort, dataDir, tls: opts.tls, htpasswd }))
 
     const scheme = opts.tls !== undefined ? 'https' : 'http'
-    const host = `127.0.0.1:${port}`
+    const host = `${bind}:${port}`
     const url = `${scheme}://${host}`
     const dispatcher: Dispatcher = opts.tls !== undefined
       ? new Agent({ connect: { ca: await readFile(opts.tls.cert) } })
@@ -120,7 +135,8 @@ export async function startRegistry (opts: RegistryOptions = {}): Promise<TestRe
     let proc: Spawned | undefined
     const start = async (): Promise<void> => {
       if (proc !== undefined) return
-      const p = spawnProcess('docker-registry', ['serve', configFile])
+      const { cmd, args } = opts.netns?.command('docker-registry', ['serve', configFile]) ?? { cmd: 'docker-registry', args: ['serve', configFile] }
+      const p = spawnProcess(cmd, args)
       proc = p
       let exited: number | null | undefined
       void p.exited.then((code) => { exited = code })
@@ -152,6 +168,7 @@ export async function startRegistry (opts: RegistryOptions = {}): Promise<TestRe
       host,
       port,
       dataDir,
+      get pid () { return proc?.child.exitCode === null ? proc.child.pid : undefined },
       start,
       stop,
       async close () {
