@@ -67,12 +67,12 @@ export const cluster: Scenario = {
           { name: 'N=6, no swarm', nodes: 6, layers: [1, 1], direct: true, deadline: 12, targets: {} }
         ]
       : [
-          { name: 'N=16, swarm', nodes: 16, layers: [10, 6, 4, 3, 1], deadline: 5, targets: {} },
-          { name: 'N=16, no swarm', nodes: 16, layers: [2, 1], direct: true, deadline: 32, targets: {} },
-          { name: 'N=32, swarm', nodes: 32, layers: [10, 6, 4, 3, 1], deadline: 5, targets: { slowest: 1.3, origin: 1.05 } },
-          { name: 'N=32, no swarm', nodes: 32, layers: [2, 1], direct: true, deadline: 64, targets: {} },
-          { name: 'N=32, a quarter at a fifth of the bandwidth', nodes: 32, layers: [6, 4, 2], slowQuarter: true, deadline: 4, targets: {} },
-          { name: 'N=32, two nodes killed mid-pull', nodes: 32, layers: [10, 6, 4, 3, 1], kill: [5, 22], deadline: 5, targets: { slowest: 1.5, origin: 1.05 } }
+          { name: 'N=16, swarm', nodes: 16, layers: [6, 4, 3, 2, 1], deadline: 5, targets: {} },
+          { name: 'N=16, no swarm', nodes: 16, layers: [1, 1], direct: true, deadline: 32, targets: {} },
+          { name: 'N=32, swarm', nodes: 32, layers: [6, 4, 3, 2, 1], deadline: 5, targets: { slowest: 1.3, origin: 1.05 } },
+          { name: 'N=32, no swarm', nodes: 32, layers: [1, 1], direct: true, deadline: 64, targets: {} },
+          { name: 'N=32, a quarter at a fifth of the bandwidth', nodes: 32, layers: [4, 2, 2], slowQuarter: true, deadline: 4, targets: {} },
+          { name: 'N=32, two nodes killed mid-pull', nodes: 32, layers: [6, 4, 3, 2, 1], kill: [5, 22], deadline: 5, targets: { slowest: 1.5, origin: 1.05 } }
         ]
     const work = await tmpDir('df-bench-cluster-')
     const rows: Row[] = []
@@ -84,6 +84,8 @@ export const cluster: Scenario = {
         link: LINK,
         origin: ORIGIN,
         peerEnv: deployedPeerEnv(),
+        // As deploy/kubernetes/base/config/seed-peer.yaml runs it.
+        seedArgs: ['--memory-cache-size', '128MiB'],
         log
       })
       for (const [k, kase] of cases.entries()) {
@@ -133,10 +135,11 @@ async function runCase (c: Cluster, kase: Case, dir: string, seedName: string, l
   const counters = difference(await swarmCounters(c, pulling.filter(n => !killed.has(n.index))), before)
   const seedSent = counters.seedUploaded ?? 0
   const outcomes = report.outcomes.filter(o => !killed.has(o.index))
-  const failed = outcomes.filter(o => !o.ok)
+  const unfinished = outcomes.filter(o => o.unfinished)
+  const failed = outcomes.filter(o => !o.ok && !o.unfinished)
   const seconds = outcomes.filter(o => o.ok).map(o => o.ms / 1000).sort((a, b) => a - b)
   const ratio = (s: number): number => Number.isFinite(s) ? round(s / tStar, 3) : Infinity
-  const slowest = failed.length > 0 ? Infinity : Math.max(...seconds)
+  const slowest = failed.length + unfinished.length > 0 ? Infinity : Math.max(...seconds)
   const p50 = percentile(outcomes.map(o => o.ok ? o.ms / 1000 : Infinity), 50)
   const slowTimes = outcomes.filter(o => o.ok && kase.slowQuarter === true && o.index % 4 === 3).map(o => o.ms / 1000)
   const detail = {
@@ -147,6 +150,8 @@ async function runCase (c: Cluster, kase: Case, dir: string, seedName: string, l
     originBytes: report.originBytes,
     seedUploadedBytes: seedSent,
     failed: failed.map(o => ({ node: `n${o.index}`, error: o.error?.slice(0, 300) })),
+    unfinishedAtDeadline: unfinished.map(o => `n${o.index}`),
+    deadlineTStar: kase.deadline,
     killed: [...killed].map(i => `n${i}`),
     cpuIdle: round(report.cpuIdle, 3),
     clusterCores: round(report.clusterCpuSeconds / (report.wallMs / 1000), 3),
@@ -155,7 +160,7 @@ async function runCase (c: Cluster, kase: Case, dir: string, seedName: string, l
     ...(slowTimes.length > 0 ? { slowNodesSlowestSeconds: round(Math.max(...slowTimes), 2), fastNodesSlowestSeconds: round(Math.max(...outcomes.filter(o => o.ok && o.index % 4 !== 3).map(o => o.ms / 1000)), 2) } : {}),
     times: seconds.map(s => round(s, 2))
   }
-  log(`cluster ${kase.name}: S ${(S / MIB).toFixed(1)} MiB, T* ${tStar.toFixed(1)} s, slowest ${ratio(slowest)}× T*, p50 ${ratio(p50)}×, origin ${round(report.originBytes / S, 3)}× S, seed sent ${round(seedSent / S, 2)}× S, ${failed.length} failed, CPU idle ${Math.round(report.cpuIdle * 100)}% (the cluster's processes ${round(report.clusterCpuSeconds / (report.wallMs / 1000), 2)} cores), ${JSON.stringify(counters)}`)
+  log(`cluster ${kase.name}: S ${(S / MIB).toFixed(1)} MiB, T* ${tStar.toFixed(1)} s, slowest ${ratio(slowest)}× T*, p50 ${ratio(p50)}×, origin ${round(report.originBytes / S, 3)}× S, seed sent ${round(seedSent / S, 2)}× S, ${failed.length} failed, ${unfinished.length} unfinished at ${kase.deadline}× T*, CPU idle ${Math.round(report.cpuIdle * 100)}% (the cluster's processes ${round(report.clusterCpuSeconds / (report.wallMs / 1000), 2)} cores), ${JSON.stringify(counters)}`)
   const scenario = 'cluster'
   const target = (v: number | undefined): Row['target'] => v === undefined ? undefined : { op: '<=', value: v }
   rows.push(
@@ -163,6 +168,7 @@ async function runCase (c: Cluster, kase: Case, dir: string, seedName: string, l
     { scenario, metric: `${kase.name}: p50 ÷ T*`, value: ratio(p50), unit: 'x', detail },
     { scenario, metric: `${kase.name}: origin ÷ S`, value: round(report.originBytes / S, 3), unit: 'x', target: target(kase.targets.origin), detail },
     { scenario, metric: `${kase.name}: failed pulls (killed nodes not counted)`, value: failed.length, unit: 'pulls', target: { op: '<=', value: 0 }, detail },
+    ...(unfinished.length === 0 ? [] : [{ scenario, metric: `${kase.name}: pulls unfinished at ${kase.deadline}× T* (stopped)`, value: unfinished.length, unit: 'pulls', detail }]),
     ...(kase.direct === true ? [] : [{ scenario, metric: `${kase.name}: the seed's upload ÷ S`, value: round(seedSent / S, 3), unit: 'x', detail }]),
     { scenario, metric: `${kase.name}: CPU idle during the pull (other work on the machine included)`, value: Math.round(report.cpuIdle * 100), unit: '%', detail },
     { scenario, metric: `${kase.name}: cores the cluster's processes used (of 2)`, value: round(report.clusterCpuSeconds / (report.wallMs / 1000), 2), unit: 'cores', detail }

@@ -54,9 +54,11 @@ export interface PullOptions {
 export interface PullOutcome {
   index: number
   ok: boolean
-  /** Milliseconds from the common start to the last verified byte. */
+  /** Milliseconds from the common start to the last verified byte (or the failure). */
   ms: number
   bytes: number
+  /** Still pulling at the deadline (then also not ok). */
+  unfinished: boolean
   error?: string | undefined
 }
 
@@ -177,7 +179,7 @@ export async function startCluster (init: ClusterInit): Promise<Cluster> {
           const cpuBefore = await cpuTimes()
           const startedAt = Date.now()
           for (const r of readers) r.go()
-          const deadline = setTimeout(() => { for (const r of readers) r.kill() }, options.deadlineMs ?? 600_000)
+          const deadline = setTimeout(() => { for (const r of readers) r.kill(true) }, options.deadlineMs ?? 600_000)
           let results: ReaderResult[]
           try {
             const during = options.during?.(startedAt)
@@ -192,14 +194,21 @@ export async function startCluster (init: ClusterInit): Promise<Cluster> {
           const processCpu = await processCpuSeconds(pids)
           const sent = await originBytes() - sentBefore
           return {
-            outcomes: results.map((r, k) => ({ index: (pulling[k] as ClusterNode).index, ok: r.ok, ms: r.finishedAt - startedAt, bytes: r.bytes, error: r.error })),
+            outcomes: results.map((r, k) => ({
+              index: (pulling[k] as ClusterNode).index,
+              ok: r.ok,
+              ms: r.finishedAt - startedAt,
+              bytes: r.bytes,
+              unfinished: (readers[k] as Reader).stoppedAtDeadline,
+              error: r.error
+            })),
             originBytes: sent,
             cpuIdle: (cpuAfter.idle - cpuBefore.idle) / Math.max(1, cpuAfter.total - cpuBefore.total),
             clusterCpuSeconds: readersCpu + processCpu - processCpuBefore,
             wallMs
           }
         } finally {
-          for (const r of readers) r.kill()
+          for (const r of readers) r.kill(false)
           await Promise.allSettled(readers.map(async r => r.result))
         }
       },
@@ -215,13 +224,16 @@ interface Reader {
   ready: Promise<void>
   result: Promise<ReaderResult>
   go: () => void
-  kill: () => void
+  /** SIGKILL, unless it has ended already; `deadline` marks it as stopped for being too slow. */
+  kill: (deadline: boolean) => void
+  readonly stoppedAtDeadline: boolean
 }
 
 /** A cluster-reader.ts process in the node's namespace, loaded and waiting for go(). */
 function startReader (node: NetnsNode, init: ReaderInit): Reader {
   const { cmd, args } = node.command(process.execPath, [READER, JSON.stringify(init)])
   const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] })
+  let stoppedAtDeadline = false
   let stderr = ''
   child.stderr.on('data', (chunk: Buffer) => { stderr = (stderr + chunk.toString()).slice(-4000) })
   child.stdin.on('error', () => {}) // a reader that died does not read its go
@@ -240,7 +252,7 @@ function startReader (node: NetnsNode, init: ReaderInit): Reader {
       try {
         resolve(JSON.parse(last) as ReaderResult)
       } catch {
-        resolve({ ok: false, finishedAt: Date.now(), bytes: 0, blobs: 0, cpuMs: 0, error: `reader in ${node.name} ended (${code ?? signal ?? '?'}) without a result:\n${stderr}` })
+        resolve({ ok: false, finishedAt: Date.now(), bytes: 0, blobs: 0, cpuMs: 0, error: stoppedAtDeadline ? 'still pulling at the deadline' : `reader in ${node.name} ended (${code ?? signal ?? '?'}) without a result:\n${stderr}` })
       }
     })
   })
@@ -248,7 +260,12 @@ function startReader (node: NetnsNode, init: ReaderInit): Reader {
     ready,
     result,
     go: () => { child.stdin.end('go\n') },
-    kill: () => { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL') }
+    kill: (deadline) => {
+      if (child.exitCode !== null || child.signalCode !== null) return
+      stoppedAtDeadline ||= deadline
+      child.kill('SIGKILL')
+    },
+    get stoppedAtDeadline () { return stoppedAtDeadline }
   }
 }
 
