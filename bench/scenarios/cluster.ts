@@ -23,6 +23,8 @@ const ORIGIN: LinkShape = { up: 1 * MIB, down: 16 * MIB, delayMs: 2 }
 const SLOW: LinkShape = { up: 0.4 * MIB, down: 0.4 * MIB, delayMs: 2 }
 /** Where the two nodes die in the churn case, as a share of T*. */
 const KILL_AT = 0.4
+/** How long to wait, at most, for the peers to stop fetching between cases. */
+const QUIET_MAX_S = 45
 
 interface Case {
   name: string
@@ -54,7 +56,9 @@ interface Measured {
  * a cold image at once; every figure is against T* = max(S/u₀, S/min dᵢ,
  * N·S/(u₀ + Σuᵢ)). Without the swarm, every node pulls straight from the
  * origin through the same links (a smaller image: that takes N times as long,
- * and its ratio does not depend on S). Needs root; --quick runs six nodes.
+ * and its ratio does not depend on S). Readers still pulling at the case's
+ * deadline (a multiple of T*) are stopped; the peers are then left to go
+ * quiet before the next case. Needs root; --quick runs six nodes.
  */
 export const cluster: Scenario = {
   name: 'cluster',
@@ -67,12 +71,12 @@ export const cluster: Scenario = {
           { name: 'N=6, no swarm', nodes: 6, layers: [1, 1], direct: true, deadline: 12, targets: {} }
         ]
       : [
-          { name: 'N=16, swarm', nodes: 16, layers: [6, 4, 3, 2, 1], deadline: 5, targets: {} },
+          { name: 'N=16, swarm', nodes: 16, layers: [4, 3, 2, 2, 1], deadline: 8, targets: {} },
           { name: 'N=16, no swarm', nodes: 16, layers: [1, 1], direct: true, deadline: 32, targets: {} },
-          { name: 'N=32, swarm', nodes: 32, layers: [6, 4, 3, 2, 1], deadline: 5, targets: { slowest: 1.3, origin: 1.05 } },
+          { name: 'N=32, swarm', nodes: 32, layers: [4, 3, 2, 2, 1], deadline: 8, targets: { slowest: 1.3, origin: 1.05 } },
           { name: 'N=32, no swarm', nodes: 32, layers: [1, 1], direct: true, deadline: 64, targets: {} },
-          { name: 'N=32, a quarter at a fifth of the bandwidth', nodes: 32, layers: [4, 2, 2], slowQuarter: true, deadline: 4, targets: {} },
-          { name: 'N=32, two nodes killed mid-pull', nodes: 32, layers: [6, 4, 3, 2, 1], kill: [5, 22], deadline: 5, targets: { slowest: 1.5, origin: 1.05 } }
+          { name: 'N=32, a quarter at a fifth of the bandwidth', nodes: 32, layers: [3, 2, 1], slowQuarter: true, deadline: 6, targets: {} },
+          { name: 'N=32, two nodes killed mid-pull', nodes: 32, layers: [4, 3, 2, 2, 1], kill: [5, 22], deadline: 8, targets: { slowest: 1.5, origin: 1.05 } }
         ]
     const work = await tmpDir('df-bench-cluster-')
     const rows: Row[] = []
@@ -133,6 +137,9 @@ async function runCase (c: Cluster, kase: Case, dir: string, seedName: string, l
     for (const n of pulling) if (killed.has(n.index)) await n.peer.start()
   }
   const counters = difference(await swarmCounters(c, pulling.filter(n => !killed.has(n.index))), before)
+  // Peers go on with pieces their stopped readers had asked for: wait for that to end before the next case.
+  const quiet = await quiesce(c)
+  if (quiet > 1) log(`cluster ${kase.name}: the peers went quiet ${quiet.toFixed(0)} s after the pull`)
   const seedSent = counters.seedUploaded ?? 0
   const outcomes = report.outcomes.filter(o => !killed.has(o.index))
   const unfinished = outcomes.filter(o => o.unfinished)
@@ -193,6 +200,28 @@ async function swarmCounters (c: Cluster, nodes: readonly ClusterNode[]): Promis
     add('peers uploaded', m.get('damselfly_uploaded_bytes_total'))
   }
   return out
+}
+
+/** Waits until no peer fetches anything for two polls in a row (at most QUIET_MAX_S); returns the seconds waited. */
+async function quiesce (c: Cluster): Promise<number> {
+  const started = Date.now()
+  const fetched = async (): Promise<number> => {
+    let sum = 0
+    for (const n of c.nodes) {
+      if (n.peer.pid === undefined) continue
+      sum += (await n.peer.metrics()).get('damselfly_fetched_bytes_total')
+    }
+    return sum
+  }
+  let last = await fetched()
+  let still = 0
+  while (still < 2 && Date.now() - started < QUIET_MAX_S * 1000) {
+    await sleep(1_000)
+    const now = await fetched()
+    still = now === last ? still + 1 : 0
+    last = now
+  }
+  return (Date.now() - started) / 1000
 }
 
 function difference (after: Counters, before: Counters): Counters {
