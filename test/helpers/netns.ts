@@ -212,9 +212,8 @@ export async function createNetwork (): Promise<EmulatedNetwork> {
         await ip('-n', netns, 'addr', 'add', `${address}/16`, 'dev', 'eth0')
         await ip('-n', netns, 'link', 'set', 'eth0', 'up')
         await ip('-n', netns, 'link', 'set', 'lo', 'up')
-        // Linux's default congestion control, whatever this host runs: BBR (v1) ignores loss and, on a
-        // link with a shallow queue, lost a tenth of what the origin sent here (retransmits the bound does
-        // not allow for). Set on the route: a namespace may not pick one the host has not allowed.
+        // Linux's default congestion control (what most nodes run), whatever this host was set to (BBR
+        // here). Set on the route: a namespace may not pick one the host has not allowed.
         await ip('-n', netns, 'route', 'replace', `${base}.0.0/16`, 'dev', 'eth0', 'proto', 'kernel', 'scope', 'link', 'src', address, 'congctl', CONGESTION_CONTROL)
         let current: LinkShape = {}
         const reshape = async (next: LinkShape): Promise<void> => {
