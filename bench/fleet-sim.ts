@@ -27,6 +27,9 @@ const { values, positionals } = parseArgs({
     late: { type: 'string', default: '0' },
     horizon: { type: 'string', default: String(FLEET_DEFAULTS.horizon) },
     readahead: { type: 'string', default: String(PEER_DEFAULTS.readahead) },
+    lookahead: { type: 'string', default: String(PEER_DEFAULTS.lookahead) },
+    inflight: { type: 'string', default: String(PEER_DEFAULTS.inflight) },
+    'blob-mib': { type: 'string', default: String(FLEET_DEFAULTS.blobBytes / 1048576) },
     svg: { type: 'string' },
     quiet: { type: 'boolean', default: false }
   }
@@ -39,7 +42,8 @@ const result = simulateFleet({
   leaving: Number(values.leaving),
   late: Number(values.late),
   horizon: Number(values.horizon),
-  peer: { ...PEER_DEFAULTS, readahead: Number(values.readahead) },
+  blobBytes: Number(values['blob-mib']) * 1048576,
+  peer: { ...PEER_DEFAULTS, readahead: Number(values.readahead), lookahead: Number(values.lookahead), inflight: Number(values.inflight) },
   log: values.quiet === true ? undefined : (line) => { process.stderr.write(`${line}\n`) }
 })
 const finite = (v: number): number | null => Number.isFinite(v) ? v : null

@@ -9,6 +9,7 @@ import { createEventClock } from '../../scheduler/swarm/clock.ts'
 import type { Effect, SwarmEvent } from '../../scheduler/swarm/events.ts'
 import { createSwarmMachine, type Outcome } from '../../scheduler/swarm/machine.ts'
 import { createTrustKeeper } from '../../scheduler/swarm/trust.ts'
+import { holderOrder } from '../../peer/swarm/fetcher.ts'
 import { EventQueue, type Timer } from './heap.ts'
 import { Network } from './network.ts'
 
@@ -36,6 +37,13 @@ export interface PeerModel {
   readahead: number
   /** Pieces asked about per plan (fetcher `window`). */
   window: number
+  /**
+   * Out-of-order fetching (0: off, the reader's in-order read-ahead): pieces
+   * ahead of the reader's head that may be fetched, in a random order, with
+   * `inflight` under way at once (the head always among them).
+   */
+  lookahead: number
+  inflight: number
   planTtlMs: number
   inProgressWaitMs: number
   parentBackoffMs: number
@@ -53,6 +61,8 @@ export interface PeerModel {
 export const PEER_DEFAULTS: PeerModel = {
   readahead: 4,
   window: 64,
+  lookahead: 256,
+  inflight: 8,
   planTtlMs: 2_000,
   inProgressWaitMs: 15_000,
   parentBackoffMs: 30_000,
@@ -208,6 +218,8 @@ interface Node {
   firstLanded: boolean
   head: number
   started: number
+  /** Pieces under way (out-of-order mode). */
+  underway: number
   /** Uploads waiting for a piece still on its way here. */
   waiters: Map<number, Set<Attempt>>
   plan: Plan | undefined
@@ -334,6 +346,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       firstLanded: false,
       head: 0,
       started: 0,
+      underway: 0,
       waiters: new Map(),
       plan: undefined,
       pieceMs: 200,
@@ -480,6 +493,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
   function land (n: Node, i: number, source: 'peer' | 'origin'): void {
     if (n.gone || n.have[i] === 2) return
     n.have[i] = 2
+    n.underway--
     n.held++
     n.adds.push([i, hex[i] as string])
     if (source === 'origin') n.fromOrigin.push(i)
@@ -518,6 +532,17 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       n.firstLanded = true
     }
     while (n.head < P && n.have[n.head] === 2) n.head++
+    if (m.lookahead > 0) {
+      if (n.head < P && n.have[n.head] === 0) acquire(n, n.head, P - 1)
+      const end = Math.min(P, n.head + m.lookahead)
+      while (n.underway < m.inflight) {
+        const missing: number[] = []
+        for (let j = n.head + 1; j < end; j++) if (n.have[j] === 0) missing.push(j)
+        if (missing.length === 0) break
+        acquire(n, missing[Math.floor(random() * missing.length)] as number, P - 1)
+      }
+      return
+    }
     const end = Math.min(P, n.head + m.readahead)
     while (n.started < end) {
       acquire(n, n.started, P - 1)
@@ -529,6 +554,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
   function acquire (n: Node, i: number, lastWanted: number): void {
     if (n.have[i] !== 0 || n.gone) return
     n.have[i] = 1
+    n.underway++
     step({ n, i, lastWanted, startedAt: now, round: 0, pauses: 0, exclude: new Set() })
   }
 
@@ -536,7 +562,10 @@ export function simulateFleet (config: FleetConfig): FleetResult {
   function originRun (n: Node, first: number, limit: number): void {
     let last = first
     while (last < limit && n.have[last + 1] === 0) last++
-    for (let j = first + 1; j <= last; j++) n.have[j] = 1
+    for (let j = first + 1; j <= last; j++) {
+      n.have[j] = 1
+      n.underway++
+    }
     counts.originRuns++
     after(lat + cost, () => {
       if (n.gone) return
@@ -645,9 +674,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
 
   function race (op: Op, p: Plan, holders: SimParent[], fetchers: SimParent[], done: (won: 'piece' | 'later' | undefined) => void): void {
     const { n, i } = op
-    const spread = Math.min(holders.length, 3)
-    const rot = i % Math.max(1, spread)
-    const order = [...holders.slice(rot), ...holders.slice(0, rot), ...fetchers]
+    const order = holderOrder(i, holders, fetchers, x => x.node.seed)
     const live: Attempt[] = []
     let next = 0
     let failed = 0

@@ -77,8 +77,12 @@ export interface BlobServiceComponents {
 }
 
 export interface BlobServiceInit {
-  /** Pieces a reader fetches ahead of the one it is sending. Default 4. */
+  /** Pieces a reader has under way ahead of the one it is sending. Default 8. */
   readahead?: number
+  /** How far ahead of the piece being sent those may be, taken in a random order. Default 256. */
+  window?: number
+  /** Picks the pieces a reader fetches ahead; injected for tests. */
+  random?: () => number
   /** Most pieces one origin request covers. Default 64. */
   maxRunPieces?: number
   /** Origin requests in flight at once, across all blobs. Default 16. */

@@ -287,9 +287,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
    * time) the next is asked too, and the first verified answer wins.
    */
   async function fromParents (task: SwarmTask, index: number, p: Plan, holders: Parent[], fetchers: Parent[], options: AbortOptions): Promise<RemotePiece | 'later' | undefined> {
-    // Spread consecutive pieces over the best few holders; fetchers (in progress) come after.
-    const spread = Math.min(holders.length, 3)
-    const order = [...holders.slice(index % Math.max(1, spread)), ...holders.slice(0, index % Math.max(1, spread)), ...fetchers]
+    const order = holderOrder(index, holders, fetchers, x => x.info.seed)
     const race = new AbortController()
     const signal = AbortSignal.any([race.signal, ...(options.signal === undefined ? [] : [options.signal])])
     const attempts: Array<Promise<RemotePiece | undefined>> = []
@@ -426,6 +424,26 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       return { kind: 'origin', upTo: index }
     }
   }
+}
+
+/** Holders other than seeds tried before seeds; consecutive pieces spread over them. */
+const SPREAD = 8
+
+/**
+ * The order a piece is asked of its parents: peers holding it, consecutive
+ * pieces spread over the best few of them; then seeds; then parents still
+ * fetching it. A seed's upload is what every new piece passes through once:
+ * a piece some peer already holds is worth taking from that peer (a fleet
+ * simulation of 200 peers sent about half of all requests to the seed and
+ * left three quarters of the peers' uploads idle, p50 3.8× the lower bound;
+ * with seeds last, 3.65×, and 2.95× with the scheduler's ranking by the
+ * piece asked for).
+ */
+export function holderOrder<P> (index: number, holders: P[], fetchers: P[], isSeed: (parent: P) => boolean): P[] {
+  const peers = holders.filter(x => !isSeed(x))
+  const seeds = holders.filter(isSeed)
+  const rot = index % Math.max(1, Math.min(peers.length, SPREAD))
+  return [...peers.slice(rot), ...peers.slice(0, rot), ...seeds, ...fetchers]
 }
 
 /** The scheduler could not answer (gone, or it lost this peer's session), as opposed to the parent failing. */

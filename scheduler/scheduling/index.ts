@@ -264,7 +264,10 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
     const ranked = [...all.entries()]
       .map(([slot, info]) => {
         const host = state.hostBySlot(slot) as HostRecord
-        return { info, host, score: score(host, requester, t) + (inProgress.has(slot) ? 1 : 0) }
+        // Peers (not seeds) holding the piece asked for come first: the child needs that one now, and a seed's
+        // upload is what every new piece must pass through once (fleet simulation: the seed had most requests).
+        const holdsFirst = !host.info.seed && (info.complete || (candidates.get(slot)?.held?.has(first) ?? false)) ? 0.5 : 0
+        return { info, host, score: score(host, requester, t) + (inProgress.has(slot) ? 1 : 0) + holdsFirst }
       })
       .sort((a, b) => b.score - a.score)
     const chosen = ranked.slice(0, maxParents)

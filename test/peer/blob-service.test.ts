@@ -10,7 +10,7 @@ import { silentLogger } from '../../src/logger.ts'
 import { createMetricsRegistry } from '../../src/metrics.ts'
 import { MIB } from '../../src/pieces.ts'
 import { createAccessChecker } from '../../peer/auth/index.ts'
-import { createBlobService, type BlobService, type OpenBlobRequest } from '../../peer/blobs/index.ts'
+import { createBlobService, type BlobService, type BlobServiceInit, type OpenBlobRequest } from '../../peer/blobs/index.ts'
 import type { OriginDirective, PieceSource, PieceSourceContext, RemotePiece, TableEntry } from '../../peer/swarm/source.ts'
 import { createPieceStore, type PieceStore } from '../../peer/piece-store/index.ts'
 import { parseRegistryUrl } from '../../peer/upstream/index.ts'
@@ -159,17 +159,53 @@ test('a background prefetch completes the blob without holding up on-demand read
   assert.equal(blobs.prefetch(opened.task), false, 'nothing to prefetch once complete')
 })
 
+test('a whole read takes pieces ahead in a random order within its window, a bounded number at once, each once', async (t) => {
+  const pieces = 40
+  const data = randomBytes(pieces * MIB)
+  const asked: number[] = []
+  let running = 0
+  let most = 0
+  const swarm = new FakeSwarm(i => ({ data: data.subarray(i * MIB, (i + 1) * MIB), trusted: true }), async (i) => {
+    asked.push(i)
+    most = Math.max(most, ++running)
+    // Pieces land in their own time: a later one may land first.
+    await new Promise(resolve => setTimeout(resolve, 1 + (i * 7) % 5))
+    running--
+  })
+  let seed = 7
+  const random = (): number => (seed = (seed * 16807) % 2147483647) / 2147483647
+  const { origin, blobs, store } = await setupWithSwarm(t, swarm, { readahead: 4, window: 12, random })
+  const digest = origin.addBlob('team/app', data)
+  const stream = await (await blobs.open(req(digest))).read(undefined)
+  let sent = 0
+  for await (const chunk of stream) {
+    // Nothing was asked for beyond the window of the piece being sent (the stream and the
+    // whole-digest check hold up to three pieces between the reader and this loop).
+    const head = Math.floor(sent / MIB) + 3
+    assert.ok(asked.every(i => i < head + 12), `piece ${Math.max(...asked)} asked for while sending piece ${head}`)
+    sent += (chunk as Buffer).length
+  }
+  assert.equal(sent, data.length)
+  assert.deepEqual([...asked].sort((a, b) => a - b), Array.from({ length: pieces }, (_, i) => i), 'every piece asked for once')
+  assert.notDeepEqual(asked, Array.from({ length: pieces }, (_, i) => i), 'not in order')
+  assert.ok(most <= 4 + 1, `at most the read-ahead and the piece being sent under way at once (${most})`)
+  assert.equal(store.info(digest)?.verified, true)
+})
+
 /** A swarm that hands out the pieces the test gives it, verified against nothing but themselves. */
 class FakeSwarm implements PieceSource {
   readonly mismatches: Array<{ digest: string, evidence: { piece: number, sha256: string } | { table: string } | undefined }> = []
   /** The table this swarm hands out: each piece's SHA-256 as it gave it. */
   readonly table = new Map<number, string>()
   readonly #pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin'
-  constructor (pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin') {
+  readonly #delay: ((index: number) => Promise<void>) | undefined
+  constructor (pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin', delay?: (index: number) => Promise<void>) {
     this.#pieces = pieces
+    this.#delay = delay
   }
 
   async fetch (_ctx: PieceSourceContext, index: number): Promise<RemotePiece | OriginDirective> {
+    await this.#delay?.(index)
     const got = this.#pieces(index)
     if (got === 'origin') return { kind: 'origin', upTo: index }
     const sha256 = createHash('sha256').update(got.data).digest('hex')
@@ -189,14 +225,14 @@ class FakeSwarm implements PieceSource {
   }
 }
 
-async function setupWithSwarm (t: TestContext, swarm: FakeSwarm): Promise<{ origin: FakeOrigin, store: PieceStore, blobs: BlobService }> {
+async function setupWithSwarm (t: TestContext, swarm: FakeSwarm, init: BlobServiceInit = {}): Promise<{ origin: FakeOrigin, store: PieceStore, blobs: BlobService }> {
   const dir = await mkdtemp(join(tmpdir(), 'df-blobs-'))
   const logger = silentLogger()
   const origin = new FakeOrigin()
   const store = createPieceStore({ logger }, { dataDir: dir, flushDelayMs: 5 })
   await store.start()
   const access = createAccessChecker({ logger, origin })
-  const blobs = createBlobService({ logger, store, origin, access, source: swarm })
+  const blobs = createBlobService({ logger, store, origin, access, source: swarm }, init)
   t.after(async () => {
     await blobs.stop()
     await store.stop()

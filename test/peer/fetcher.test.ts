@@ -6,7 +6,7 @@ import { createMetricsRegistry } from '../../src/metrics.ts'
 import type { P2PNode } from '../../src/p2p/index.ts'
 import type { ParentsResponse, SchedulerRequest } from '../../src/protocol/messages.ts'
 import { MIB } from '../../src/pieces.ts'
-import { createPieceFetcher, type PieceFetcher } from '../../peer/swarm/fetcher.ts'
+import { createPieceFetcher, holderOrder, type PieceFetcher } from '../../peer/swarm/fetcher.ts'
 import type { SchedulerClient } from '../../peer/swarm/scheduler-client.ts'
 import type { SwarmTask } from '../../peer/swarm/source.ts'
 
@@ -102,4 +102,15 @@ test('a reader that gives up stops the waiting between asks', async () => {
   const fetching = fetcher.fetch({ task, lastWanted: 40, whole: true }, 3, { signal: controller.signal })
   setTimeout(() => { controller.abort() }, 20)
   await assert.rejects(fetching, (err: Error) => err.name === 'AbortError')
+})
+
+test('a piece is asked of peers holding it before seeds, consecutive pieces spread over them, parents still fetching it last', () => {
+  const p = (id: string, seed = false): { id: string, seed: boolean } => ({ id, seed })
+  const holders = [p('seed', true), p('a'), p('b'), p('c')]
+  const fetchers = [p('f')]
+  const order = (i: number): string[] => holderOrder(i, holders, fetchers, x => x.seed).map(x => x.id)
+  assert.deepEqual(order(0), ['a', 'b', 'c', 'seed', 'f'])
+  assert.deepEqual(order(1), ['b', 'c', 'a', 'seed', 'f'])
+  assert.deepEqual(order(2), ['c', 'a', 'b', 'seed', 'f'])
+  assert.deepEqual(holderOrder(4, [p('seed', true)], [], x => x.seed).map(x => x.id), ['seed'], 'a seed alone is still asked')
 })

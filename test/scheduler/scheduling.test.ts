@@ -51,3 +51,21 @@ test('plans go round the partial holders: the hosts that announced first are not
   assert.ok(seen.size > 64, `plans spread over ${seen.size} partial holders, not only the first 64 to announce`)
   assert.ok([...seen].some(p => p >= 'peer-100'), 'hosts that announced later are offered too')
 })
+
+test('peers holding the piece asked for come before the seed and before peers that hold only later pieces', () => {
+  const { state, task, scheduling } = world()
+  const seed = host(state, 'seed', true)
+  scheduling.plan(task, seed, 0, PIECES - 1, new Set())
+  holds(state, seed, Array.from({ length: PIECES }, (_, i) => i))
+  // Twelve peers hold piece 5 (the one the child needs now); twelve more hold only piece 6.
+  const now = Array.from({ length: 12 }, (_, k) => host(state, `now-${k}`))
+  const later = Array.from({ length: 12 }, (_, k) => host(state, `later-${k}`))
+  for (const h of now) holds(state, h, [5])
+  for (const h of later) holds(state, h, [6])
+  const child = host(state, 'child')
+  const { parents } = scheduling.propose(task, child, 5, PIECES - 1, new Set())
+  const first = parents.slice(0, 8).map(p => p.peerId)
+  // Without the rule the seed (in progress and a seed) led every plan and the rest came by score alone.
+  assert.ok(first.every(p => p.startsWith('now-')), `the first parents hold piece 5: ${first.join(', ')}`)
+  assert.ok(parents.some(p => p.peerId === 'seed' || p.peerId.startsWith('later-')), 'the others are still offered for the pieces after it')
+})
