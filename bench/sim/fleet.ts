@@ -539,7 +539,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
         const missing: number[] = []
         for (let j = n.head + 1; j < end; j++) if (n.have[j] === 0) missing.push(j)
         if (missing.length === 0) break
-        acquire(n, missing[Math.floor(random() * missing.length)] as number, P - 1)
+        acquire(n, missing[Math.floor(random() ** 3 * missing.length)] as number, P - 1)
       }
       return
     }

@@ -282,11 +282,10 @@ class Ahead {
       if (this.#started.size >= this.#inflight && !this.#letGo(head)) return
       candidates ??= this.#candidates(head + 1, end)
       if (candidates.length === 0) return
-      const k = Math.floor(this.#random() * candidates.length)
-      const index = candidates[k] as number
-      candidates[k] = candidates[candidates.length - 1] as number
-      candidates.pop()
-      this.#add(index)
+      // Nearer pieces more often (the cube of a uniform draw): they are wanted sooner, and their bytes are
+      // more likely still in hand or in memory when the head gets there; further ones keep the fleet's orders apart.
+      const k = Math.floor(this.#random() ** 3 * candidates.length)
+      this.#add(candidates.splice(k, 1)[0] as number)
     }
   }
 
