@@ -3,8 +3,8 @@
  * its own (several of them at once): many peers' scheduler sessions in one
  * process, each with its own libp2p node and identity (src/p2p) and the
  * peer's own session client (peer/swarm/scheduler-client.ts), which
- * registers, announces its inventory, pings the scheduler as a peer does and
- * asks for plans over the wire (one stream per request).
+ * registers, announces its inventory, keeps its session alive as a peer does
+ * and asks for plans over the wire (one session stream per peer).
  *
  * Driven over the IPC channel: `{ id, cmd, args }` in, `{ id, result }` or
  * `{ id, error }` out. Commands: init, connect, warm, open, closed, announce,
@@ -44,8 +44,8 @@ export interface InitArgs {
   /** Scheduler replicas (host:port); session g starts at replica g mod the count. */
   addresses: string[]
   swarm: SwarmSpec
-  /** libp2p ping interval of each session (the peer's default is 10 s). */
-  pingIntervalMs?: number
+  /** Heartbeat of each session's stream when idle (the peer's default is 30 s). */
+  heartbeatMs?: number
 }
 
 export interface LatencyResult {
@@ -138,7 +138,7 @@ async function init (args: InitArgs): Promise<{ sessions: number, ms: number, rs
   for (let k = 0; k < args.sessions; k++) {
     const g = args.first + k
     // Its own identity: a key file per session in this process's temp dir.
-    const node = await createP2PNode({ logger }, { dataDir: dir, keyName: `session-${g}.key`, listen: [], maxConnections: 16, ...(args.pingIntervalMs === undefined ? {} : { pingIntervalMs: args.pingIntervalMs }) })
+    const node = await createP2PNode({ logger }, { dataDir: dir, keyName: `session-${g}.key`, listen: [], maxConnections: 16 })
     const { wants, partial } = holdings(g, spec)
     const replica = g % args.addresses.length
     const client = createSchedulerClient({
@@ -161,7 +161,7 @@ async function init (args: InitArgs): Promise<{ sessions: number, ms: number, rs
       originOf: () => ORIGIN,
       // Every replica is named, as a peer is configured; this session starts at replica g mod count.
       random: () => (replica + 0.5) / args.addresses.length
-    }, { addresses: args.addresses })
+    }, { addresses: args.addresses, ...(args.heartbeatMs === undefined ? {} : { heartbeatMs: args.heartbeatMs }) })
     const session: Session = { g, drops: 0, node, client, wants, partial, nextPiece: Math.floor(pieces / 2) }
     node.onDisconnect(() => { session.drops++ })
     sessions.push(session)

@@ -64,3 +64,35 @@ export async function raceSignal<T> (promise: Promise<T>, signal: AbortSignal | 
 export function backoff (attempt: number, baseMs: number, capMs: number): number {
   return Math.random() * Math.min(capMs, baseMs * 2 ** attempt)
 }
+
+/**
+ * A deadline over several signals (any may be undefined), with `clear` to
+ * drop its timer and listeners once the work is done: for work done often,
+ * where timers left to run out would pile up.
+ */
+export function deadline (signals: Array<AbortSignal | undefined>, ms: number, what: string): { signal: AbortSignal, clear: () => void } {
+  const controller = new AbortController()
+  const sources = signals.filter((s): s is AbortSignal => s !== undefined)
+  const clear = (): void => {
+    clearTimeout(timer)
+    for (const s of sources) s.removeEventListener('abort', onAbort)
+  }
+  const onAbort = function (this: AbortSignal): void {
+    clear()
+    controller.abort(this.reason ?? new AbortError(what))
+  }
+  const timer = setTimeout(() => {
+    clear()
+    controller.abort(new TimeoutError(what))
+  }, ms)
+  timer.unref()
+  for (const s of sources) {
+    if (s.aborted) {
+      clear()
+      controller.abort(s.reason ?? new AbortError(what))
+      break
+    }
+    s.addEventListener('abort', onAbort, { once: true })
+  }
+  return { signal: controller.signal, clear }
+}

@@ -1,10 +1,10 @@
-import type { Static, TSchema } from '@sinclair/typebox'
+import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import { backoff, raceSignal, sleep, withDeadline, type AbortOptions } from '../../src/abort.ts'
 import { DamselflyError, SchedulerUnavailableError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
-import { call, type P2PNode } from '../../src/p2p/index.ts'
-import { AckResponse, ErrorResponse, RegisterResponse, SCHEDULER_PROTOCOL, type Fact, type HostInfo, type Load, type OriginRef, type Report, type SchedulerRequest, type TaskUpdate } from '../../src/protocol/messages.ts'
-import { Type } from '@sinclair/typebox'
+import { createChannel, type Channel } from '../../src/p2p/channel.ts'
+import type { P2PNode } from '../../src/p2p/index.ts'
+import { AckResponse, RegisterResponse, SCHEDULER_SESSION_PROTOCOL, check, type Fact, type HostInfo, type Load, type OriginRef, type Report, type SchedulerRequest, type TaskUpdate } from '../../src/protocol/messages.ts'
 import type { PieceInventory } from '../piece-store/index.ts'
 import { createSchedulerTargets, type ResolveAll } from './scheduler-targets.ts'
 
@@ -40,13 +40,26 @@ export interface SchedulerClientInit {
   /** Piece announcements are batched this long. Default 20 ms. */
   flushMs?: number
   /**
-   * At least this long between two announcements. Each is a libp2p stream
-   * (about 1.3 ms of CPU on each side here); a peer taking a blob in at
-   * 70 MiB/s would otherwise announce every piece on its own. Default 100 ms.
+   * At least this long between two announcements: a peer taking a blob in at
+   * 70 MiB/s would otherwise announce every piece on its own, and each costs
+   * the scheduler a change through its log. Default 100 ms.
    */
   minAnnounceIntervalMs?: number
   /** Deadline of one request. Default 10 s (long polls add their own wait). */
   requestTimeoutMs?: number
+  /**
+   * The session is one stream (src/p2p/channel.ts). After this long without
+   * a word from the scheduler the peer sends a heartbeat, and a scheduler
+   * that says nothing within `heartbeatTimeoutMs` is given up: the connection
+   * is closed and the peer moves on. This is how a peer notices a scheduler
+   * whose process hangs; one whose host vanished is noticed sooner, by TCP
+   * keepalive (src/p2p). Default 30 s.
+   */
+  heartbeatMs?: number
+  /** Default 10 s. */
+  heartbeatTimeoutMs?: number
+  /** Requests in flight on the session at once; more wait for a slot. Default 64. */
+  maxInFlight?: number
 }
 
 export interface SchedulerClient {
@@ -73,6 +86,9 @@ export interface SchedulerClient {
   report: (report: Report) => void
 }
 
+/** Answers are checked here, against ErrorResponse or the request's own schema. */
+const ANY = Type.Unknown()
+
 /** Pieces per announce message when re-sending the whole inventory. */
 const INVENTORY_CHUNK_PIECES = 50_000
 
@@ -84,6 +100,9 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
   let lastFlushAt = 0
   const requestTimeoutMs = init.requestTimeoutMs ?? 10_000
   const connectTimeoutMs = init.connectTimeoutMs ?? 3_000
+  const heartbeatMs = init.heartbeatMs ?? 30_000
+  const heartbeatTimeoutMs = init.heartbeatTimeoutMs ?? 10_000
+  const maxInFlight = init.maxInFlight ?? 64
   const targets = createSchedulerTargets({
     logger,
     ...(components.resolve === undefined ? {} : { resolve: components.resolve }),
@@ -91,6 +110,8 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
   }, { addresses: init.addresses })
   const stopping = new AbortController()
   let schedulerPeer: string | undefined
+  /** The session's stream, while there is one. */
+  let channel: Channel | undefined
   let connected = false
   /** Between losing a session and having tried every other address: a session is likely back soon. */
   let moving = false
@@ -115,32 +136,55 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
   })
 
   async function request<T extends TSchema> (req: SchedulerRequest, schema: T, options: AbortOptions & { waitMs?: number } = {}): Promise<Static<T>> {
-    if (!connected || schedulerPeer === undefined) throw new SchedulerUnavailableError('not connected to the scheduler')
-    return rawRequest(schedulerPeer, req, schema, options)
+    if (!connected || channel === undefined) throw new SchedulerUnavailableError('not connected to the scheduler')
+    return rawRequest(channel, req, schema, options)
   }
 
-  async function rawRequest<T extends TSchema> (peerId: string, req: SchedulerRequest, schema: T, options: AbortOptions & { waitMs?: number } = {}): Promise<Static<T>> {
-    const signal = withDeadline(AbortSignal.any([stopping.signal, ...(options.signal === undefined ? [] : [options.signal])]), requestTimeoutMs + (options.waitMs ?? 0), `scheduler ${req.type}`)
-    let response: Static<T> | Static<typeof ErrorResponse>
+  async function rawRequest<T extends TSchema> (on: Channel, req: SchedulerRequest, schema: T, options: AbortOptions & { waitMs?: number } = {}): Promise<Static<T>> {
+    let response: unknown
     try {
-      const stream = await node.openStream({ peerId, addrs: [] }, SCHEDULER_PROTOCOL, { signal })
-      response = await call(stream, req, Type.Union([schema, ErrorResponse]), `scheduler ${req.type} response`, { signal })
+      response = await on.request(req, ANY, `scheduler ${req.type}`, { signal: options.signal === undefined ? stopping.signal : AbortSignal.any([stopping.signal, options.signal]), timeoutMs: requestTimeoutMs + (options.waitMs ?? 0) })
     } catch (err) {
       if (options.signal?.aborted === true) throw err
       throw new SchedulerUnavailableError(`scheduler ${req.type} failed: ${(err as Error).message}`, { cause: err })
     }
-    const r = response as { ok: boolean, code?: string, message?: string }
-    if (!r.ok) {
+    if ((response as { ok?: unknown } | null)?.ok === false) {
+      const r = response as { code?: unknown, message?: unknown }
+      const code = typeof r.code === 'string' && r.code.length > 0 && r.code.length <= 64 ? r.code : 'DF_ERR_SCHEDULER'
       // The scheduler lost us (it restarted): start a new session.
-      if (r.code === 'DF_ERR_NOT_REGISTERED') disconnected?.()
-      throw new DamselflyError(r.code ?? 'DF_ERR_SCHEDULER', r.message ?? 'scheduler error')
+      if (code === 'DF_ERR_NOT_REGISTERED' && on === channel) disconnected?.()
+      throw new DamselflyError(code, typeof r.message === 'string' ? r.message.slice(0, 1024) : 'scheduler error')
     }
-    return response as Static<T>
+    try {
+      return check(schema, response, `scheduler ${req.type} response`)
+    } catch (err) {
+      throw new SchedulerUnavailableError(`scheduler ${req.type} failed: ${(err as Error).message}`, { cause: err })
+    }
+  }
+
+  /**
+   * The session's stream: every request and answer, and the heartbeat. When
+   * it ends the session is over; when it ended because the scheduler went
+   * quiet, the connection goes too (TCP has not noticed, or the next
+   * attempt would find it open and use it again).
+   */
+  async function openChannel (peerId: string, signal: AbortSignal): Promise<Channel> {
+    const stream = await node.openStream({ peerId, addrs: [] }, SCHEDULER_SESSION_PROTOCOL, { signal })
+    const opened = createChannel(stream, { name: 'the scheduler session', heartbeatMs, heartbeatTimeoutMs, maxOutgoing: maxInFlight })
+    void opened.ended.then((err) => {
+      if (opened !== channel) return
+      if (err !== undefined && !stopping.signal.aborted) {
+        logger.warn({ scheduler: peerId, err: err.message }, 'the scheduler session ended')
+        if ((err as DamselflyError).code === 'DF_ERR_TIMEOUT') void node.hangUp(peerId)
+      }
+      disconnected?.()
+    })
+    return opened
   }
 
   /** Register, then send everything held, in chunks. */
-  async function session (peerId: string, address: string): Promise<void> {
-    await rawRequest(peerId, { type: 'register', host: components.hostInfo() }, RegisterResponse)
+  async function session (on: Channel, peerId: string, address: string): Promise<void> {
+    await rawRequest(on, { type: 'register', host: components.hostInfo() }, RegisterResponse)
     // Snapshot and clear the queue in one go: what lands from now on is queued again.
     pending.clear()
     const facts = components.facts()
@@ -152,7 +196,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
       const tasks = chunk
       chunk = []
       pieces = 0
-      await rawRequest(peerId, { type: 'announce', tasks }, AckResponse)
+      await rawRequest(on, { type: 'announce', tasks }, AckResponse)
     }
     const inventory: TaskUpdate[] = []
     for (const blob of store.list()) {
@@ -165,7 +209,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
       if (pieces >= INVENTORY_CHUNK_PIECES) await send()
     }
     await send()
-    for (let i = 0; i < facts.length; i += 1000) await rawRequest(peerId, { type: 'announce', tasks: [], facts: facts.slice(i, i + 1000) }, AckResponse)
+    for (let i = 0; i < facts.length; i += 1000) await rawRequest(on, { type: 'announce', tasks: [], facts: facts.slice(i, i + 1000) }, AckResponse)
     pendingLoad ??= latestLoad
     logger.info({ blobs: inventory.length, facts: facts.length, scheduler: peerId, address }, 'registered with the scheduler')
   }
@@ -205,7 +249,8 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
         const peerId = await node.connect({ addr: address }, { signal })
         const gone = new Promise<void>(resolve => { disconnected = resolve })
         schedulerPeer = peerId
-        await session(peerId, address)
+        channel = await openChannel(peerId, signal)
+        await session(channel, peerId, address)
         connected = true
         moving = false
         settleWaiters()
@@ -224,6 +269,9 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
       } finally {
         connected = false
         disconnected = undefined
+        const ended = channel
+        channel = undefined
+        ended?.abort(new SchedulerUnavailableError('the session ended'))
       }
       let delayMs = 250 + backoff(0, 250, 5_000)
       if (failures >= count) {
@@ -299,6 +347,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
       if (connected) {
         await flush().catch(() => {})
         await request({ type: 'leave' }, AckResponse, { signal: AbortSignal.timeout(1_000) }).catch(() => {})
+        await channel?.close({ signal: AbortSignal.timeout(1_000) }).catch(() => {})
       }
       stopping.abort()
       moving = false

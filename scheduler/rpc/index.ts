@@ -1,12 +1,13 @@
 import { randomUUID } from 'node:crypto'
 import { withDeadline, type AbortOptions } from '../../src/abort.ts'
-import { DamselflyError, ProtocolError, StateUnavailableError } from '../../src/errors.ts'
+import { ClosedError, DamselflyError, ProtocolError, StateUnavailableError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, Gauge, Histogram, type Registry } from '../../src/metrics.ts'
+import { createChannel, type Channel } from '../../src/p2p/channel.ts'
 import { messages, call, type P2PNode } from '../../src/p2p/index.ts'
 import { choosePieceSize, pieceCount } from '../../src/pieces.ts'
 import {
-  CONTROL_PROTOCOL, ControlResponse, SCHEDULER_PROTOCOL, SchedulerRequest,
+  CONTROL_PROTOCOL, ControlResponse, SCHEDULER_PROTOCOL, SCHEDULER_SESSION_PROTOCOL, SchedulerRequest, check,
   type ControlCommand, type ErrorResponse, type Fact, type ParentsResponse
 } from '../../src/protocol/messages.ts'
 import { withGranted, type Scheduling } from '../scheduling/index.ts'
@@ -15,6 +16,17 @@ import type { Effect, SwarmEvent } from '../swarm/events.ts'
 import type { SwarmLog } from '../swarm/log.ts'
 import type { SwarmMachine } from '../swarm/machine.ts'
 import type { TrustKeeper } from '../swarm/trust.ts'
+
+export interface SchedulerServiceInit {
+  /**
+   * A session stream that carries nothing (no request, no heartbeat) this
+   * long is over, and its connection is closed: the peer went away without
+   * a word. Peers send a heartbeat after 30 s without one. Default 100 s.
+   */
+  sessionIdleTimeoutMs?: number
+  /** Requests of one session handled at once; past it the session is not read until one is done. Default 128. */
+  maxInFlightPerSession?: number
+}
 
 export interface SchedulerServiceComponents {
   logger: Logger
@@ -47,11 +59,13 @@ const ORIGIN_RUN_WHILE_STATE_AWAY = 4
  * swarm goes through the log (every replica applies it); what only reads it
  * — most plans, digests, facts — is answered from this replica's copy.
  */
-export function createSchedulerService (components: SchedulerServiceComponents): SchedulerService {
+export function createSchedulerService (components: SchedulerServiceComponents, init: SchedulerServiceInit = {}): SchedulerService {
   const { node, state, machine, log, scheduling, trust } = components
   const logger = components.logger.child({ component: 'scheduler:rpc' })
   const id = log.replica === '' ? randomUUID() : log.replica
   const shutdown = new AbortController()
+  /** Open session streams, ended at stop. */
+  const sessions = new Set<Channel>()
   const registers = components.metrics === undefined ? undefined : [components.metrics]
   const m = registers === undefined
     ? undefined
@@ -98,7 +112,24 @@ export function createSchedulerService (components: SchedulerServiceComponents):
     }
   }
 
-  async function handle (peerId: string, request: SchedulerRequest): Promise<unknown> {
+  /** One request from a peer, answered: errors become error responses, as the peer expects them. */
+  async function answer (peerId: string, body: unknown, signal: AbortSignal): Promise<unknown> {
+    let type = 'invalid'
+    try {
+      const request = check(SchedulerRequest, body, 'scheduler request')
+      type = request.type
+      const response = await handle(peerId, request, signal)
+      m?.requests.inc({ type, outcome: 'ok' })
+      return response
+    } catch (err) {
+      m?.requests.inc({ type, outcome: 'error' })
+      const e = err as DamselflyError
+      if (!(err instanceof DamselflyError)) logger.error({ err, type }, 'scheduler request failed')
+      return { ok: false, code: typeof e.code === 'string' ? e.code : 'DF_ERR_INTERNAL', message: String(e.message).slice(0, 1000) } satisfies ErrorResponse
+    }
+  }
+
+  async function handle (peerId: string, request: SchedulerRequest, signal: AbortSignal = shutdown.signal): Promise<unknown> {
     switch (request.type) {
       case 'register': {
         if (request.host.peerId !== peerId) throw new ProtocolError('a peer registers as itself')
@@ -143,7 +174,7 @@ export function createSchedulerService (components: SchedulerServiceComponents):
       }
       case 'digests': {
         registered(peerId)
-        await machine.waitForDigests(request.digest, request.pieces, request.waitMs, shutdown.signal)
+        await machine.waitForDigests(request.digest, request.pieces, request.waitMs, signal === shutdown.signal ? signal : AbortSignal.any([shutdown.signal, signal]))
         const task = state.task(request.digest)
         if (task === undefined) return { ok: true, digests: [] }
         const known = request.pieces.filter(i => task.known.has(i))
@@ -199,20 +230,30 @@ export function createSchedulerService (components: SchedulerServiceComponents):
     control,
     handle,
     async start () {
+      // A session: one stream for as long as the peer is with this replica.
+      await node.handle(SCHEDULER_SESSION_PROTOCOL, async (stream, remotePeer) => {
+        if (shutdown.signal.aborted) throw new ClosedError('the scheduler')
+        const channel = createChannel(stream, {
+          name: `the session of ${remotePeer}`,
+          idleTimeoutMs: init.sessionIdleTimeoutMs ?? 100_000,
+          maxIncoming: init.maxInFlightPerSession ?? 128,
+          onRequest: async (body, { signal }) => answer(remotePeer, body, signal)
+        })
+        sessions.add(channel)
+        void channel.ended.then((err) => {
+          sessions.delete(channel)
+          if (err === undefined || shutdown.signal.aborted) return
+          logger.info({ peer: remotePeer, err: err.message }, 'a session ended')
+          // Silent past the deadline: the peer is gone (or stuck); its connection goes, and with it the host.
+          if ((err as DamselflyError).code === 'DF_ERR_TIMEOUT') void node.hangUp(remotePeer)
+        })
+      }, { maxInboundStreams: 4, maxOutboundStreams: 4 })
+      // One request per stream: peers from before the session stream, and tools.
       await node.handle(SCHEDULER_PROTOCOL, async (stream, remotePeer) => {
         const signal = AbortSignal.any([shutdown.signal, AbortSignal.timeout(125_000)])
         const io = messages(stream)
         const request = await io.read(SchedulerRequest, 'scheduler request', { signal })
-        let response: unknown
-        try {
-          response = await handle(remotePeer, request)
-          m?.requests.inc({ type: request.type, outcome: 'ok' })
-        } catch (err) {
-          m?.requests.inc({ type: request.type, outcome: 'error' })
-          const e = err as DamselflyError
-          response = { ok: false, code: typeof e.code === 'string' ? e.code : 'DF_ERR_INTERNAL', message: String(e.message).slice(0, 1000) } satisfies ErrorResponse
-          if (!(err instanceof DamselflyError)) logger.error({ err, type: request.type }, 'scheduler request failed')
-        }
+        const response = await answer(remotePeer, request, shutdown.signal)
         await io.write(response, { signal })
         await stream.close({ signal }).catch(() => {})
       }, { maxInboundStreams: 4096, maxOutboundStreams: 1024 })
@@ -231,6 +272,7 @@ export function createSchedulerService (components: SchedulerServiceComponents):
     },
     async stop () {
       shutdown.abort()
+      for (const channel of [...sessions]) channel.abort(new ClosedError('the scheduler'))
     }
   }
 }

@@ -1,5 +1,5 @@
 import { Type, type Static, type TSchema } from '@sinclair/typebox'
-import { Value } from '@sinclair/typebox/value'
+import { TypeCompiler, type TypeCheck } from '@sinclair/typebox/compiler'
 import { ProtocolError } from '../errors.ts'
 
 /**
@@ -10,8 +10,14 @@ import { ProtocolError } from '../errors.ts'
  * These types are the only thing `peer/` and `scheduler/` share.
  */
 
-/** Peer ↔ scheduler RPC: one request and one response per stream. */
+/** Peer ↔ scheduler RPC: one request and one response per stream (peers before the session channel). */
 export const SCHEDULER_PROTOCOL = '/damselfly/scheduler/1.0.0'
+/**
+ * Peer ↔ scheduler session: one long-lived stream per session carrying the
+ * same requests and responses as SCHEDULER_PROTOCOL, as frames with ids, and
+ * the session's heartbeat (src/p2p/channel.ts).
+ */
+export const SCHEDULER_SESSION_PROTOCOL = '/damselfly/scheduler-session/1.0.0'
 /** Scheduler → peer commands (fetch a task, run a preheat, evict a blob). */
 export const CONTROL_PROTOCOL = '/damselfly/control/1.0.0'
 /** Peer ↔ peer over libp2p: one piece per stream, a JSON header then the raw bytes. */
@@ -267,11 +273,28 @@ export function decode<T extends TSchema> (schema: T, bytes: Uint8Array, what: s
   } catch {
     throw new ProtocolError(`${what}: not JSON`)
   }
-  if (!Value.Check(schema, value)) {
-    const first = Value.Errors(schema, value).First()
+  return check(schema, value, what)
+}
+
+/**
+ * Each schema's checker, compiled on first use: an interpreted check of a
+ * request walked the schema anew every time (a fifth of a scheduler's CPU per
+ * plan). Schemas are module constants, so the map stays small.
+ */
+const checkers = new WeakMap<TSchema, TypeCheck<TSchema>>()
+
+/** Checks a parsed message against its schema; a ProtocolError naming the first fault when it does not fit. */
+export function check<T extends TSchema> (schema: T, value: unknown, what: string): Static<T> {
+  let checker = checkers.get(schema)
+  if (checker === undefined) {
+    checker = TypeCompiler.Compile(schema)
+    checkers.set(schema, checker)
+  }
+  if (!checker.Check(value)) {
+    const first = checker.Errors(value).First()
     throw new ProtocolError(`${what}: ${first === undefined ? 'invalid' : `${first.path || '/'} ${first.message}`}`)
   }
-  return value
+  return value as Static<T>
 }
 
 export function encode (value: unknown): Uint8Array {

@@ -20,10 +20,11 @@ import { createInterface } from 'node:readline'
 import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import { request } from 'undici'
 import { createLogger } from '../../src/logger.ts'
-import { call, createP2PNode, messages } from '../../src/p2p/index.ts'
+import { createChannel } from '../../src/p2p/channel.ts'
+import { createP2PNode, messages } from '../../src/p2p/index.ts'
 import { choosePieceSize, pieceBounds, pieceCount } from '../../src/pieces.ts'
 import {
-  AckResponse, CONTROL_PROTOCOL, ControlCommand, ErrorResponse, PIECE_HTTP_PEER_HEADER, RegisterResponse, SCHEDULER_PROTOCOL,
+  AckResponse, CONTROL_PROTOCOL, ControlCommand, ErrorResponse, PIECE_HTTP_PEER_HEADER, RegisterResponse, SCHEDULER_SESSION_PROTOCOL,
   type ControlResponse, type HostInfo, type OriginRef, type Report, type SchedulerRequest
 } from '../../src/protocol/messages.ts'
 
@@ -124,11 +125,16 @@ async function serve (req: IncomingMessage, res: ServerResponse): Promise<void> 
 /* The scheduler session */
 
 const schedulerPeer = await node.connect({ addr: config.scheduler })
+// One session stream, with a peer's heartbeat, as a peer has.
+const session = createChannel(await node.openStream({ peerId: schedulerPeer, addrs: [] }, SCHEDULER_SESSION_PROTOCOL), { name: 'the scheduler session', heartbeatMs: 30_000 })
+void session.ended.then((err) => { logger.warn({ err: err?.message }, 'the scheduler session ended') })
 
+/** Each answer's schema or an error (one union per schema: checkers are compiled once per schema object). */
+const orError = new Map<TSchema, TSchema>()
 async function ask<T extends TSchema> (req: SchedulerRequest, schema: T): Promise<Static<T> | Static<typeof ErrorResponse>> {
-  const signal = AbortSignal.timeout(15_000)
-  const stream = await node.openStream({ peerId: schedulerPeer, addrs: [] }, SCHEDULER_PROTOCOL, { signal })
-  return call(stream, req, Type.Union([schema, ErrorResponse]), `scheduler ${req.type} response`, { signal })
+  let union = orError.get(schema)
+  if (union === undefined) orError.set(schema, union = Type.Union([schema, ErrorResponse]))
+  return session.request(req, union as T, `scheduler ${req.type} response`, { timeoutMs: 15_000 })
 }
 
 const hostInfo: HostInfo = {

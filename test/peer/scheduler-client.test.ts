@@ -2,11 +2,13 @@ import assert from 'node:assert/strict'
 import { join } from 'node:path'
 import { test, type TestContext } from 'node:test'
 import { silentLogger } from '../../src/logger.ts'
-import { createP2PNode, messages, type P2PNode } from '../../src/p2p/index.ts'
-import { SCHEDULER_PROTOCOL, SchedulerRequest, type HostInfo } from '../../src/protocol/messages.ts'
+import { createChannel } from '../../src/p2p/channel.ts'
+import { createP2PNode, type P2PNode, type Stream } from '../../src/p2p/index.ts'
+import { AckResponse, ParentsResponse } from '../../src/protocol/messages.ts'
+import { SCHEDULER_SESSION_PROTOCOL, SchedulerRequest, check, type HostInfo } from '../../src/protocol/messages.ts'
 import type { BlobInfo, PieceInventory } from '../../peer/piece-store/index.ts'
 import type { ResolveAll } from '../../peer/swarm/scheduler-targets.ts'
-import { createSchedulerClient, type SchedulerClient } from '../../peer/swarm/scheduler-client.ts'
+import { createSchedulerClient, type SchedulerClient, type SchedulerClientInit } from '../../peer/swarm/scheduler-client.ts'
 import { freePort, freePorts } from '../helpers/ports.ts'
 import { waitFor } from '../helpers/process.ts'
 import { tmpDir } from '../helpers/tmp.ts'
@@ -36,6 +38,10 @@ interface FakeScheduler {
   readonly requests: SchedulerRequest[]
   /** Whether this peer's whole inventory reached it after its latest register. */
   heldAnnounced: () => boolean
+  /** Session streams opened with it so far. */
+  readonly sessions: number
+  /** Hangs: it reads nothing more on its sessions (no answers, no heartbeats), and closes nothing. */
+  hang: () => void
   stop: () => Promise<void>
 }
 
@@ -53,12 +59,16 @@ async function startFakeScheduler (t: TestContext, host: string, port: number): 
     await dir.cleanup()
   })
   const requests: SchedulerRequest[] = []
-  await node.handle(SCHEDULER_PROTOCOL, async (stream) => {
-    const io = messages(stream)
-    const request = await io.read(SchedulerRequest, 'scheduler request')
-    requests.push(request)
-    await io.write(request.type === 'register' ? { ok: true, schedulerId: node.peerId } : { ok: true })
-    await stream.close().catch(() => {})
+  const streams: Stream[] = []
+  await node.handle(SCHEDULER_SESSION_PROTOCOL, async (stream) => {
+    streams.push(stream)
+    createChannel(stream, {
+      onRequest: async (body) => {
+        const request = check(SchedulerRequest, body, 'scheduler request')
+        requests.push(request)
+        return request.type === 'register' ? { ok: true, schedulerId: node.peerId } : { ok: true }
+      }
+    })
   })
   return {
     peerId: node.peerId,
@@ -70,15 +80,19 @@ async function startFakeScheduler (t: TestContext, host: string, port: number): 
       const announced = requests.slice(registered).flatMap(r => r.type === 'announce' ? r.tasks : []).find(u => u.digest === DIGEST)
       return announced?.verified === true && JSON.stringify(announced.add) === JSON.stringify(PIECES)
     },
+    get sessions () { return streams.length },
+    hang () {
+      for (const stream of streams) stream.pause()
+    },
     stop
   }
 }
 
-async function startClient (t: TestContext, addresses: string[], extra: { resolve?: ResolveAll, random?: () => number } = {}): Promise<{ client: SchedulerClient, node: P2PNode }> {
+async function startClient (t: TestContext, addresses: string[], extra: { resolve?: ResolveAll, random?: () => number } = {}, init: Partial<SchedulerClientInit> = {}): Promise<{ client: SchedulerClient, node: P2PNode }> {
   const dir = await tmpDir('df-peer-node-')
   const node = await createP2PNode({ logger }, { dataDir: join(dir.path, 'p2p'), keyName: 'peer.key', listen: [] })
   const hostInfo = (): HostInfo => ({ peerId: node.peerId, addrs: [], hostname: 'test', seed: false, location: '', idc: '', uploadCapacity: 4, version: 'test' })
-  const client = createSchedulerClient({ logger, node, store: inventory, hostInfo, facts: () => [], originOf: () => undefined, ...extra }, { addresses })
+  const client = createSchedulerClient({ logger, node, store: inventory, hostInfo, facts: () => [], originOf: () => undefined, ...extra }, { ...init, addresses })
   t.after(async () => {
     await client.stop()
     await node.stop()
@@ -157,4 +171,36 @@ test('one address: a restarted scheduler is joined again and told everything aga
   const after = await startFakeScheduler(t, '127.0.0.1', port)
   await waitFor(async () => client.connected && after.heldAnnounced(), { timeoutMs: 10_000, intervalMs: 20, what: 'the peer to register with the restarted scheduler' })
   assert.equal(client.peerId, after.peerId)
+})
+
+test('a session is one stream: register, inventory and every request after it travel on it', async (t) => {
+  const live = await startFakeScheduler(t, '127.0.0.1', await freePort())
+  const { client } = await startClient(t, [live.address])
+  client.start()
+  await client.settled()
+  await Promise.all(Array.from({ length: 20 }, async () => client.request({ type: 'report', report: { kind: 'origin-failed', digest: DIGEST, code: 'DF_ERR_TEST' } }, AckResponse)))
+  assert.equal(live.sessions, 1)
+  assert.ok(live.requests.length >= 22, `${live.requests.length} requests on it`)
+  // An answer that does not fit what was asked is the scheduler's fault: the peer treats it as unavailable.
+  await assert.rejects(client.request({ type: 'parents', digest: DIGEST, size: 1, origin: { registry: 'https://r.example', repo: 'a', kind: 'blob' }, first: 0, last: 0 }, ParentsResponse), { code: 'DF_ERR_SCHEDULER_UNAVAILABLE' })
+})
+
+test('a scheduler that hangs (its connection open, nothing answered): the peer gives it up after heartbeat + timeout and moves to the other', async (t) => {
+  const ports = await freePorts(2) as [number, number]
+  const replicas = [await startFakeScheduler(t, '127.0.0.1', ports[0]), await startFakeScheduler(t, '127.0.0.1', ports[1])]
+  const { client } = await startClient(t, replicas.map(r => r.address), { random: () => 0 }, { heartbeatMs: 200, heartbeatTimeoutMs: 300 })
+  client.start()
+  await client.settled()
+  const [first, other] = replicas as [FakeScheduler, FakeScheduler]
+  assert.equal(client.peerId, first.peerId)
+  // Idle past several heartbeats: answered, so the session stays.
+  await new Promise(resolve => setTimeout(resolve, 700))
+  assert.equal(client.peerId, first.peerId)
+  assert.equal(first.sessions, 1)
+
+  const hungAt = Date.now()
+  first.hang()
+  await waitFor(async () => client.connected && client.peerId === other.peerId && other.heldAnnounced(), { timeoutMs: 5_000, intervalMs: 20, what: 'the peer to give up the hung scheduler and register with the other' })
+  const tookMs = Date.now() - hungAt
+  assert.ok(tookMs >= 300 && tookMs < 2_500, `moved after ${tookMs} ms (heartbeat 200 ms, timeout 300 ms)`)
 })
