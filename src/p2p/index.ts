@@ -50,13 +50,27 @@ export interface P2PNodeInit {
   /** Inbound connections mid-handshake at once. Default 256. */
   maxIncomingPendingConnections?: number
   /**
-   * How often every connection is pinged, and closed when the ping fails
-   * (how a peer notices a scheduler that vanished without closing its
-   * sessions). libp2p pings all connections in one burst; with thousands of
-   * sessions that burst was most of a scheduler's idle CPU and its slowest
-   * answers. Default 10 s.
+   * How often libp2p's connection monitor pings every connection (a new
+   * stream each, negotiated), closing those whose ping fails; 0: never.
+   * With thousands of sessions its bursts were most of a scheduler's idle
+   * CPU and its slowest answers. Nothing needs it: a scheduler session has
+   * its own heartbeat (src/p2p/channel.ts), and TCP keepalive finds a host
+   * that vanished. Default 0.
    */
   pingIntervalMs?: number
+  /**
+   * TCP keepalive on every connection: after this long without traffic the
+   * kernel probes the other end (every second, ten times: libuv's settings)
+   * and the connection fails when nothing answers — a host that vanished is
+   * noticed within about this + 10 s, at no cost to this process. Default 15 s.
+   */
+  tcpKeepAliveMs?: number
+  /**
+   * Encryption this node accepts, in order of preference (a dialler proposes
+   * them in this order, a listener takes the first it is offered that it
+   * accepts). Default TLS, then Noise.
+   */
+  encrypters?: ReadonlyArray<'tls' | 'noise'>
 }
 
 export interface P2PNodeComponents {
@@ -98,23 +112,26 @@ export async function createP2PNode (components: P2PNodeComponents, init: P2PNod
   /** Connections that proved membership (or all, without a secret), by connection id. */
   const members = new Set<string>()
   const joining = new Map<string, Promise<void>>()
+  const socketOptions = { keepAlive: true, keepAliveInitialDelay: init.tcpKeepAliveMs ?? 15_000 }
 
   const node: Libp2p = await createLibp2p({
     privateKey,
     addresses: { listen: init.listen, ...(init.announce !== undefined && init.announce.length > 0 ? { announce: init.announce } : {}) },
-    transports: [tcp()],
+    transports: [tcp({ dialOpts: socketOptions, listenOpts: socketOptions })],
     // TLS first: its record layer runs in OpenSSL, where Noise's ChaCha20 framing
     // cost a peer more CPU per piece than hashing it did. Noise stays as a fallback.
-    connectionEncrypters: [tls(), noise()],
+    connectionEncrypters: (init.encrypters ?? ['tls', 'noise']).map(e => e === 'tls' ? tls() : noise()),
     // A new stream carries one 1 MiB piece; a window that holds a whole piece
     // lets it flow without waiting on window updates.
-    streamMuxers: [yamux({ streamOptions: { initialStreamWindowSize: 2 * 1024 * 1024, maxStreamWindowSize: 16 * 1024 * 1024 } })],
+    // No muxer pings: what needs liveness has it (sessions' heartbeats, TCP keepalive), and each
+    // ping was a frame through TLS both ways on every connection.
+    streamMuxers: [yamux({ enableKeepAlive: false, streamOptions: { initialStreamWindowSize: 2 * 1024 * 1024, maxStreamWindowSize: 16 * 1024 * 1024 } })],
     connectionManager: {
       maxConnections: init.maxConnections ?? 512,
       inboundConnectionThreshold: init.inboundConnectionThreshold ?? 100,
       maxIncomingPendingConnections: init.maxIncomingPendingConnections ?? 256
     },
-    connectionMonitor: { pingInterval: init.pingIntervalMs ?? 10_000 },
+    connectionMonitor: init.pingIntervalMs === undefined || init.pingIntervalMs <= 0 ? { enabled: false } : { pingInterval: init.pingIntervalMs },
     nodeInfo: { userAgent: `damselfly/${hostname()}` },
     // Without a secret nothing tells a member from a stranger: only this machine may connect.
     ...(secret === undefined ? { connectionGater: { denyInboundConnection: async (conn: { remoteAddr: Multiaddr }) => !isLoopbackMultiaddr(conn.remoteAddr) } } : {})
