@@ -257,10 +257,13 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     const started = performance.now()
     const { length } = pieceBounds(index, task.size, p.pieceSize)
     const waitMs = inProgress ? inProgressWaitMs : 0
-    const deadline = withDeadline(signal, waitMs + Math.max(20_000, length / 1024), `piece ${index} from ${parent.info.peerId}`)
     const upload = components.http === undefined ? undefined : parent.info.upload
-    const data = upload !== undefined && upload.length > 0
-      ? await (components.http as PieceHttpClient).fetch({ peerId: parent.info.peerId, upload }, { digest: task.digest, index, waitMs }, length, { signal: deadline })
+    const http = upload !== undefined && upload.length > 0
+    // Over HTTP a piece may take as long as it keeps coming (a parent's upload shared by many children is slow,
+    // and cutting it off only sends the same bytes again, or the child to the origin); it fails once it stops.
+    const deadline = withDeadline(signal, waitMs + (http ? PIECE_LIMIT_MS : Math.max(20_000, length / 1024)), `piece ${index} from ${parent.info.peerId}`)
+    const data = http
+      ? await (components.http as PieceHttpClient).fetch({ peerId: parent.info.peerId, upload }, { digest: task.digest, index, waitMs }, length, { signal: deadline, stall: { firstByteMs: waitMs + STALL_MS, idleMs: STALL_MS } })
       : await viaStream(parent, task, index, length, waitMs, deadline)
     const hex = sha256Hex(data)
     const expected = await expectedDigest(task, index, p, { signal })
@@ -425,6 +428,11 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     }
   }
 }
+
+/** A piece response that goes quiet this long fails. */
+const STALL_MS = 10_000
+/** However slowly it comes, a piece over HTTP takes no longer than this. */
+const PIECE_LIMIT_MS = 120_000
 
 /** Holders other than seeds tried before seeds; consecutive pieces spread over them. */
 const SPREAD = 8

@@ -39,6 +39,16 @@ export interface PieceConnectionPoolInit {
 
 const ERROR_BODY_MAX = 4096
 
+/**
+ * How long a response may go quiet: before its first bytes, and between any
+ * two reads after them. A parent sending slowly (its upload shared by many
+ * children) is not a parent that stopped.
+ */
+export interface Stall {
+  firstByteMs: number
+  idleMs: number
+}
+
 interface Pool {
   host: string
   port: number
@@ -111,7 +121,7 @@ class Connection {
    * Sends one request and reads its response. A 200 must carry exactly
    * `length` bytes, read into a buffer of their own.
    */
-  async exchange (head: string, length: number, maxHeaderBytes: number, signal: AbortSignal): Promise<PieceResponse> {
+  async exchange (head: string, length: number, maxHeaderBytes: number, signal: AbortSignal, stall?: Stall): Promise<PieceResponse> {
     signal.throwIfAborted()
     if (this.spoiled || this.socket.destroyed) throw new PeerUnavailableError('no response: the connection closed')
     const { promise, resolve, reject } = Promise.withResolvers<PieceResponse>()
@@ -122,12 +132,21 @@ class Connection {
     let status = 0
     let peer: string | undefined
     let keep = true
+    let stallTimer: NodeJS.Timeout | undefined
     const fail = (err: Error): void => {
+      clearTimeout(stallTimer)
       this.spoiled = true
       this.socket.destroy()
       reject(err)
     }
+    /** A response that stops coming fails; one that keeps coming, however slowly, is not cut. */
+    const arm = (ms: number | undefined, what: string): void => {
+      if (ms === undefined) return
+      clearTimeout(stallTimer)
+      stallTimer = setTimeout(() => { fail(new PeerUnavailableError(`${what} for ${ms} ms`)) }, ms)
+    }
     const done = (response: PieceResponse): void => {
+      clearTimeout(stallTimer)
       this.#target = this.#scratch
       this.#onRead = undefined
       if (!keep) this.spoiled = true
@@ -138,6 +157,7 @@ class Connection {
       else done({ status, peer, body: undefined, text: (body as Buffer).toString('utf8', 0, bodyLength) })
     }
     this.#onRead = (n: number) => {
+      arm(stall?.idleMs, 'no bytes')
       if (body !== undefined) {
         bodyFilled += n
         if (bodyFilled === bodyLength) finishBody()
@@ -203,8 +223,11 @@ class Connection {
     try {
       this.#target = this.#scratch
       this.socket.write(head)
+      // The parent may hold the request while the piece is on its way to it: the first bytes get that long too.
+      if (stall !== undefined) arm(stall.firstByteMs, 'no answer')
       return await promise
     } finally {
+      clearTimeout(stallTimer)
       signal.removeEventListener('abort', abort)
       this.#onEnd = undefined
       if (this.#onRead !== undefined) {
@@ -273,7 +296,7 @@ export class PieceConnectionPool {
    * server closed meanwhile fails before any response; the request is then
    * sent once more on a new one.
    */
-  async get (base: string, path: string, headers: Record<string, string>, length: number, signal: AbortSignal): Promise<PieceResponse> {
+  async get (base: string, path: string, headers: Record<string, string>, length: number, signal: AbortSignal, stall?: Stall): Promise<PieceResponse> {
     if (this.#closed) throw new PeerUnavailableError('the piece client is closed')
     const pool = this.#pool(base)
     await this.#slot(pool, signal)
@@ -292,7 +315,7 @@ export class PieceConnectionPool {
         clearTimeout(conn.idleTimer)
         try {
           if (reused === undefined) await raceAbort(conn.connected, signal, () => { conn.close() })
-          const response = await conn.exchange(head, length, this.#maxHeaderBytes, signal)
+          const response = await conn.exchange(head, length, this.#maxHeaderBytes, signal, stall)
           this.#release(pool, conn)
           return response
         } catch (err) {

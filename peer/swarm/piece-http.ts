@@ -2,7 +2,7 @@ import { createHmac, timingSafeEqual } from 'node:crypto'
 import type { IncomingMessage } from 'node:http'
 import type { AbortOptions } from '../../src/abort.ts'
 import { PeerUnavailableError, isAbort } from '../../src/errors.ts'
-import { answerError, PieceConnectionPool, type PieceConnectionPoolInit } from './piece-client.ts'
+import { answerError, PieceConnectionPool, type PieceConnectionPoolInit, type Stall } from './piece-client.ts'
 import { PIECE_HTTP_PATH, type PieceRequest } from '../../src/protocol/messages.ts'
 
 /**
@@ -72,7 +72,7 @@ export function uploadUrls (addrs: string[], port: number): string[] {
 
 /** Client side: one keep-alive pool per parent address, bounded. */
 export interface PieceHttpClient {
-  fetch: (parent: { peerId: string, upload: string[] }, request: PieceRequest, length: number, options: AbortOptions & { signal: AbortSignal }) => Promise<Buffer>
+  fetch: (parent: { peerId: string, upload: string[] }, request: PieceRequest, length: number, options: AbortOptions & { signal: AbortSignal, stall?: Stall | undefined }) => Promise<Buffer>
   close: () => Promise<void>
 }
 
@@ -81,10 +81,10 @@ export function createPieceHttpClient (init: { self: string, secret?: Buffer | u
   /** The address that answered as the right peer last time, per peer. */
   const working = new Map<string, string>()
 
-  async function attempt (base: string, parentId: string, request: PieceRequest, length: number, signal: AbortSignal): Promise<Buffer | 'wrong-peer'> {
+  async function attempt (base: string, parentId: string, request: PieceRequest, length: number, signal: AbortSignal, stall: Stall | undefined): Promise<Buffer | 'wrong-peer'> {
     const headers: Record<string, string> = {}
     if (init.secret !== undefined) headers.authorization = authorizationFor(init.secret, init.self, parentId, request)
-    const res = await pool.get(base, pieceUrlPath(request.digest, request.index, request.waitMs), headers, length, signal)
+    const res = await pool.get(base, pieceUrlPath(request.digest, request.index, request.waitMs), headers, length, signal, stall)
     if (res.peer !== parentId) return 'wrong-peer'
     if (res.status !== 200 || res.body === undefined) throw answerError(res, parentId, request.index)
     return res.body
@@ -97,7 +97,7 @@ export function createPieceHttpClient (init: { self: string, secret?: Buffer | u
       let lastError: unknown
       for (const base of order) {
         try {
-          const got = await attempt(base, parent.peerId, request, length, options.signal)
+          const got = await attempt(base, parent.peerId, request, length, options.signal, options.stall)
           if (got === 'wrong-peer') {
             lastError = new PeerUnavailableError(`${base} is not ${parent.peerId}`)
             continue

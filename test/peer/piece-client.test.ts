@@ -181,3 +181,36 @@ test('connections to one address are bounded; waiting requests proceed in turn o
   held[0]?.write(ok(Buffer.from('xyz')))
   assert.equal((await d).body?.toString(), 'xyz')
 })
+
+test('a body that keeps coming, however slowly, is read whole; one that stops, or never starts, fails once quiet for the stall time', async (t) => {
+  const body = randomBytes(64 * 1024)
+  const srv = await rawServer((socket, request) => {
+    const bytes = ok(body)
+    if (request.includes('/slow')) {
+      // 16 writes 150 ms apart: 2.4 s in all, longer than the stall time, never quiet that long.
+      let off = 0
+      const step = (): void => {
+        const next = Math.min(bytes.length, off + Math.ceil(bytes.length / 16))
+        socket.write(bytes.subarray(off, next))
+        off = next
+        if (off < bytes.length) setTimeout(step, 150)
+      }
+      step()
+    } else if (request.includes('/stops')) {
+      socket.write(bytes.subarray(0, 1000))
+    }
+    // '/never': no answer at all.
+  })
+  t.after(async () => { await srv.close() })
+  const pool = new PieceConnectionPool()
+  t.after(() => { pool.close() })
+  const stall = { firstByteMs: 700, idleMs: 700 }
+  const slow = await pool.get(srv.base, '/slow', {}, body.length, signal(), stall)
+  assert.ok(slow.body?.equals(body), 'the slow body arrives whole')
+  for (const path of ['/stops', '/never']) {
+    const started = performance.now()
+    await assert.rejects(pool.get(srv.base, path, {}, body.length, signal(), stall), (err: Error) => err instanceof PeerUnavailableError && /for 700 ms/.test(err.message))
+    const ms = performance.now() - started
+    assert.ok(ms >= 650 && ms < 5_000, `${path} failed after ${Math.round(ms)} ms`)
+  }
+})
