@@ -222,7 +222,8 @@ interface Node {
   underway: number
   /** Uploads waiting for a piece still on its way here. */
   waiters: Map<number, Set<Attempt>>
-  plan: Plan | undefined
+  /** Plans by block of `window` pieces (of their first piece), as the fetcher caches them. */
+  plans: Map<number, Plan>
   pieceMs: number
   /** Parent node → measured bytes/s. */
   rates: Map<number, number>
@@ -348,7 +349,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       started: 0,
       underway: 0,
       waiters: new Map(),
-      plan: undefined,
+      plans: new Map(),
       pieceMs: 200,
       rates: new Map(),
       failing: new Map(),
@@ -585,10 +586,18 @@ export function simulateFleet (config: FleetConfig): FleetResult {
 
   interface Op { n: Node, i: number, lastWanted: number, startedAt: number, round: number, pauses: number, exclude: Set<number> }
 
+  function dropPlan (n: Node, p: Plan): void {
+    const block = Math.floor(p.first / m.window)
+    if (n.plans.get(block) === p) n.plans.delete(block)
+  }
+
   function cachedPlan (n: Node, i: number): Plan | undefined {
-    const p = n.plan
-    if (p === undefined || i < p.first || i > p.last || now - p.at > m.planTtlMs) return undefined
-    return p
+    for (const from of [i, i - m.window]) {
+      if (from < 0) continue
+      const p = n.plans.get(Math.floor(from / m.window))
+      if (p !== undefined && i >= p.first && i <= p.last && now - p.at <= m.planTtlMs) return p
+    }
+    return undefined
   }
 
   function step (op: Op): void {
@@ -608,7 +617,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
         if (n.gone) return
         plan.at = now
         for (const a of plan.assigned) n.assigned.add(a)
-        n.plan = plan
+        n.plans.set(Math.floor(plan.first / m.window), plan)
         decide(op, plan)
       })
     })
@@ -644,7 +653,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
         if (pause < patience) {
           after(pause, () => {
             if (n.gone) return
-            if (n.plan === p) n.plan = undefined
+            dropPlan(n, p)
             step(op)
           })
           return
@@ -661,7 +670,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     for (const x of p.parents) if (!usable(op, x)) op.exclude.add(x.node.i)
     for (const x of holders) op.exclude.add(x.node.i)
     for (const x of fetchers) op.exclude.add(x.node.i)
-    if (n.plan === p) n.plan = undefined
+    dropPlan(n, p)
     op.round++
     counts.rounds++
     if (op.round >= 3) {

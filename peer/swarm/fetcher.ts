@@ -61,6 +61,8 @@ interface Parent {
 }
 
 interface Plan {
+  /** Where it is cached. */
+  key: string
   first: number
   last: number
   at: number
@@ -130,8 +132,14 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         parentsBusy: new Counter({ name: 'damselfly_parents_busy_total', help: 'Pauses before asking parents again because they were busy or had not got a piece yet', registers })
       }
 
-  /** Plans for a whole read and for a range differ (a range needs confirmed entries): cached apart. */
-  const planKey = (digest: string, whole: boolean): string => `${digest}${whole ? '' : '#range'}`
+  /**
+   * Plans for a whole read and for a range differ (a range needs confirmed
+   * entries): cached apart. A reader asks for pieces anywhere within a window
+   * ahead of it, so a blob has a plan per block of `window` pieces (by its
+   * first piece): one plan per blob was replaced at every piece outside it,
+   * and the fleet simulation's peers asked for 32 plans a second each.
+   */
+  const planKey = (digest: string, whole: boolean, first: number): string => `${digest}${whole ? '' : '#range'}@${Math.floor(first / window)}`
 
   async function plan (ctx: PieceSourceContext, index: number, exclude: Set<string>, options: AbortOptions): Promise<Plan> {
     const last = Math.max(index, Math.min(ctx.lastWanted, index + window - 1))
@@ -146,6 +154,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       ...(ctx.whole ? {} : { whole: false })
     }, ParentsResponse, options)
     const p: Plan = {
+      key: planKey(ctx.task.digest, ctx.whole, index),
       first: index,
       last,
       at: Date.now(),
@@ -166,7 +175,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       for (const i of p.assigned) mine.add(i)
       assigned.set(ctx.task.digest, mine)
     }
-    plans.set(planKey(ctx.task.digest, ctx.whole), p)
+    plans.set(p.key, p)
     return p
   }
 
@@ -197,10 +206,14 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     }
   }
 
+  /** A fresh plan covering `index`: one made from its block, or from the block before (a plan spans up to `window` pieces). */
   function cachedPlan (digest: string, index: number, whole: boolean): Plan | undefined {
-    const p = plans.get(planKey(digest, whole))
-    if (p === undefined || index < p.first || index > p.last || Date.now() - p.at > planTtlMs) return undefined
-    return p
+    for (const from of [index, index - window]) {
+      if (from < 0) continue
+      const p = plans.get(planKey(digest, whole, from))
+      if (p !== undefined && index >= p.first && index <= p.last && Date.now() - p.at <= planTtlMs) return p
+    }
+    return undefined
   }
 
   /** The table's entry for a piece, and whether only its author vouches for it. */
@@ -341,8 +354,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
   }
 
   function forgetPlans (digest: string): void {
-    plans.delete(planKey(digest, true))
-    plans.delete(planKey(digest, false))
+    for (const key of [...plans.keys()]) if (key.startsWith(`${digest}#`) || key.startsWith(`${digest}@`)) plans.delete(key)
     tables.delete(digest)
   }
 
@@ -410,7 +422,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
             options.signal?.throwIfAborted()
             if (waited) {
               m?.parentsBusy.inc()
-              plans.delete(planKey(task.digest, ctx.whole))
+              plans.delete(p.key)
               round--
               continue
             }
@@ -421,7 +433,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         }
         for (const x of p.parents) if (!usable(x)) exclude.add(x.info.peerId)
         for (const x of [...holders, ...fetchers]) exclude.add(x.info.peerId)
-        plans.delete(planKey(task.digest, ctx.whole))
+        plans.delete(p.key)
       }
       m?.fallbacks.inc({ reason: 'no-parent' })
       return { kind: 'origin', upTo: index }

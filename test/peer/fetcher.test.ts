@@ -114,3 +114,25 @@ test('a piece is asked of peers holding it before seeds, consecutive pieces spre
   assert.deepEqual(order(2), ['c', 'a', 'b', 'seed', 'f'])
   assert.deepEqual(holderOrder(4, [p('seed', true)], [], x => x.seed).map(x => x.id), ['seed'], 'a seed alone is still asked')
 })
+
+test('a reader asking for pieces in two parts of a blob by turns asks the scheduler once for each part, not at every turn', async () => {
+  const big: SwarmTask = { ...task, size: 400 * MIB }
+  const firsts: number[] = []
+  const client = {
+    connected: true,
+    peerId: 'scheduler',
+    async awaitSession () { return true },
+    async request (req: SchedulerRequest) {
+      assert.ok(req.type === 'parents')
+      firsts.push(req.first)
+      // This node is sent to the origin for every piece it asks about: no parents needed.
+      const res: ParentsResponse = { ok: true, pieceSize: MIB, pieceCount: 400, parents: [], digests: [], assigned: Array.from({ length: req.last - req.first + 1 }, (_, k) => req.first + k) }
+      return res
+    },
+    report () {}
+  } as unknown as SchedulerClient
+  const { fetcher } = fetcherWith(client)
+  for (const index of [3, 100, 10, 130, 60, 101]) await fetcher.fetch({ task: big, lastWanted: 399, whole: true }, index, {})
+  // One plan per block of the window (64 pieces): one cached plan per blob was replaced at every turn.
+  assert.deepEqual(firsts, [3, 100])
+})
