@@ -1,9 +1,12 @@
 /**
  * One fleet simulation (bench/sim/fleet.ts) in a process of its own, its
  * result printed as one JSON line: `node bench/fleet-sim.ts <nodes>
- * [--seed n] [--leaving f] [--late f] [--horizon xT*] [--readahead n]
+ * [--seed n] [--leaving f] [--late f] [--horizon xT*] [--lookahead n]
+ * [--inflight n] [--readahead n] [--blob-mib n]
  * [--svg file] [--quiet]`. Progress goes to stderr once per simulated second.
- * --readahead is a what-if (the peer reads 4 pieces ahead).
+ * --lookahead and --inflight are what-ifs of the reader's window (256) and
+ * pieces under way (8); --lookahead 0 reads in order, --readahead ahead (the
+ * reader before 2026-12-02: 4).
  */
 import { writeFile } from 'node:fs/promises'
 import { parseArgs } from 'node:util'

@@ -17,9 +17,10 @@ import { Network } from './network.ts'
  * A discrete-event simulation of one blob pulled by a fleet at once, driving
  * the scheduler's own state, event machine and parent selection (composed as
  * scheduler/swarm/index.ts composes them, with a clock that reads simulated
- * time), with peers modelled after peer/: a reader taking pieces in order with
- * read-ahead, a fetcher following plans as peer/swarm/fetcher.ts does (plan
- * window, plan reuse, holders spread over the best three, hedging, waiting on
+ * time), with peers modelled after peer/: a reader sending pieces in order and
+ * taking them ahead out of order as peer/blobs/reader.ts does, a fetcher
+ * following plans as peer/swarm/fetcher.ts does (plans cached per block,
+ * window, plan reuse, peers before seeds and spread over eight, hedging, waiting on
  * in-progress pieces, pausing and asking again on busy parents, exclusions,
  * the origin after three failed rounds), an upload server as peer/upload does
  * (slots, a bounded queue answered "busy" past it, bounded waits for pieces
@@ -33,7 +34,7 @@ import { Network } from './network.ts'
  */
 
 export interface PeerModel {
-  /** Pieces a reader has under way (peer/blobs/reader.ts). */
+  /** With `lookahead` 0: pieces a reader has under way, in order (the reader before it took pieces out of order). */
   readahead: number
   /** Pieces asked about per plan (fetcher `window`). */
   window: number
