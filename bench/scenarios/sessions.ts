@@ -59,7 +59,7 @@ export const sessions: Scenario = {
       compareSessions: quick ? 250 : 500,
       active: quick ? 250 : 500,
       generators: quick ? 2 : 4,
-      // A full minute holds one round of the scheduler's own pings (once a minute) besides six of the peers' (every 10 s).
+      // A full minute holds two rounds of every session's heartbeat (sent after 30 s without a word from the scheduler).
       idleSeconds: quick ? 10 : 60,
       // Starting sessions stops here even short of all of them (they may drop as fast as they start).
       growSeconds: quick ? 90 : 240,
@@ -79,7 +79,7 @@ export const sessions: Scenario = {
       await grow(o, one, o.n, { strict: false, deadline: performance.now() + o.growSeconds * 1000 })
       await sleep(5_000)
       const held = (await census(one)).up >= o.n * 0.95
-      // Every session idle for a window that holds a round of the scheduler's pings; a replica that lost them, more briefly.
+      // Every session idle for a window that holds two rounds of heartbeats; a replica that lost them, more briefly.
       const idleAll = await idleFigures(o, one, held ? o.idleSeconds : Math.min(20, o.idleSeconds))
       // The loops with every session up (the full run, when the replica kept them).
       const full = !quick && held ? await suite(o, one) : undefined
@@ -197,7 +197,7 @@ function rows (o: Options, one: Deployment, idleFew: Idle | undefined, all: Idle
   const best = points.reduce((a, b) => b.sessions > a.sessions ? b : a, { sessions: all.sessions, rssMiB: all.rssMiB })
   const rssPer1000 = best.sessions > 0 ? (best.rssMiB - one.rss0MiB) / (best.sessions / 1000) : NaN
   const rss5000 = measured ? all.rssMiB : one.rss0MiB + rssPer1000 * 5
-  // Idle CPU per session from every session, or else from the sessions compared (a window that holds one round of the scheduler's pings in the full run).
+  // Idle CPU per session from every session, or else from the sessions compared (a window that holds two rounds of heartbeats in the full run).
   const idlePer1000 = few.sessions > 0 ? (few.cores.scheduler ?? 0) / (few.sessions / 1000) : NaN
   const idle5000 = measured ? (all.cores.scheduler ?? 0) : idlePer1000 * 5
   const projected = (what: string, from: number, unit: string): string => `${what}${measured ? '' : `, projected from ${at(from)}`}${unit}`
@@ -357,7 +357,7 @@ async function grow (o: Options, dep: Deployment, total: number, how: { strict: 
   if (how.strict && c.up < to * dep.generators.length * 0.95) o.log(`${dep.label}: only ${c.up} of ${to * dep.generators.length} sessions came up; measuring with those`)
 }
 
-/** Every session up, pinging as a peer does; nobody asks anything. RSS and CPU of the (one) scheduler. */
+/** Every session up, its heartbeat going as a peer's does; nobody asks anything. RSS and CPU of the (one) scheduler. */
 async function idleFigures (o: Options, dep: Deployment, seconds: number): Promise<Idle> {
   o.doing = `${dep.label}: idle`
   await sleep(5_000)
