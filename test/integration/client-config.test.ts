@@ -6,7 +6,7 @@ import { runCli } from '../helpers/cli.ts'
 import { startContainerd, type TestContainerd } from '../helpers/containerd.ts'
 import { buildImage, pushImage, readBlob, type BuiltImage } from '../helpers/image.ts'
 import { startPeer, type TestPeer } from '../helpers/peer.ts'
-import { freePort } from '../helpers/ports.ts'
+import { freePorts } from '../helpers/ports.ts'
 import { run } from '../helpers/process.ts'
 import { startRegistry, type TestRegistry } from '../helpers/registry.ts'
 import { skopeoCopyToDir } from '../helpers/skopeo.ts'
@@ -37,10 +37,13 @@ describe('client configuration from damselfly config, used by real clients', () 
     image = await buildImage(path.join(work.path, 'image'), { layers: [3 * MIB + 101, 700 * 1024], seed: 'client-config-it', tag: 'v1' })
     layerBytes = image.layers.reduce((s, l) => s + l.size, 0)
     await pushImage(image, `${registry.host}/team/app:v1`)
-    mirrorPort = await freePort()
+    // Four distinct ports: the mirror's chosen apart from the peer's own, the OS may hand a closed probe's port out again.
+    const [mirror, ...own] = await freePorts(4) as [number, number, number, number]
+    mirrorPort = mirror
     peer = await startPeer({
       registry: 'http://127.0.0.1:9',
       name: 'client-config',
+      ports: own as [number, number, number],
       // A header-less listener for skopeo, which names no registry to its mirror.
       args: ['--mirrors', `${mirrorPort}=${origin.url}`]
     })

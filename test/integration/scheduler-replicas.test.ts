@@ -361,7 +361,8 @@ describe('scheduler replicas over Redis: one swarm whichever replica answers', (
     await waitFor(async () => (epochAfter = await redis.command('GET', 'damselfly:epoch')) !== '', { timeoutMs: 10_000, what: 'the replicas to start a new epoch' })
     assert.notEqual(epochAfter, epochBefore, 'Redis came back without the old epoch')
     for (const s of survivors) {
-      await waitFor(async () => /"why":"the shared state was lost \(a new epoch\)"/.test(s.output()), { timeoutMs: 10_000, what: `${replicaName(s)} to notice the new epoch and ask its peers to announce again` })
+      // Seconds as a rule (the epoch is read every second); 30 s because one full-suite run missed 10 s (cause not found).
+      await waitFor(async () => /"why":"the shared state was lost \(a new epoch\)"/.test(s.output()), { timeoutMs: 30_000, what: `${replicaName(s)} to notice the new epoch and ask its peers to announce again` })
     }
     const blobs = [imageA.config, ...imageA.layers, imageB.config, ...imageB.layers]
     const want = [...ids.values()].sort()
@@ -418,7 +419,7 @@ describe('scheduler replicas over Redis: one swarm whichever replica answers', (
     // Given only the replica the seed is not in session with: every plan of this peer is made there.
     const probe = await addPeer('probe', { scheduler: other.address })
     const probeId = ids.get('probe') as string
-    await waitFor(async () => await viaOf(other, probeId) === other, { timeoutMs: 10_000, what: `the probe to register with ${replicaName(other)}` })
+    await waitFor(async () => await viaOf(other, probeId) === other, { timeoutMs: 30_000, what: `the probe to register with ${replicaName(other)}` })
     const imageC = await buildImage(path.join(work.path, 'c'), { layers: [8 * MIB + 77], seed: 'replicas-c', tag: 'v1' })
     await pushImage(imageC, `${registry.host}/replicas/c:v1`)
     const layer = imageC.layers[0] as BuiltBlob
