@@ -10,19 +10,7 @@ export interface AbortOptions {
  * caller's reason when the caller gives up.
  */
 export function withDeadline (signal: AbortSignal | undefined, ms: number, what: string): AbortSignal {
-  const controller = new AbortController()
-  const timer = setTimeout(() => controller.abort(new TimeoutError(what)), ms)
-  timer.unref()
-  const onAbort = (): void => { controller.abort(signal?.reason ?? new AbortError(what)) }
-  if (signal !== undefined) {
-    if (signal.aborted) onAbort()
-    else signal.addEventListener('abort', onAbort, { once: true })
-  }
-  controller.signal.addEventListener('abort', () => {
-    clearTimeout(timer)
-    signal?.removeEventListener('abort', onAbort)
-  }, { once: true })
-  return controller.signal
+  return deadline([signal], ms, what).signal
 }
 
 /** Resolves after `ms`, or rejects with the signal's reason. */

@@ -857,12 +857,8 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       p.incoming.delete(att)
       after(lat, () => {
         if (att.state === 'done') return
-        for (const t of att.timers) kill(t)
-        att.timers = []
-        att.state = 'done'
-        att.child.outgoing.delete(att)
         const ok = att.ok
-        release(att)
+        settle(att)
         ok()
       })
     })
@@ -880,14 +876,19 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     else counts.errors++
     after(lat, () => {
       if (att.state !== 'replied') return
-      for (const t of att.timers) kill(t)
-      att.timers = []
-      att.state = 'done'
-      att.child.outgoing.delete(att)
       const fail = att.fail
-      release(att)
+      settle(att)
       fail(why)
     })
+  }
+
+  /** The child has the answer: its timers go, and the attempt is let go. */
+  function settle (att: Attempt): void {
+    for (const t of att.timers) kill(t)
+    att.timers = []
+    att.state = 'done'
+    att.child.outgoing.delete(att)
+    release(att)
   }
 
   // ——— Joining and leaving. ———
