@@ -225,6 +225,8 @@ interface Node {
   waiters: Map<number, Set<Attempt>>
   /** Plans by block of `window` pieces (of their first piece), as the fetcher caches them. */
   plans: Map<number, Plan>
+  /** Its latest plan offered only whole holders (the fetcher's `settled`): the reader then goes in order. */
+  settled: boolean
   pieceMs: number
   /** Parent node → measured bytes/s. */
   rates: Map<number, number>
@@ -351,6 +353,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       underway: 0,
       waiters: new Map(),
       plans: new Map(),
+      settled: false,
       pieceMs: 200,
       rates: new Map(),
       failing: new Map(),
@@ -536,12 +539,12 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     while (n.head < P && n.have[n.head] === 2) n.head++
     if (m.lookahead > 0) {
       if (n.head < P && n.have[n.head] === 0) acquire(n, n.head, P - 1)
-      const end = Math.min(P, n.head + m.lookahead)
+      const end = Math.min(P, n.head + (n.settled ? m.inflight : m.lookahead))
       while (n.underway < m.inflight) {
         const missing: number[] = []
         for (let j = n.head + 1; j < end; j++) if (n.have[j] === 0) missing.push(j)
         if (missing.length === 0) break
-        acquire(n, missing[Math.floor(random() ** 3 * missing.length)] as number, P - 1)
+        acquire(n, missing[n.settled ? 0 : Math.floor(random() ** 3 * missing.length)] as number, P - 1)
       }
       return
     }
@@ -619,6 +622,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
         plan.at = now
         for (const a of plan.assigned) n.assigned.add(a)
         n.plans.set(Math.floor(plan.first / m.window), plan)
+        n.settled = plan.parents.length > 0 && plan.assigned.size === 0 && plan.parents.every(x => x.complete)
         decide(op, plan)
       })
     })

@@ -116,6 +116,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     for (const [i, sha256] of entries) table.set(i, { sha256, provisional: provisional.has(i) })
   }
   const assigned = new LRUCache<string, Set<number>>({ max: 1024, ttl: 120_000 })
+  /** Blobs whose latest plan offered only parents holding all of them (see `PieceSource.settled`). */
+  const settled = new LRUCache<string, boolean>({ max: 1024, ttl: 60_000 })
   const failing = new LRUCache<string, true>({ max: 4096, ttl: parentBackoffMs })
   const barred = new LRUCache<string, true>({ max: 4096, ttl: barMs })
   const rates = new LRUCache<string, number>({ max: 1024, ttl: 60_000 })
@@ -176,6 +178,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       assigned.set(ctx.task.digest, mine)
     }
     plans.set(p.key, p)
+    settled.set(ctx.task.digest, p.parents.length > 0 && p.assigned.size === 0 && p.parents.every(x => x.info.complete))
     return p
   }
 
@@ -367,6 +370,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     },
     forget (digest) {
       assigned.delete(digest)
+      settled.delete(digest)
       forgetPlans(digest)
     },
     originFailed (task) {
@@ -381,6 +385,9 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     },
     expected (digest, index) {
       return tables.get(digest)?.get(index)
+    },
+    settled (digest) {
+      return settled.get(digest) === true
     },
     async fetch (ctx, index, options): Promise<RemotePiece | OriginDirective> {
       const { task } = ctx

@@ -68,4 +68,11 @@ export interface PieceSource {
    * a blob assembled from pieces matching it did not match its digest.
    */
   mismatch: (task: SwarmTask, evidence: { piece: number, sha256: string } | { table: string } | undefined) => void
+  /**
+   * Every parent the swarm last offered for this blob holds all of it, and
+   * nobody is fetching it from the origin: a reader has nothing to gain from
+   * taking pieces out of order (see the reader's `Ahead`). Absent or false
+   * while that is not known.
+   */
+  settled?: (digest: string) => boolean
 }

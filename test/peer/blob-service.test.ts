@@ -192,6 +192,30 @@ test('a whole read takes pieces ahead in a random order within its window, a bou
   assert.equal(store.info(digest)?.verified, true)
 })
 
+test('a whole read takes pieces in order when the swarm offers only whole holders', async (t) => {
+  const pieces = 24
+  const data = randomBytes(pieces * MIB)
+  const asked: number[] = []
+  let running = 0
+  let most = 0
+  const swarm = new FakeSwarm(i => ({ data: data.subarray(i * MIB, (i + 1) * MIB), trusted: true }), async (i) => {
+    asked.push(i)
+    most = Math.max(most, ++running)
+    await new Promise(resolve => setTimeout(resolve, 1 + (i * 7) % 5))
+    running--
+  })
+  let settledAsked = 0
+  swarm.isSettled = () => { settledAsked++; return true }
+  const { origin, blobs, store } = await setupWithSwarm(t, swarm, { readahead: 4, window: 12, random: () => 0.99 })
+  const digest = origin.addBlob('team/app', data)
+  const read = await buffer(await (await blobs.open(req(digest))).read(undefined))
+  assert.ok(read.equals(data))
+  assert.ok(settledAsked > 0, 'the reader asked the swarm')
+  assert.deepEqual(asked, Array.from({ length: pieces }, (_, i) => i), 'in order, each once')
+  assert.ok(most <= 4 + 1, `at most the read-ahead and the piece being sent under way at once (${most})`)
+  assert.equal(store.info(digest)?.verified, true)
+})
+
 /** A swarm that hands out the pieces the test gives it, verified against nothing but themselves. */
 class FakeSwarm implements PieceSource {
   readonly mismatches: Array<{ digest: string, evidence: { piece: number, sha256: string } | { table: string } | undefined }> = []
@@ -199,6 +223,8 @@ class FakeSwarm implements PieceSource {
   readonly table = new Map<number, string>()
   readonly #pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin'
   readonly #delay: ((index: number) => Promise<void>) | undefined
+  /** What `settled` answers; absent, the swarm never says. */
+  isSettled: (() => boolean) | undefined
   constructor (pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin', delay?: (index: number) => Promise<void>) {
     this.#pieces = pieces
     this.#delay = delay
@@ -219,6 +245,10 @@ class FakeSwarm implements PieceSource {
   }
 
   originFailed (): void {}
+
+  settled (): boolean {
+    return this.isSettled?.() ?? false
+  }
 
   mismatch (task: { digest: string }, evidence: { piece: number, sha256: string } | { table: string } | undefined): void {
     this.mismatches.push({ digest: task.digest, evidence })

@@ -1,12 +1,14 @@
 import assert from 'node:assert/strict'
+import { createHash } from 'node:crypto'
 import { test } from 'node:test'
 import { SchedulerUnavailableError } from '../../src/errors.ts'
 import { silentLogger } from '../../src/logger.ts'
 import { createMetricsRegistry } from '../../src/metrics.ts'
 import type { P2PNode } from '../../src/p2p/index.ts'
 import type { ParentsResponse, SchedulerRequest } from '../../src/protocol/messages.ts'
-import { MIB } from '../../src/pieces.ts'
+import { MIB, PieceSet } from '../../src/pieces.ts'
 import { createPieceFetcher, holderOrder, type PieceFetcher } from '../../peer/swarm/fetcher.ts'
+import type { PieceHttpClient } from '../../peer/swarm/piece-http.ts'
 import type { SchedulerClient } from '../../peer/swarm/scheduler-client.ts'
 import type { SwarmTask } from '../../peer/swarm/source.ts'
 
@@ -135,4 +137,36 @@ test('a reader asking for pieces in two parts of a blob by turns asks the schedu
   for (const index of [3, 100, 10, 130, 60, 101]) await fetcher.fetch({ task: big, lastWanted: 399, whole: true }, index, {})
   // One plan per block of the window (64 pieces): one cached plan per blob was replaced at every turn.
   assert.deepEqual(firsts, [3, 100])
+})
+
+function heldBy (...indices: number[]): string {
+  const set = new PieceSet(100)
+  for (const i of indices) set.add(i)
+  return set.toBase64()
+}
+
+test('a blob is settled while its plans offer only parents holding all of it, and not once one is still fetching it', async () => {
+  const piece = Buffer.alloc(MIB, 7)
+  const hex = createHash('sha256').update(piece).digest('hex')
+  let complete = true
+  const client = {
+    connected: true,
+    peerId: 'scheduler',
+    async awaitSession () { return true },
+    async request (req: SchedulerRequest) {
+      assert.ok(req.type === 'parents')
+      const parent = (id: string, whole: boolean): ParentsResponse['parents'][number] => ({ peerId: id, addrs: [], upload: ['http://127.0.0.1:1'], seed: false, complete: whole, ...(whole ? {} : { held: heldBy(0, 64) }) })
+      const res: ParentsResponse = { ok: true, pieceSize: MIB, pieceCount: 100, parents: complete ? [parent('a', true), parent('b', true)] : [parent('a', true), parent('c', false)], digests: [[req.first, hex]], assigned: [] }
+      return res
+    },
+    report () {}
+  } as unknown as SchedulerClient
+  const http: PieceHttpClient = { async fetch () { return Buffer.from(piece) }, async close () {} }
+  const fetcher = createPieceFetcher({ logger: silentLogger(), node: { peerId: 'self' } as unknown as P2PNode, client, http })
+  assert.equal(fetcher.settled?.(task.digest), false, 'nothing is known before a plan')
+  assert.equal((await fetcher.fetch({ task, lastWanted: 99, whole: true }, 0, {})).kind, 'piece')
+  assert.equal(fetcher.settled?.(task.digest), true)
+  complete = false
+  assert.equal((await fetcher.fetch({ task, lastWanted: 99, whole: true }, 64, {})).kind, 'piece')
+  assert.equal(fetcher.settled?.(task.digest), false, 'a parent holding only part of the blob is fetching it')
 })
