@@ -1,7 +1,8 @@
 import { raceSignal } from '../../src/abort.ts'
+import type { Lease } from '../../src/buffer-pool.ts'
 import {
   BlobDigestMismatchError, BlobUnknownError, DeniedError, ManifestUnknownError, OriginStatusError,
-  PieceDigestMismatchError, RangeNotSatisfiableError, TableDroppedError, UnauthorizedError, isAbort
+  PieceDigestMismatchError, RangeNotSatisfiableError, StorageError, TableDroppedError, UnauthorizedError, isAbort
 } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { choosePieceSize, pieceCount } from '../../src/pieces.ts'
@@ -20,6 +21,11 @@ export interface Piece {
   source: Source
   /** Known genuine (see `RemotePiece.trusted`); origin bytes always are. */
   trusted: boolean
+  /**
+   * The holder's claim on `data` when it sits in a pooled buffer: released
+   * once nothing will read `data` again (a reader lends it down its stream).
+   */
+  lease?: Lease | undefined
 }
 
 /** How a fetched piece is handed to its waiters. */
@@ -91,10 +97,17 @@ export class PieceAcquisition {
       if (local !== undefined) return local
       const key = pieceKey(task.digest, index)
       const landing = this.#landing.get(key)
-      if (landing !== undefined) return { data: landing.data, sha256: landing.sha256, source: landing.source, trusted: landing.trusted }
+      if (landing !== undefined) {
+        const claimed = claim(landing)
+        if (claimed !== undefined) return claimed
+      }
       const pending = this.#inflight.get(key) ?? this.#startFetch(task, index, lastWanted, priority, whole)
       try {
-        return await raceSignal(pending, signal)
+        const landed = await raceSignal(pending, signal)
+        // Its buffer may have gone back to the pool meanwhile (written, and released by the fetch): the cache has it then.
+        const claimed = claim(landed) ?? await this.#held(task.digest, index)
+        if (claimed !== undefined) return claimed
+        lastError = new StorageError(`piece ${index} of ${task.digest} landed and was gone before it could be read`)
       } catch (err) {
         // A dropped table cut the fetch short: the next attempt goes by the new one.
         if (signal?.aborted === true || (isAbort(err) && !(err instanceof TableDroppedError))) throw err
@@ -106,14 +119,27 @@ export class PieceAcquisition {
     throw lastError
   }
 
-  /** A piece held here (on disk, or landed and still being written), without fetching anything. */
+  /**
+   * A piece held here (on disk, or landed and still being written), without
+   * fetching anything. The bytes are the caller's: a pooled buffer is copied
+   * out (into `into` when it is large enough).
+   */
   async peek (digest: string, index: number, into?: Buffer): Promise<Buffer | undefined> {
-    return (await this.#held(digest, index, into))?.data ?? this.#landing.get(pieceKey(digest, index))?.data
+    const held = (await this.#held(digest, index, into))?.data
+    if (held !== undefined) return held
+    const landing = this.#landing.get(pieceKey(digest, index))
+    return landing === undefined ? undefined : ownCopy(landing, into)
   }
 
-  /** The piece's bytes once a fetch under way here lands them; undefined when none is under way. */
+  /** The piece's bytes once a fetch under way here lands them (the caller's own, as `peek`); undefined when none is under way. */
   whenLanded (digest: string, index: number): Promise<Buffer> | undefined {
-    return this.#inflight.get(pieceKey(digest, index))?.then(landed => landed.data)
+    return this.#inflight.get(pieceKey(digest, index))?.then(async landed => {
+      const copy = ownCopy(landed)
+      if (copy !== undefined) return copy
+      const held = await this.#held(digest, index)
+      if (held === undefined) throw new StorageError(`piece ${index} of ${digest} landed and was gone before it could be read`)
+      return held.data
+    })
   }
 
   async #held (digest: string, index: number, into?: Buffer): Promise<Piece | undefined> {
@@ -168,7 +194,7 @@ export class PieceAcquisition {
           this.#startOriginRun(task, index, Math.max(index, Math.min(lastWanted, got.upTo)), priority).then(deferred.resolve, deferred.reject)
           return
         }
-        await this.#land(task, index, got.data, got.sha256, 'peer', deferred, got.trusted)
+        await this.#land(task, index, got.data, got.sha256, 'peer', deferred, got.trusted, got.lease)
       } catch (err) {
         deferred.reject(err)
       } finally {
@@ -213,7 +239,7 @@ export class PieceAcquisition {
    * operator's registry): that is reported, this node's copy dropped, and the
    * waiters fail so they try again under the next table.
    */
-  async #land (task: BlobTask, index: number, data: Buffer, sha256: string, source: 'origin' | 'peer', deferred: Deferred, trusted: boolean): Promise<void> {
+  async #land (task: BlobTask, index: number, data: Buffer, sha256: string, source: 'origin' | 'peer', deferred: Deferred, trusted: boolean, lease?: Lease): Promise<void> {
     const key = pieceKey(task.digest, index)
     const expected = this.#source?.expected(task.digest, index)
     if (source === 'origin' && expected !== undefined && expected.sha256 !== sha256) {
@@ -224,17 +250,21 @@ export class PieceAcquisition {
       deferred.reject(err)
       throw err
     }
-    const write = this.#store.writePiece(task.digest, index, data, { sha256, source, trusted })
-    this.#landing.set(key, { data, sha256, source, trusted, written: write.catch(() => {}) })
+    // The store keeps no pooled buffer in its memory: the pool has it back once the holders are done.
+    const write = this.#store.writePiece(task.digest, index, data, { sha256, source, trusted, keep: lease === undefined })
+    this.#landing.set(key, { data, sha256, source, trusted, lease, written: write.catch(() => {}) })
     this.#counters.fetched(source, data.length)
-    deferred.resolve({ data, sha256, source, trusted })
+    deferred.resolve({ data, sha256, source, trusted, lease })
+    let written = false
     try {
-      await write
+      written = await write
     } catch (err) {
       if (err instanceof PieceDigestMismatchError || err instanceof BlobDigestMismatchError) throw err
       this.#logger.warn({ err, digest: task.digest, piece: index }, 'could not cache a piece; serving it from memory')
     } finally {
       this.#landing.delete(key)
+      // Once in the cache, anyone late reads it there. A piece that did not get there is only in this buffer: it is never reused.
+      if (written) lease?.release()
     }
   }
 
@@ -257,4 +287,22 @@ export class PieceAcquisition {
 
 function pieceKey (digest: string, index: number): string {
   return `${digest}#${index}`
+}
+
+/** The piece with a lease of the caller's own; undefined when its pooled buffer was already released (read it from the cache). */
+function claim (piece: Piece): Piece | undefined {
+  if (piece.lease === undefined) return piece
+  const lease = piece.lease.share()
+  return lease === undefined ? undefined : { data: piece.data, sha256: piece.sha256, source: piece.source, trusted: piece.trusted, lease }
+}
+
+/** A copy the caller may keep of a piece's bytes; as they are when they are not pooled. Undefined when the pooled buffer was released. */
+function ownCopy (piece: Piece, into?: Buffer): Buffer | undefined {
+  if (piece.lease === undefined) return piece.data
+  if (!piece.lease.held) return undefined
+  if (into !== undefined && into.length >= piece.data.length) {
+    piece.data.copy(into)
+    return into.subarray(0, piece.data.length)
+  }
+  return Buffer.from(piece.data)
 }

@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto'
 import { Readable, addAbortSignal } from 'node:stream'
+import { giveBack, lend } from '../../src/buffer-pool.ts'
 import { BlobDigestMismatchError, StorageError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { parseDigest, sha256Hex } from '../../src/oci/digest.ts'
@@ -81,7 +82,7 @@ export class BlobReader {
   async fill (task: BlobTask, options: ReadOptions): Promise<void> {
     if (this.#store.track(task.digest, task.size, { mediaType: task.mediaType }).verified) return
     const stream = await this.#read(task, undefined, options, false)
-    for await (const chunk of stream) void chunk
+    for await (const chunk of stream) giveBack(chunk)
     if (this.#store.info(task.digest)?.verified !== true && !await this.#store.verifyBlob(task.digest)) {
       throw new StorageError(`blob ${task.digest} could not be kept whole in the cache`)
     }
@@ -131,11 +132,16 @@ export class BlobReader {
           const piece = i === first ? firstPiece : await ahead.take(i)
           ahead.fill(i + 1, last)
           const { offset, length } = pieceBounds(i, task.size, info.pieceSize)
-          if (piece.data.length !== length) throw new StorageError(`piece ${i} of ${task.digest} is ${piece.data.length} bytes, expected ${length}`)
+          if (piece.data.length !== length) {
+            piece.lease?.release()
+            throw new StorageError(`piece ${i} of ${task.digest} is ${piece.data.length} bytes, expected ${length}`)
+          }
           const from = Math.max(start - offset, 0)
           const to = Math.min(end - offset + 1, piece.data.length)
           const slice = from === 0 && to === piece.data.length ? piece.data : piece.data.subarray(from, to)
           if (serving) self.#counters.served(ahead.sourceOf(i, piece.source), slice.length)
+          // A pooled buffer goes back once whoever consumes the stream says it is done with the chunk (giveBack).
+          if (piece.lease !== undefined) lend(slice, piece.lease.release)
           yield { data: slice, sha256: piece.sha256 }
         }
       } finally {
@@ -305,6 +311,7 @@ class Ahead {
   /** The reader is done: nothing more is started, and nothing is kept. */
   clear (): void {
     this.#closed = true
+    for (const e of this.#started.values()) release(e.promise)
     this.#started.clear()
     this.#sources.clear()
   }
@@ -334,6 +341,7 @@ class Ahead {
     let far: number | undefined
     for (const [i, e] of this.#started) if (e.settled && i !== head && (far === undefined || i > far)) far = i
     if (far === undefined) return false
+    release((this.#started.get(far) as { promise: Promise<Piece> }).promise)
     this.#started.delete(far)
     return true
   }
@@ -344,4 +352,9 @@ class Ahead {
     for (let i = from; i <= to; i++) if (!this.#started.has(i) && !this.#sources.has(i) && !this.#held(i)) out.push(i)
     return out
   }
+}
+
+/** Lets go of a piece's pooled buffer, now or when it lands. */
+function release (piece: Promise<Piece>): void {
+  piece.then(p => { p.lease?.release() }, () => {})
 }

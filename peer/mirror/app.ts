@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import type { Readable } from 'node:stream'
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerFactory } from 'fastify'
+import { giveBackWhenWritten } from '../../src/buffer-pool.ts'
 import { AbortError, InvalidQueryError, NotFoundError, OriginUnavailableError, UnsupportedOperationError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, Histogram, type Registry } from '../../src/metrics.ts'
@@ -265,6 +266,8 @@ export function buildMirrorApp (components: MirrorComponents, init: MirrorInit =
     }
     if (isHead) return reply.send()
     const body: Readable = await opened.read(range, { signal, priority })
+    // Pieces in pooled buffers go back to the pool as the socket takes them.
+    giveBackWhenWritten(reply.raw)
     return reply.send(body)
   }
 

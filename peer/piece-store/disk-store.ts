@@ -339,7 +339,7 @@ export class DiskPieceStore implements PieceStore {
     entry.checked.add(index)
     if (trusted) entry.trusted.add(index)
     Buffer.from(hex, 'hex').copy(entry.digests, index * SHA256_BYTES)
-    this.#hot.set(hotKey(entry, index), data)
+    if (options.keep !== false) this.#hot.set(hotKey(entry, index), data)
     this.#touch(entry)
     this.#meta.markDirty(entry)
     this.#events.emit('piece', digest, index, hex, options.source ?? 'origin')

@@ -58,6 +58,12 @@ export interface WritePieceOptions extends AbortOptions {
    * held piece is fine for a whole-blob read, which checks the digest.
    */
   trusted?: boolean
+  /**
+   * Keep the buffer in the hot-piece memory afterwards (default true). False
+   * for a buffer that goes back to a pool once written: the store must not
+   * hand out bytes that will be overwritten.
+   */
+  keep?: boolean
 }
 
 export interface StoreEvents {

@@ -278,12 +278,19 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     // Over HTTP a piece may take as long as it keeps coming (a parent's upload shared by many children is slow,
     // and cutting it off only sends the same bytes again, or the child to the origin); it fails once it stops.
     const deadline = withDeadline(signal, waitMs + (http ? PIECE_LIMIT_MS : Math.max(20_000, length / 1024)), `piece ${index} from ${parent.info.peerId}`)
-    const data = http
+    const { data, lease } = http
       ? await (components.http as PieceHttpClient).fetch({ peerId: parent.info.peerId, upload }, { digest: task.digest, index, waitMs }, length, { signal: deadline, stall: { firstByteMs: waitMs + STALL_MS, idleMs: STALL_MS } })
-      : await viaStream(parent, task, index, length, waitMs, deadline)
+      : { data: await viaStream(parent, task, index, length, waitMs, deadline), lease: undefined }
     const hex = sha256Hex(data)
-    const expected = await expectedDigest(task, index, p, { signal })
+    let expected: { hex: string, provisional: boolean }
+    try {
+      expected = await expectedDigest(task, index, p, { signal })
+    } catch (err) {
+      lease?.release()
+      throw err
+    }
     if (hex !== expected.hex) {
+      lease?.release()
       m?.bad.inc()
       m?.barred.inc()
       barred.set(parent.info.peerId, true)
@@ -298,7 +305,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       rates.set(parent.info.peerId, (rates.get(parent.info.peerId) ?? rate) * 0.7 + rate * 0.3)
     }
     // A confirmer's bytes came from the origin, not from the entry's author: equal to it, they vouch for it.
-    return { kind: 'piece', data, sha256: hex, trusted: !expected.provisional || parent.confirming?.has(index) === true }
+    return { kind: 'piece', data, sha256: hex, trusted: !expected.provisional || parent.confirming?.has(index) === true, lease }
   }
 
   /**
@@ -352,7 +359,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     launch()
     const winner = await first
     race.abort()
-    await Promise.allSettled(attempts)
+    // A second parent's copy that arrived anyway is not needed.
+    for (const settled of await Promise.allSettled(attempts)) if (settled.status === 'fulfilled' && settled.value !== winner) settled.value?.lease?.release()
     return winner ?? (later > 0 ? 'later' : undefined)
   }
 

@@ -1,4 +1,5 @@
 import { connect, type Socket } from 'node:net'
+import type { BufferPool, Lease } from '../../src/buffer-pool.ts'
 import { PeerBusyError, PeerUnavailableError, PieceNotHeldError, ProtocolError } from '../../src/errors.ts'
 import { PIECE_HTTP_PEER_HEADER } from '../../src/protocol/messages.ts'
 
@@ -20,6 +21,8 @@ export interface PieceResponse {
   peer: string | undefined
   /** For status 200: exactly `length` bytes. */
   body: Buffer | undefined
+  /** The claim on `body`'s pooled buffer, when it came from the pool: the caller's to release. */
+  lease?: Lease | undefined
   /** For any other status: the first bytes of its body, as text. */
   text: string
 }
@@ -35,6 +38,12 @@ export interface PieceConnectionPoolInit {
   maxHeaderBytes?: number
   /** A connection not made within this long fails with ETIMEDOUT (the next address is tried). Default 5 s. */
   connectTimeoutMs?: number
+  /**
+   * Where 200 bodies are read into. A body whose response failed is never
+   * given back (the socket it was read from is gone, but nothing is
+   * gained by betting on it). Without it each body is a fresh buffer.
+   */
+  buffers?: BufferPool | undefined
 }
 
 const ERROR_BODY_MAX = 4096
@@ -121,12 +130,13 @@ class Connection {
    * Sends one request and reads its response. A 200 must carry exactly
    * `length` bytes, read into a buffer of their own.
    */
-  async exchange (head: string, length: number, maxHeaderBytes: number, signal: AbortSignal, stall?: Stall): Promise<PieceResponse> {
+  async exchange (head: string, length: number, maxHeaderBytes: number, signal: AbortSignal, stall?: Stall, buffers?: BufferPool): Promise<PieceResponse> {
     signal.throwIfAborted()
     if (this.spoiled || this.socket.destroyed) throw new PeerUnavailableError('no response: the connection closed')
     const { promise, resolve, reject } = Promise.withResolvers<PieceResponse>()
     let filled = 0
     let body: Buffer | undefined
+    let lease: Lease | undefined
     let bodyFilled = 0
     let bodyLength = 0
     let status = 0
@@ -153,7 +163,7 @@ class Connection {
       resolve(response)
     }
     const finishBody = (): void => {
-      if (status === 200) done({ status, peer, body, text: '' })
+      if (status === 200) done({ status, peer, body, lease, text: '' })
       else done({ status, peer, body: undefined, text: (body as Buffer).toString('utf8', 0, bodyLength) })
     }
     this.#onRead = (n: number) => {
@@ -204,7 +214,8 @@ class Connection {
         return
       }
       bodyLength = declared
-      body = status === 200 ? Buffer.allocUnsafe(length) : Buffer.allocUnsafe(declared)
+      lease = status === 200 ? buffers?.take(length) : undefined
+      body = lease?.data ?? Buffer.allocUnsafe(status === 200 ? length : declared)
       const early = filled - (end + 4)
       if (early > bodyLength) {
         fail(new ProtocolError('more bytes than the response declared'))
@@ -281,6 +292,7 @@ export class PieceConnectionPool {
   readonly #idleMs: number
   readonly #maxHeaderBytes: number
   readonly #connectTimeoutMs: number
+  readonly #buffers: BufferPool | undefined
   #closed = false
 
   constructor (init: PieceConnectionPoolInit = {}) {
@@ -289,6 +301,7 @@ export class PieceConnectionPool {
     this.#idleMs = init.idleMs ?? 4_000
     this.#maxHeaderBytes = init.maxHeaderBytes ?? 16 * 1024
     this.#connectTimeoutMs = init.connectTimeoutMs ?? 5_000
+    this.#buffers = init.buffers
   }
 
   /**
@@ -315,7 +328,7 @@ export class PieceConnectionPool {
         clearTimeout(conn.idleTimer)
         try {
           if (reused === undefined) await raceAbort(conn.connected, signal, () => { conn.close() })
-          const response = await conn.exchange(head, length, this.#maxHeaderBytes, signal, stall)
+          const response = await conn.exchange(head, length, this.#maxHeaderBytes, signal, stall, this.#buffers)
           this.#release(pool, conn)
           return response
         } catch (err) {

@@ -1,6 +1,7 @@
 import { createHmac, timingSafeEqual } from 'node:crypto'
 import type { IncomingMessage } from 'node:http'
 import type { AbortOptions } from '../../src/abort.ts'
+import type { Lease } from '../../src/buffer-pool.ts'
 import { PeerUnavailableError, isAbort } from '../../src/errors.ts'
 import { answerError, PieceConnectionPool, type PieceConnectionPoolInit, type Stall } from './piece-client.ts'
 import { PIECE_HTTP_PATH, type PieceRequest } from '../../src/protocol/messages.ts'
@@ -70,9 +71,15 @@ export function uploadUrls (addrs: string[], port: number): string[] {
   return [...out.filter(u => !loopback(u)), ...out.filter(loopback)].slice(0, 16)
 }
 
+/** A piece's bytes as received; `lease`, when they sit in a pooled buffer, is the receiver's claim on it (see `BufferPool`). */
+export interface PieceBytes {
+  data: Buffer
+  lease?: Lease | undefined
+}
+
 /** Client side: one keep-alive pool per parent address, bounded. */
 export interface PieceHttpClient {
-  fetch: (parent: { peerId: string, upload: string[] }, request: PieceRequest, length: number, options: AbortOptions & { signal: AbortSignal, stall?: Stall | undefined }) => Promise<Buffer>
+  fetch: (parent: { peerId: string, upload: string[] }, request: PieceRequest, length: number, options: AbortOptions & { signal: AbortSignal, stall?: Stall | undefined }) => Promise<PieceBytes>
   close: () => Promise<void>
 }
 
@@ -81,13 +88,17 @@ export function createPieceHttpClient (init: { self: string, secret?: Buffer | u
   /** The address that answered as the right peer last time, per peer. */
   const working = new Map<string, string>()
 
-  async function attempt (base: string, parentId: string, request: PieceRequest, length: number, signal: AbortSignal, stall: Stall | undefined): Promise<Buffer | 'wrong-peer'> {
+  async function attempt (base: string, parentId: string, request: PieceRequest, length: number, signal: AbortSignal, stall: Stall | undefined): Promise<PieceBytes | 'wrong-peer'> {
     const headers: Record<string, string> = {}
     if (init.secret !== undefined) headers.authorization = authorizationFor(init.secret, init.self, parentId, request)
     const res = await pool.get(base, pieceUrlPath(request.digest, request.index, request.waitMs), headers, length, signal, stall)
-    if (res.peer !== parentId) return 'wrong-peer'
+    if (res.peer !== parentId) {
+      // The response is complete: nothing reads into its buffer any more.
+      res.lease?.release()
+      return 'wrong-peer'
+    }
     if (res.status !== 200 || res.body === undefined) throw answerError(res, parentId, request.index)
-    return res.body
+    return { data: res.body, lease: res.lease }
   }
 
   return {

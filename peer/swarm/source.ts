@@ -1,4 +1,5 @@
 import type { AbortOptions } from '../../src/abort.ts'
+import type { Lease } from '../../src/buffer-pool.ts'
 import type { OriginRef } from '../../src/protocol/messages.ts'
 
 /**
@@ -35,6 +36,8 @@ export interface RemotePiece {
    * confirm such an entry. Only trusted pieces serve range reads.
    */
   trusted: boolean
+  /** The receiver's claim on `data` when it sits in a pooled buffer: released when done with it (see `BufferPool`). */
+  lease?: Lease | undefined
 }
 
 export interface OriginDirective {

@@ -2,6 +2,7 @@ import { once } from 'node:events'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import { raceSignal, withDeadline } from '../../src/abort.ts'
+import { BufferPool, type Lease } from '../../src/buffer-pool.ts'
 import { DEFAULTS } from '../../src/config/defaults.ts'
 import { QueueFullError, isAbort } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
@@ -70,36 +71,6 @@ const SEND_CHUNK = 256 * 1024
 /** Piece buffers kept for reuse between HTTP uploads; more at once are allocated and left to the collector. */
 const POOLED_BUFFERS = 8
 
-/** Buffers of one size, reused: a fresh megabyte per upload is what the collector chased at line rate. */
-class BufferPool {
-  readonly #size: number
-  readonly #max: number
-  readonly #free: Buffer[] = []
-
-  constructor (size: number, max: number) {
-    this.#size = size
-    this.#max = max
-  }
-
-  /** A buffer until `release`, which may be called more than once: it goes back to the pool the first time only. */
-  lend (): Lease {
-    const buffer = this.#free.pop() ?? Buffer.allocUnsafeSlow(this.#size)
-    let returned = false
-    return {
-      buffer,
-      release: () => {
-        if (returned) return
-        returned = true
-        if (this.#free.length < this.#max) this.#free.push(buffer)
-      }
-    }
-  }
-}
-
-interface Lease {
-  buffer: Buffer
-  release: () => void
-}
 /** Longest any upload may take, waiting included. */
 const UPLOAD_DEADLINE_MS = 180_000
 
@@ -141,9 +112,9 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   /** The piece, or undefined when this node has nothing to give (yet). Throws QueueFullError when too many wait already. */
   async function piece (request: PieceRequest, signal: AbortSignal, lease?: Lease): Promise<Buffer | undefined> {
     const { digest, index } = request
-    const held = await supply.held(digest, index, lease?.buffer)
+    const held = await supply.held(digest, index, lease?.data)
     // Kept only when the piece was read into it: a wait or a piece from memory holds no pooled buffer.
-    if (lease !== undefined && held?.buffer !== lease.buffer.buffer) lease.release()
+    if (lease !== undefined && held?.buffer !== lease.data.buffer) lease.release()
     if (held !== undefined) return held
     const landing = supply.whenLanded(digest, index)
     const mine = (): boolean => components.sentFor(digest, index) || tasks.claimed(digest)
@@ -233,7 +204,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     res.once('close', () => { if (!res.writableFinished) gone.abort() })
     const signal = AbortSignal.any([shutdown.signal, gone.signal, AbortSignal.timeout(UPLOAD_DEADLINE_MS)])
     // A piece read from disk lands in a pooled buffer, free again once the response is done with it ('close' comes after the last write).
-    const lease = buffers.lend()
+    const lease = buffers.take()
     res.once('close', lease.release)
     const produced = await produce(asked.request, asked.child, signal, lease)
     requests?.inc({ status: produced.status })

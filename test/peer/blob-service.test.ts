@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { buffer } from 'node:stream/consumers'
 import { test, type TestContext } from 'node:test'
+import { BufferPool, giveBack } from '../../src/buffer-pool.ts'
 import { BlobDigestMismatchError, OriginUnavailableError, UnauthorizedError } from '../../src/errors.ts'
 import { silentLogger } from '../../src/logger.ts'
 import { createMetricsRegistry } from '../../src/metrics.ts'
@@ -216,6 +217,81 @@ test('a whole read takes pieces in order when the swarm offers only whole holder
   assert.equal(store.info(digest)?.verified, true)
 })
 
+test('pieces in pooled buffers reach every reader intact and are reused only after all of them gave them back', async (t) => {
+  const pieces = 32
+  const data = randomBytes(pieces * MIB)
+  const other = randomBytes(pieces * MIB)
+  let serving = data
+  const swarm = new FakeSwarm(i => ({ data: serving.subarray(i * MIB, (i + 1) * MIB), trusted: true }), async (i) => {
+    await new Promise(resolve => setTimeout(resolve, (i * 7) % 4))
+  })
+  const pool = new BufferPool(MIB, 64)
+  swarm.pool = pool
+  const { origin, blobs, store } = await setupWithSwarm(t, swarm, { readahead: 4, window: 12 })
+  const digest = origin.addBlob('team/app', data)
+  /** Reads the whole blob, or a range, giving each chunk back after `pause` ms (a socket slow to take it). */
+  const read = async (pause: number, range?: { start: number, end: number }, which = digest): Promise<Buffer> => {
+    const stream = await (await blobs.open(req(which))).read(range)
+    const got: Buffer[] = []
+    for await (const chunk of stream) {
+      if (pause > 0) await new Promise(resolve => setTimeout(resolve, pause))
+      got.push(Buffer.from(chunk as Buffer))
+      giveBack(chunk)
+    }
+    return Buffer.concat(got)
+  }
+  const [fast, slow, range] = await Promise.all([read(0), read(3), read(1, { start: 3 * MIB + 17, end: 20 * MIB })])
+  assert.ok(fast.equals(data), 'the fast reader got the blob')
+  assert.ok(slow.equals(data), 'the slow reader got the blob')
+  assert.ok(range.equals(data.subarray(3 * MIB + 17, 20 * MIB + 1)), 'the range reader got its range')
+  assert.equal(store.info(digest)?.verified, true)
+  // Every piece is on disk: a later read takes it there.
+  assert.ok((await read(0)).equals(data))
+  // A reader alone gives pieces back while later ones are still coming: those land in the same buffers.
+  serving = other
+  const second = origin.addBlob('team/app', other)
+  assert.ok((await read(1, undefined, second)).equals(other))
+  assert.ok(pool.reused > 0, `buffers were reused (${pool.reused} of ${pool.reused + pool.allocated})`)
+  assert.ok(pool.allocated < 2 * pieces, `fewer buffers allocated than pieces fetched (${pool.allocated})`)
+})
+
+test('a child waiting for a piece on its way here gets bytes of its own, not a pooled buffer that is reused', async (t) => {
+  const pieces = 16
+  const data = randomBytes(pieces * MIB)
+  const second = randomBytes(pieces * MIB)
+  let serving = data
+  const started = Promise.withResolvers<void>()
+  let arrived: (() => void) | undefined
+  const swarm = new FakeSwarm(i => ({ data: serving.subarray(i * MIB, (i + 1) * MIB), trusted: true }), async (i) => {
+    if (i === 5 && serving === data) {
+      await new Promise<void>(resolve => {
+        arrived = resolve
+        started.resolve()
+      })
+    }
+  })
+  const pool = new BufferPool(MIB, 64)
+  swarm.pool = pool
+  const { origin, blobs } = await setupWithSwarm(t, swarm, { readahead: 4, window: 4 })
+  const digest = origin.addBlob('team/app', data)
+  const reading = (await blobs.open(req(digest))).read(undefined).then(async (stream) => {
+    for await (const chunk of stream) giveBack(chunk)
+  })
+  await started.promise
+  const waiting = blobs.whenLanded(digest, 5)
+  assert.ok(waiting !== undefined, 'piece 5 is on its way')
+  arrived?.()
+  const got = await waiting
+  await reading
+  // The pool's buffers went round again meanwhile; a second blob through them makes sure.
+  serving = second
+  const other = origin.addBlob('team/app', second)
+  for await (const chunk of await (await blobs.open(req(other))).read(undefined)) giveBack(chunk)
+  assert.ok(got.equals(data.subarray(5 * MIB, 6 * MIB)), 'the waiting child\'s bytes are still piece 5')
+  const peeked = await blobs.held(digest, 6)
+  assert.ok(peeked?.equals(data.subarray(6 * MIB, 7 * MIB)))
+})
+
 /** A swarm that hands out the pieces the test gives it, verified against nothing but themselves. */
 class FakeSwarm implements PieceSource {
   readonly mismatches: Array<{ digest: string, evidence: { piece: number, sha256: string } | { table: string } | undefined }> = []
@@ -223,6 +299,8 @@ class FakeSwarm implements PieceSource {
   readonly table = new Map<number, string>()
   readonly #pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin'
   readonly #delay: ((index: number) => Promise<void>) | undefined
+  /** When set, pieces are handed out in buffers from this pool, as the HTTP piece client does. */
+  pool: BufferPool | undefined
   /** What `settled` answers; absent, the swarm never says. */
   isSettled: (() => boolean) | undefined
   constructor (pieces: (index: number) => { data: Buffer, trusted: boolean } | 'origin', delay?: (index: number) => Promise<void>) {
@@ -236,6 +314,11 @@ class FakeSwarm implements PieceSource {
     if (got === 'origin') return { kind: 'origin', upTo: index }
     const sha256 = createHash('sha256').update(got.data).digest('hex')
     this.table.set(index, sha256)
+    if (this.pool !== undefined) {
+      const lease = this.pool.take(got.data.length)
+      got.data.copy(lease.data)
+      return { kind: 'piece', data: lease.data, sha256, trusted: got.trusted, lease }
+    }
     return { kind: 'piece', data: got.data, sha256, trusted: got.trusted }
   }
 

@@ -161,7 +161,7 @@ test('a blob is settled while its plans offer only parents holding all of it, an
     },
     report () {}
   } as unknown as SchedulerClient
-  const http: PieceHttpClient = { async fetch () { return Buffer.from(piece) }, async close () {} }
+  const http: PieceHttpClient = { async fetch () { return { data: Buffer.from(piece) } }, async close () {} }
   const fetcher = createPieceFetcher({ logger: silentLogger(), node: { peerId: 'self' } as unknown as P2PNode, client, http })
   assert.equal(fetcher.settled?.(task.digest), false, 'nothing is known before a plan')
   assert.equal((await fetcher.fetch({ task, lastWanted: 99, whole: true }, 0, {})).kind, 'piece')
