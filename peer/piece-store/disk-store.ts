@@ -4,6 +4,7 @@ import { join } from 'node:path'
 import type { Readable } from 'node:stream'
 import { LRUCache } from 'lru-cache'
 import type { AbortOptions } from '../../src/abort.ts'
+import { BufferPool } from '../../src/buffer-pool.ts'
 import { DEFAULTS, bytes } from '../../src/config/defaults.ts'
 import { PieceDigestMismatchError, StorageError } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
@@ -11,6 +12,7 @@ import { Counter, Gauge } from '../../src/metrics.ts'
 import { parseDigest, sha256Hex } from '../../src/oci/digest.ts'
 import { choosePieceSize, pieceBounds, pieceCount, piecesCovering } from '../../src/pieces.ts'
 import { SHA256_BYTES, newEntry, pieceDigestOf, snapshot, type Entry } from './entry.ts'
+import { PooledFileStream } from './file-stream.ts'
 import { FileHandles } from './handles.ts'
 import type { BlobInfo, PieceStore, PieceStoreComponents, PieceStoreInit, StoreEvents, WritePieceOptions } from './index.ts'
 import { MetadataFiles } from './metadata.ts'
@@ -18,8 +20,10 @@ import { Quota, heldBytes } from './quota.ts'
 import { chooseEvictions, diskUsage, type DiskGcInit } from './disk-gc.ts'
 import { WholeHasher, tableOf } from './whole-hash.ts'
 
-/** Chunks of a verified blob streamed from its file: small enough to come from malloc's heap, not a fresh mapping each. */
-const STREAM_CHUNK = 64 * 1024
+/** Chunks of a verified blob streamed from its file, in buffers reused once the consumer gives them back. */
+const STREAM_CHUNK = 256 * 1024
+/** Free stream buffers kept (each stream has one or two out at a time). */
+const STREAM_BUFFERS = 16
 
 /**
  * Pieces live in one sparse file per blob, written at their offsets, beside a
@@ -43,6 +47,7 @@ export class DiskPieceStore implements PieceStore {
   /** Insertion order is recency order: the first entry is the least recently used. */
   readonly #entries = new Map<string, Entry>()
   readonly #hot: LRUCache<string, Buffer>
+  readonly #streamBuffers = new BufferPool(STREAM_CHUNK, STREAM_BUFFERS)
   readonly #writes = new Set<Promise<void>>()
   readonly #events = new EventEmitter()
   /** Directories being deleted; a blob tracked again under the same digest waits for them. */
@@ -225,7 +230,7 @@ export class DiskPieceStore implements PieceStore {
       return undefined
     }
     this.#touch(entry)
-    const stream = fh.createReadStream({ start, end, highWaterMark: STREAM_CHUNK })
+    const stream = new PooledFileStream(fh, start, end, this.#streamBuffers)
     stream.once('close', unpin)
     return stream
   }
