@@ -2,9 +2,11 @@ import { mkdir, readFile } from 'node:fs/promises'
 import { resolve } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { Agent } from 'undici'
+import { BufferPool, registerPoolMetrics } from '../src/buffer-pool.ts'
 import { isLoopbackHost, type ResolvedPeerConfig } from '../src/config/index.ts'
 import type { Logger } from '../src/logger.ts'
 import { createMetricsRegistry } from '../src/metrics.ts'
+import { MIN_PIECE_SIZE } from '../src/pieces.ts'
 import { createRateLimits } from '../src/rate.ts'
 import { createAccessChecker } from './auth/index.ts'
 import { createBlobService } from './blobs/index.ts'
@@ -23,6 +25,9 @@ import { createUploadServer } from './upload/index.ts'
 import { TaskRegistry } from './upload/tasks.ts'
 import { createUpstreamSelector } from './upstream/index.ts'
 import { ConfigError } from '../src/errors.ts'
+
+/** Free piece buffers kept for reuse: a reader has 8 pieces under way; past what is kept, buffers are allocated and left to the collector. */
+const PIECE_BUFFERS = 16
 
 export interface PeerDeps {
   logger: Logger
@@ -81,7 +86,11 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
   const scheduler = config.schedulers.length > 0 ? config.schedulers : deps.scheduler === undefined ? [] : [deps.scheduler]
   if (scheduler.length === 0) throw new ConfigError('scheduler', 'no scheduler address and no embedded scheduler')
   // The swarm: membership, the session with the scheduler, the piece fetcher. Below the data path.
-  const swarm = await createSwarm({ logger, store, tags, publicContent, metrics }, {
+  // Pieces from peers and from the origin land in reused buffers, given back by whoever held them last
+  // (the disk write, readers, the client's socket): fresh ones kept the collector busy at line rate.
+  const buffers = new BufferPool(MIN_PIECE_SIZE, PIECE_BUFFERS)
+  registerPoolMetrics(metrics, 'damselfly_piece_buffers', 'Buffers pieces were received into, from peers or the origin: reused (given back by every holder and taken again), allocated, free now', buffers)
+  const swarm = await createSwarm({ logger, store, tags, publicContent, metrics, buffers }, {
     dataDir,
     listen: [`${config.p2pHost.includes(':') ? '/ip6' : '/ip4'}/${config.p2pHost}/tcp/${config.p2pPort}`],
     announce: config.announce,
@@ -100,7 +109,7 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
   })
   // The data path: cache, swarm, origin.
   const rates = createRateLimits({ upload: config.uploadRateLimit, origin: config.originRateLimit, download: config.downloadRateLimit, prefetch: config.prefetchRateLimit }, metrics)
-  const blobs = createBlobService({ logger, store, origin, access, metrics, source: swarm.fetcher, rates })
+  const blobs = createBlobService({ logger, store, origin, access, metrics, source: swarm.fetcher, rates, buffers })
   const manifests = createManifestService({ logger, origin, blobs, access, tags, swarm })
   const passthrough = createPassthrough({ origin })
 

@@ -1,3 +1,5 @@
+import { Gauge, type Registry } from './metrics.ts'
+
 /**
  * Piece-sized buffers, reused. A fresh megabyte per piece is external memory
  * to V8, and at line rate every 64 MiB of it started a full mark of the heap:
@@ -100,6 +102,22 @@ export class Lease {
     this.#held = false
     if (--this.#holders.count === 0) this.#holders.pool?.put(this.#holders.buffer)
   }
+}
+
+/** Exports a pool's counts as `name{count="reused"|"allocated"|"free"}`. */
+export function registerPoolMetrics (registry: Registry, name: string, help: string, pool: BufferPool): void {
+  const gauge = new Gauge({
+    name,
+    help,
+    labelNames: ['count'],
+    registers: [registry],
+    collect () {
+      this.set({ count: 'reused' }, pool.reused)
+      this.set({ count: 'allocated' }, pool.allocated)
+      this.set({ count: 'free' }, pool.free)
+    }
+  })
+  void gauge
 }
 
 /**

@@ -218,10 +218,11 @@ export class PieceAcquisition {
       if (i === index || (!this.#store.hasPiece(task.digest, i) && !this.#busy(pieceKey(task.digest, i)))) deferreds.set(i, this.#register(task, i))
     }
     let reached = first
-    void this.#runs.run(task, first, last, priority, async (i, data, sha256) => {
+    void this.#runs.run(task, first, last, priority, async (i, data, sha256, lease) => {
       reached = i + 1
       const deferred = deferreds.get(i)
-      if (deferred !== undefined) await this.#land(task, i, data, sha256, 'origin', deferred, true)
+      if (deferred !== undefined) await this.#land(task, i, data, sha256, 'origin', deferred, true, lease)
+      else lease?.release()
     }, this.#shutdown.signal).catch((err: unknown) => {
       if (!isAbort(err)) this.#source?.originFailed(swarmTask(task), err)
       for (const [i, deferred] of deferreds) if (i >= reached) deferred.reject(err)

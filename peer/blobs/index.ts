@@ -1,3 +1,4 @@
+import type { BufferPool } from '../../src/buffer-pool.ts'
 import type { Readable } from 'node:stream'
 import type { AbortOptions } from '../../src/abort.ts'
 import type { Logger } from '../../src/logger.ts'
@@ -74,6 +75,8 @@ export interface BlobServiceComponents {
   source?: PieceSource | undefined
   /** Bandwidth limits on what comes in (origin, download, prefetch); none when absent. */
   rates?: Pick<RateLimits, 'origin' | 'download' | 'prefetch'> | undefined
+  /** Piece buffers for origin bytes, shared with the swarm's piece client; fresh buffers when absent. */
+  buffers?: BufferPool | undefined
 }
 
 export interface BlobServiceInit {

@@ -1,4 +1,5 @@
 import { Readable } from 'node:stream'
+import type { BufferPool, Lease } from '../../src/buffer-pool.ts'
 import { OriginProtocolError, isAbort } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
 import type { Logger } from '../../src/logger.ts'
@@ -14,6 +15,8 @@ export interface OriginRunsComponents {
   origin: OriginClient
   /** Origin bytes wait for the origin and download limits, and prefetch runs for the prefetch limit too. */
   rates?: Pick<RateLimits, 'origin' | 'download' | 'prefetch'> | undefined
+  /** Where pieces are cut into; each landed piece's lease is then the `land` callback's to release. */
+  buffers?: BufferPool | undefined
 }
 
 export interface OriginRunsInit {
@@ -25,8 +28,8 @@ export interface OriginRunsInit {
   maxQueuedRuns?: number
 }
 
-/** A piece cut from an origin body: its bytes and their SHA-256, in order. */
-export type Land = (index: number, data: Buffer, sha256: string) => Promise<void>
+/** A piece cut from an origin body: its bytes and their SHA-256, in order; `lease`, when the bytes sit in a pooled buffer, is the callee's. */
+export type Land = (index: number, data: Buffer, sha256: string, lease?: Lease) => Promise<void>
 
 /** Longest origin run for work below on-demand priority: an on-demand read waits on at most this many of its pieces. */
 const LOW_PRIORITY_RUN = 4
@@ -45,11 +48,13 @@ export class OriginRuns {
   readonly #maxRun: number
   readonly #runs: Limiter
   readonly #rates: OriginRunsComponents['rates']
+  readonly #buffers: BufferPool | undefined
 
   constructor (components: OriginRunsComponents, init: OriginRunsInit = {}) {
     this.#logger = components.logger
     this.#origin = components.origin
     this.#rates = components.rates
+    this.#buffers = components.buffers
     this.#maxRun = Math.max(1, init.maxRunPieces ?? 64)
     this.#runs = new Limiter('origin requests', init.maxOriginRuns ?? 16, init.maxQueuedRuns ?? 1024)
   }
@@ -64,7 +69,7 @@ export class OriginRuns {
    * `land` as it completes. Resolves once all are landed; rejects (with the
    * index reached in the log) when the body breaks or ends early.
    */
-  async run (task: BlobTask, first: number, last: number, priority: number, land: Land, signal: AbortSignal): Promise<void> {
+  async run (task: BlobTask, first: number, last: number, priority: number, land: Land, signal: AbortSignal, pooled = true): Promise<void> {
     const release = await this.#runs.acquire({ signal, priority })
     let body: Readable | undefined
     try {
@@ -81,7 +86,7 @@ export class OriginRuns {
       const rates = this.#rates
       // Limits slow the reading, so the origin's TCP window closes rather than bytes piling up here.
       const limited = rates === undefined ? body as AsyncIterable<Buffer> : throttled(body as AsyncIterable<Buffer>, priority < Priority.ON_DEMAND ? [rates.origin, rates.download, rates.prefetch] : [rates.origin, rates.download], { signal })
-      await cutPieces(task, first, last, limited, land)
+      await cutPieces(task, first, last, limited, land, pooled ? this.#buffers : undefined)
     } catch (err) {
       if (!isAbort(err)) this.#logger.debug({ err, digest: task.digest, first, last }, 'origin request ended early')
       throw err
@@ -94,7 +99,8 @@ export class OriginRuns {
   /** Exactly one piece from the origin (a range read checking an entry nobody has confirmed). */
   async piece (task: BlobTask, index: number, priority: number, signal: AbortSignal): Promise<Buffer> {
     let got: Buffer | undefined
-    await this.run(task, index, index, priority, async (_i, data) => { got = data }, signal)
+    // The caller keeps these bytes: not a pooled buffer.
+    await this.run(task, index, index, priority, async (_i, data) => { got = data }, signal, false)
     return got as Buffer
   }
 }
@@ -104,10 +110,15 @@ export class OriginRuns {
  * Every piece has its exact size: the piece size follows from the blob's
  * size alone, never from what a cache may have dropped meanwhile.
  */
-export async function cutPieces (task: { digest: string, size: number }, first: number, last: number, body: AsyncIterable<Buffer> | Iterable<Buffer>, land: Land): Promise<void> {
+export async function cutPieces (task: { digest: string, size: number }, first: number, last: number, body: AsyncIterable<Buffer> | Iterable<Buffer>, land: Land, buffers?: BufferPool): Promise<void> {
   const pieceSize = choosePieceSize(task.size)
   let i = first
-  let buf = Buffer.allocUnsafe(pieceBounds(i, task.size, pieceSize).length)
+  const next = (): { buf: Buffer, lease: Lease | undefined } => {
+    const length = pieceBounds(i, task.size, pieceSize).length
+    const lease = buffers?.take(length)
+    return { buf: lease?.data ?? Buffer.allocUnsafe(length), lease }
+  }
+  let { buf, lease } = next()
   let filled = 0
   for await (const chunk of body) {
     let off = 0
@@ -117,10 +128,10 @@ export async function cutPieces (task: { digest: string, size: number }, first: 
       filled += n
       off += n
       if (filled < buf.length) continue
-      await land(i, buf, sha256Hex(buf))
+      await land(i, buf, sha256Hex(buf), lease)
       i++
       if (i <= last) {
-        buf = Buffer.allocUnsafe(pieceBounds(i, task.size, pieceSize).length)
+        ({ buf, lease } = next())
         filled = 0
       }
     }

@@ -1,11 +1,10 @@
 import { hostname } from 'node:os'
 import { LRUCache } from 'lru-cache'
 import type { AbortOptions } from '../../src/abort.ts'
-import { BufferPool } from '../../src/buffer-pool.ts'
+import type { BufferPool } from '../../src/buffer-pool.ts'
 import type { Logger } from '../../src/logger.ts'
-import { Gauge, type Registry } from '../../src/metrics.ts'
+import type { Registry } from '../../src/metrics.ts'
 import { createP2PNode, type P2PNode } from '../../src/p2p/index.ts'
-import { MIN_PIECE_SIZE } from '../../src/pieces.ts'
 import { LookupTagResponse, type Fact, type OriginRef } from '../../src/protocol/messages.ts'
 import { VERSION } from '../../src/version.ts'
 import type { PublicContent, PublicFacts } from '../facts/public.ts'
@@ -15,9 +14,6 @@ import { createPieceFetcher, type PieceFetcher } from './fetcher.ts'
 import { createPieceHttpClient } from './piece-http.ts'
 import { createSchedulerClient, type SchedulerClient } from './scheduler-client.ts'
 
-/** Free receive buffers kept for reuse (a reader has 8 pieces under way; more at once are allocated and left to the collector). */
-const RECEIVE_BUFFERS = 16
-
 export interface SwarmComponents {
   logger: Logger
   /** What this peer holds, announced to the scheduler as it changes. */
@@ -26,6 +22,8 @@ export interface SwarmComponents {
   /** What this peer saw registries serve anonymously; shared with the swarm. */
   publicContent: PublicContent
   metrics?: Registry | undefined
+  /** Where pieces from peers are received into (shared with origin runs); fresh buffers when absent. */
+  buffers?: BufferPool | undefined
 }
 
 export interface SwarmInit {
@@ -117,24 +115,7 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
   }, { addresses: init.scheduler })
 
   // Children fetch over HTTP from parents that offer an upload port, unless this peer keeps pieces on libp2p.
-  // Received pieces land in reused buffers, given back by whoever held them last (the disk write, readers, responses).
-  const buffers = new BufferPool(MIN_PIECE_SIZE, RECEIVE_BUFFERS)
-  const registers = components.metrics === undefined ? undefined : [components.metrics]
-  if (registers !== undefined) {
-    const gauge = new Gauge({
-      name: 'damselfly_receive_buffers',
-      help: 'Buffers pieces from peers were received into: reused (given back by every holder and taken again), allocated, free now',
-      labelNames: ['count'],
-      registers,
-      collect () {
-        this.set({ count: 'reused' }, buffers.reused)
-        this.set({ count: 'allocated' }, buffers.allocated)
-        this.set({ count: 'free' }, buffers.free)
-      }
-    })
-    void gauge
-  }
-  const http = init.httpPieces ? createPieceHttpClient({ self: node.peerId, secret: init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8'), pool: { buffers } }) : undefined
+  const http = init.httpPieces ? createPieceHttpClient({ self: node.peerId, secret: init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8'), pool: { buffers: components.buffers } }) : undefined
   const inner = createPieceFetcher({ logger, node, client: session, metrics: components.metrics, http })
   // Where each blob comes from, as its readers said: announcements carry it.
   const fetcher: PieceFetcher = {

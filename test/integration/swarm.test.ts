@@ -110,7 +110,7 @@ describe('a swarm of peers', () => {
     assert.ok(overHttp >= fromPeers, `${overHttp} bytes went over upload ports for ${fromPeers} bytes children took from peers`)
     // Pieces from peers land in buffers that go round again once the disk write and the client's socket are done with them.
     let reused = 0
-    for (const p of six) reused += (await p.metrics()).get('damselfly_receive_buffers', { count: 'reused' })
+    for (const p of six) reused += (await p.metrics()).get('damselfly_piece_buffers', { count: 'reused' })
     assert.ok(reused > 0, 'receive buffers were reused')
   })
 

@@ -255,6 +255,37 @@ test('pieces in pooled buffers reach every reader intact and are reused only aft
   assert.ok(pool.allocated < 2 * pieces, `fewer buffers allocated than pieces fetched (${pool.allocated})`)
 })
 
+test('origin pieces land in pooled buffers too: concurrent readers get the blob intact and the buffers go round', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'df-blobs-'))
+  const logger = silentLogger()
+  const origin = new FakeOrigin()
+  const store = createPieceStore({ logger }, { dataDir: dir, flushDelayMs: 5 })
+  await store.start()
+  const pool = new BufferPool(MIB, 64)
+  const blobs = createBlobService({ logger, store, origin, access: createAccessChecker({ logger, origin }), buffers: pool }, { maxRunPieces: 4 })
+  t.after(async () => {
+    await blobs.stop()
+    await store.stop()
+    await rm(dir, { recursive: true, force: true })
+  })
+  const data = randomBytes(24 * MIB + 99)
+  const digest = origin.addBlob('team/app', data)
+  const read = async (pause: number, range?: { start: number, end: number }): Promise<Buffer> => {
+    const got: Buffer[] = []
+    for await (const chunk of await (await blobs.open(req(digest))).read(range)) {
+      if (pause > 0) await new Promise(resolve => setTimeout(resolve, pause))
+      got.push(Buffer.from(chunk as Buffer))
+      giveBack(chunk)
+    }
+    return Buffer.concat(got)
+  }
+  const [a, b, c] = await Promise.all([read(0), read(2), read(1, { start: MIB - 5, end: 9 * MIB })])
+  assert.ok(a.equals(data))
+  assert.ok(b.equals(data))
+  assert.ok(c.equals(data.subarray(MIB - 5, 9 * MIB + 1)))
+  assert.ok(pool.reused > 0, `buffers were reused (${pool.reused} of ${pool.reused + pool.allocated})`)
+})
+
 test('a child waiting for a piece on its way here gets bytes of its own, not a pooled buffer that is reused', async (t) => {
   const pieces = 16
   const data = randomBytes(pieces * MIB)
