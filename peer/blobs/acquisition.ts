@@ -1,5 +1,5 @@
 import { raceSignal } from '../../src/abort.ts'
-import type { Lease } from '../../src/buffer-pool.ts'
+import type { BufferPool, Lease } from '../../src/buffer-pool.ts'
 import {
   BlobDigestMismatchError, BlobUnknownError, DeniedError, ManifestUnknownError, OriginStatusError,
   PieceDigestMismatchError, RangeNotSatisfiableError, StorageError, TableDroppedError, UnauthorizedError, isAbort
@@ -46,6 +46,8 @@ export interface AcquisitionComponents {
   source?: PieceSource | undefined
   /** A piece from peers waits for its bytes in the download limit (and the prefetch one for prefetches). */
   rates?: Pick<RateLimits, 'download' | 'prefetch'> | undefined
+  /** Buffers a piece read back from the cache for a reader goes into; a fresh one each when absent. */
+  buffers?: BufferPool | undefined
 }
 
 /** Errors that another attempt will not fix. */
@@ -70,6 +72,7 @@ export class PieceAcquisition {
   readonly #counters: ByteCounters
   readonly #source: PieceSource | undefined
   readonly #rates: AcquisitionComponents['rates']
+  readonly #buffers: BufferPool | undefined
   readonly #attempts: number
   readonly #inflight = new Map<string, Promise<Landed>>()
   /** Verified pieces whose disk write has not finished. */
@@ -85,6 +88,7 @@ export class PieceAcquisition {
     this.#counters = components.counters
     this.#source = components.source
     this.#rates = components.rates
+    this.#buffers = components.buffers
     this.#attempts = Math.max(1, init.attempts ?? 3)
   }
 
@@ -93,7 +97,7 @@ export class PieceAcquisition {
     let lastError: unknown
     for (let attempt = 0; attempt < this.#attempts; attempt++) {
       signal?.throwIfAborted()
-      const local = await this.#held(task.digest, index)
+      const local = await this.#heldPooled(task.digest, index)
       if (local !== undefined) return local
       const key = pieceKey(task.digest, index)
       const landing = this.#landing.get(key)
@@ -140,6 +144,24 @@ export class PieceAcquisition {
       if (held === undefined) throw new StorageError(`piece ${index} of ${digest} landed and was gone before it could be read`)
       return held.data
     })
+  }
+
+  /**
+   * A held piece read into a pooled buffer whose lease comes with it: a
+   * reader taking pieces out of order reads most of them back from the cache,
+   * and a fresh megabyte each was garbage again. From the hot-piece memory it
+   * comes as it is, without a lease.
+   */
+  async #heldPooled (digest: string, index: number): Promise<Piece | undefined> {
+    if (this.#buffers === undefined || !this.#store.hasPiece(digest, index)) return this.#held(digest, index)
+    const lease = this.#buffers.take()
+    let piece: Piece | undefined
+    try {
+      piece = await this.#held(digest, index, lease.data)
+    } finally {
+      if (piece?.data.buffer !== lease.data.buffer) lease.release()
+    }
+    return piece === undefined || piece.data.buffer !== lease.data.buffer ? piece : { ...piece, lease }
   }
 
   async #held (digest: string, index: number, into?: Buffer): Promise<Piece | undefined> {

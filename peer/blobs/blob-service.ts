@@ -41,7 +41,7 @@ export class DefaultBlobService implements BlobService {
     this.#counters = new ByteCounters(components.metrics)
     this.#maxRun = Math.max(1, init.maxRunPieces ?? 64)
     const runs = new OriginRuns({ logger: this.#logger, origin: components.origin, rates: components.rates, buffers: components.buffers }, init)
-    this.#acquisition = new PieceAcquisition({ logger: this.#logger, store: this.#store, runs, counters: this.#counters, source: components.source, rates: components.rates }, { attempts: init.pieceAttempts })
+    this.#acquisition = new PieceAcquisition({ logger: this.#logger, store: this.#store, runs, counters: this.#counters, source: components.source, rates: components.rates, buffers: components.buffers }, { attempts: init.pieceAttempts })
     this.#reader = new BlobReader({ logger: this.#logger, store: this.#store, acquisition: this.#acquisition, runs, counters: this.#counters, source: components.source }, init)
     const maxPrefetches = Math.max(1, init.maxPrefetches ?? 2)
     this.#maxPrefetchQueue = maxPrefetches * 16
