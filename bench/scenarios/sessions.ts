@@ -59,7 +59,7 @@ export const sessions: Scenario = {
       compareSessions: quick ? 250 : 500,
       active: quick ? 250 : 500,
       generators: quick ? 2 : 4,
-      // A full minute holds two rounds of every session's heartbeat (sent after 30 s without a word from the scheduler).
+      // A full minute holds a round of every session's heartbeat (sent after 60 s without a word from the scheduler), spread over the minute.
       idleSeconds: quick ? 10 : 60,
       // Starting sessions stops here even short of all of them (they may drop as fast as they start).
       growSeconds: quick ? 90 : 240,

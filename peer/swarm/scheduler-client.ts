@@ -53,7 +53,11 @@ export interface SchedulerClientInit {
    * that says nothing within `heartbeatTimeoutMs` is given up: the connection
    * is closed and the peer moves on. This is how a peer notices a scheduler
    * whose process hangs; one whose host vanished is noticed sooner, by TCP
-   * keepalive (src/p2p). Default 30 s.
+   * keepalive (src/p2p). Only an idle session is ever silent that long: a
+   * peer asking things notices a hung scheduler by its requests' deadlines
+   * (the channel ends 30 s past one left unanswered). Each heartbeat costs
+   * the scheduler a frame each way through Noise and yamux; at 30 s they
+   * were most of its idle CPU (6.5% of a core at 5,000 sessions). Default 60 s.
    */
   heartbeatMs?: number
   /** Default 10 s. */
@@ -100,7 +104,7 @@ export function createSchedulerClient (components: SchedulerClientComponents, in
   let lastFlushAt = 0
   const requestTimeoutMs = init.requestTimeoutMs ?? 10_000
   const connectTimeoutMs = init.connectTimeoutMs ?? 3_000
-  const heartbeatMs = init.heartbeatMs ?? 30_000
+  const heartbeatMs = init.heartbeatMs ?? 60_000
   const heartbeatTimeoutMs = init.heartbeatTimeoutMs ?? 10_000
   const maxInFlight = init.maxInFlight ?? 64
   const targets = createSchedulerTargets({

@@ -21,7 +21,7 @@ export interface SchedulerServiceInit {
   /**
    * A session stream that carries nothing (no request, no heartbeat) this
    * long is over, and its connection is closed: the peer went away without
-   * a word. Peers send a heartbeat after 30 s without one. Default 100 s.
+   * a word. Peers send a heartbeat after 60 s without one. Default 100 s.
    */
   sessionIdleTimeoutMs?: number
   /** Requests of one session handled at once; past it the session is not read until one is done. Default 128. */
