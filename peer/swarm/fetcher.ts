@@ -1,6 +1,6 @@
 import { setTimeout as sleep } from 'node:timers/promises'
 import { LRUCache } from 'lru-cache'
-import { withDeadline, type AbortOptions } from '../../src/abort.ts'
+import { deadline, type AbortOptions } from '../../src/abort.ts'
 import { PeerBusyError, PeerUnavailableError, PieceNotHeldError, ProtocolError, SchedulerUnavailableError, isAbort } from '../../src/errors.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, type Registry } from '../../src/metrics.ts'
@@ -8,7 +8,7 @@ import { sha256Hex } from '../../src/oci/digest.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
 import { PieceSet, pieceBounds } from '../../src/pieces.ts'
 import { DigestsResponse, PIECE_PROTOCOL, ParentsResponse, PieceHeader, type ParentInfo } from '../../src/protocol/messages.ts'
-import type { PieceHttpClient } from './piece-http.ts'
+import type { PieceBytes, PieceHttpClient } from './piece-http.ts'
 import type { OriginDirective, PieceSource, PieceSourceContext, RemotePiece, SwarmTask, TableEntry } from './source.ts'
 import type { SchedulerClient } from './scheduler-client.ts'
 
@@ -277,10 +277,17 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     const http = upload !== undefined && upload.length > 0
     // Over HTTP a piece may take as long as it keeps coming (a parent's upload shared by many children is slow,
     // and cutting it off only sends the same bytes again, or the child to the origin); it fails once it stops.
-    const deadline = withDeadline(signal, waitMs + (http ? PIECE_LIMIT_MS : Math.max(20_000, length / 1024)), `piece ${index} from ${parent.info.peerId}`)
-    const { data, lease } = http
-      ? await (components.http as PieceHttpClient).fetch({ peerId: parent.info.peerId, upload }, { digest: task.digest, index, waitMs }, length, { signal: deadline, stall: { firstByteMs: waitMs + STALL_MS, idleMs: STALL_MS } })
-      : { data: await viaStream(parent, task, index, length, waitMs, deadline), lease: undefined }
+    // Cleared once the piece is in: a timer left to run out per piece (two minutes) piled up by the thousand at line rate.
+    const limit = deadline([signal], waitMs + (http ? PIECE_LIMIT_MS : Math.max(20_000, length / 1024)), `piece ${index} from ${parent.info.peerId}`)
+    let got: PieceBytes
+    try {
+      got = http
+        ? await (components.http as PieceHttpClient).fetch({ peerId: parent.info.peerId, upload }, { digest: task.digest, index, waitMs }, length, { signal: limit.signal, stall: { firstByteMs: waitMs + STALL_MS, idleMs: STALL_MS } })
+        : { data: await viaStream(parent, task, index, length, waitMs, limit.signal) }
+    } finally {
+      limit.clear()
+    }
+    const { data, lease } = got
     const hex = sha256Hex(data)
     let expected: { hex: string, provisional: boolean }
     try {
@@ -369,6 +376,56 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     tables.delete(digest)
   }
 
+  /** The plan-and-fetch rounds of `fetch`, within `patience` for parents that were busy. */
+  async function fetchPatiently (ctx: PieceSourceContext, index: number, options: AbortOptions, patience: AbortSignal): Promise<RemotePiece | OriginDirective> {
+    const { task } = ctx
+    const exclude = new Set<string>()
+    let pauses = 0
+    for (let round = 0; round < 3; round++) {
+      let p = round === 0 ? cachedPlan(task.digest, index, ctx.whole) : undefined
+      try {
+        p ??= await patientPlan(ctx, index, exclude, options)
+      } catch (err) {
+        if (options.signal?.aborted === true) throw err
+        logger.debug({ err: (err as Error).message, digest: task.digest }, 'no plan from the scheduler; using the origin')
+        m?.fallbacks.inc({ reason: 'no-scheduler' })
+        return { kind: 'origin', upTo: ctx.lastWanted }
+      }
+      if (p.assigned.has(index)) {
+        let upTo = index
+        while (p.assigned.has(upTo + 1)) upTo++
+        return { kind: 'origin', upTo }
+      }
+      const usable = (x: Parent): boolean => !barred.has(x.info.peerId) && !failing.has(x.info.peerId) && !exclude.has(x.info.peerId)
+      // A range takes a piece whose entry is not confirmed only from a confirmer.
+      const confirmedEntry = ctx.whole || (p.digests.has(index) && !p.provisional.has(index))
+      const holders = confirmedEntry ? p.parents.filter(x => usable(x) && (x.info.complete || x.held?.has(index) === true)) : []
+      const fetchers = p.parents.filter(x => usable(x) && !holders.includes(x) && (confirmedEntry ? x.fetching : x.confirming)?.has(index) === true)
+      if (holders.length + fetchers.length > 0) {
+        const piece = await fromParents(task, index, p, holders, fetchers, options)
+        if (piece === 'later') {
+          const delay = Math.min(2_000, 100 * 2 ** pauses++)
+          const waited = await sleep(delay / 2 + Math.random() * delay, true, { signal: patience }).catch(() => false)
+          options.signal?.throwIfAborted()
+          if (waited) {
+            m?.parentsBusy.inc()
+            plans.delete(p.key)
+            round--
+            continue
+          }
+        } else if (piece !== undefined) {
+          return piece
+        }
+        options.signal?.throwIfAborted()
+      }
+      for (const x of p.parents) if (!usable(x)) exclude.add(x.info.peerId)
+      for (const x of [...holders, ...fetchers]) exclude.add(x.info.peerId)
+      plans.delete(p.key)
+    }
+    m?.fallbacks.inc({ reason: 'no-parent' })
+    return { kind: 'origin', upTo: index }
+  }
+
   return {
     isFirstFetcher (digest, index) {
       return assigned.get(digest)?.has(index) ?? false
@@ -398,60 +455,19 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       return settled.get(digest) === true
     },
     async fetch (ctx, index, options): Promise<RemotePiece | OriginDirective> {
-      const { task } = ctx
       // A session that just dropped while other replicas are listed is back in about a second:
       // waiting for it beats sending the rest of the blob to the origin.
       if (!client.connected && !(await client.awaitSession({ maxMs: failoverWaitMs, signal: options.signal }))) {
         m?.fallbacks.inc({ reason: 'no-scheduler' })
         return { kind: 'origin', upTo: ctx.lastWanted }
       }
-      const exclude = new Set<string>()
       // Parents that were busy or not ready yet are asked again, after a pause, before the origin is.
-      const patience = withDeadline(options.signal, busyPatienceMs, 'busy parents')
-      let pauses = 0
-      for (let round = 0; round < 3; round++) {
-        let p = round === 0 ? cachedPlan(task.digest, index, ctx.whole) : undefined
-        try {
-          p ??= await patientPlan(ctx, index, exclude, options)
-        } catch (err) {
-          if (options.signal?.aborted === true) throw err
-          logger.debug({ err: (err as Error).message, digest: task.digest }, 'no plan from the scheduler; using the origin')
-          m?.fallbacks.inc({ reason: 'no-scheduler' })
-          return { kind: 'origin', upTo: ctx.lastWanted }
-        }
-        if (p.assigned.has(index)) {
-          let upTo = index
-          while (p.assigned.has(upTo + 1)) upTo++
-          return { kind: 'origin', upTo }
-        }
-        const usable = (x: Parent): boolean => !barred.has(x.info.peerId) && !failing.has(x.info.peerId) && !exclude.has(x.info.peerId)
-        // A range takes a piece whose entry is not confirmed only from a confirmer.
-        const confirmedEntry = ctx.whole || (p.digests.has(index) && !p.provisional.has(index))
-        const holders = confirmedEntry ? p.parents.filter(x => usable(x) && (x.info.complete || x.held?.has(index) === true)) : []
-        const fetchers = p.parents.filter(x => usable(x) && !holders.includes(x) && (confirmedEntry ? x.fetching : x.confirming)?.has(index) === true)
-        if (holders.length + fetchers.length > 0) {
-          const piece = await fromParents(task, index, p, holders, fetchers, options)
-          if (piece === 'later') {
-            const delay = Math.min(2_000, 100 * 2 ** pauses++)
-            const waited = await sleep(delay / 2 + Math.random() * delay, true, { signal: patience }).catch(() => false)
-            options.signal?.throwIfAborted()
-            if (waited) {
-              m?.parentsBusy.inc()
-              plans.delete(p.key)
-              round--
-              continue
-            }
-          } else if (piece !== undefined) {
-            return piece
-          }
-          options.signal?.throwIfAborted()
-        }
-        for (const x of p.parents) if (!usable(x)) exclude.add(x.info.peerId)
-        for (const x of [...holders, ...fetchers]) exclude.add(x.info.peerId)
-        plans.delete(p.key)
+      const patient = deadline([options.signal], busyPatienceMs, 'busy parents')
+      try {
+        return await fetchPatiently(ctx, index, options, patient.signal)
+      } finally {
+        patient.clear()
       }
-      m?.fallbacks.inc({ reason: 'no-parent' })
-      return { kind: 'origin', upTo: index }
     }
   }
 }
