@@ -128,7 +128,9 @@ export async function createPeer (config: ResolvedPeerConfig, deps: PeerDeps): P
     connectionsPerAddress: config.uploadConnectionsPerAddress,
     corruptPieces: deps.faults?.corruptPieces === true,
     http: config.pieceTransport === 'http' ? { host: config.p2pHost, port: config.uploadPort } : undefined,
-    clusterSecret: config.clusterSecret
+    clusterSecret: config.clusterSecret,
+    // A seed sends each piece to one child at a time, so children have pieces to give each other.
+    onePerPiece: config.seed
   })
   const control = createControlHandler({ logger, node: swarm.node, blobs, origin, upstreams, session: swarm.session, tasks }, { seed: config.seed })
   let loadReport: { stop: () => void } | undefined

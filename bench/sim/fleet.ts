@@ -57,6 +57,8 @@ export interface PeerModel {
   minAnnounceIntervalMs: number
   loadIntervalMs: number
   maxRunPieces: number
+  /** A seed sends a piece to one child at a time, refusing others (busy) for up to this long; 0: off (upload `onePerPiece`). */
+  samePieceMs: number
 }
 
 export const PEER_DEFAULTS: PeerModel = {
@@ -68,6 +70,7 @@ export const PEER_DEFAULTS: PeerModel = {
   inProgressWaitMs: 15_000,
   parentBackoffMs: 30_000,
   busyPatienceMs: 20_000,
+  samePieceMs: 2_000,
   uploadConcurrency: 32,
   uploadQueue: 128,
   maxWaits: 256,
@@ -197,6 +200,8 @@ interface Attempt {
   timers: Timer[]
   /** The parent's: how long it waits for a piece still on its way. */
   waitTimer: Timer | undefined
+  /** When its bytes were given a slot at the parent (queued or moving). */
+  slottedAt?: number
   ok: () => void
   fail: (why: Failure) => void
 }
@@ -509,7 +514,8 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       for (const att of waiting) {
         kill(att.waitTimer)
         n.waits--
-        slot(att)
+        if (sendingElsewhere(att)) reply(att, 'busy')
+        else slot(att)
       }
     }
     if (n.reading) advance(n)
@@ -809,7 +815,8 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     }
     p.incoming.add(att)
     if (p.have[i] === 2) {
-      slot(att)
+      if (sendingElsewhere(att)) reply(att, 'busy')
+      else slot(att)
       return
     }
     const landing = p.have[i] === 1
@@ -837,8 +844,19 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     if (!landing) acquire(p, i, Math.min(P - 1, i + m.maxRunPieces - 1))
   }
 
+  /** peer/upload `onePerPiece`: a seed already sending this piece to another child (for less than `samePieceMs`). */
+  function sendingElsewhere (att: Attempt): boolean {
+    const p = att.parent
+    if (!p.seed || m.samePieceMs <= 0) return false
+    for (const other of p.incoming) {
+      if (other !== att && other.piece === att.piece && other.slottedAt !== undefined && now - other.slottedAt < m.samePieceMs && (other.state === 'queued' || other.state === 'moving')) return true
+    }
+    return false
+  }
+
   function slot (att: Attempt): void {
     const p = att.parent
+    att.slottedAt = now
     if (p.active < m.uploadConcurrency && p.queue.length === 0) {
       move(att)
     } else if (p.queue.length >= m.uploadQueue) {

@@ -1,7 +1,7 @@
 import { once } from 'node:events'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
-import { raceSignal, withDeadline } from '../../src/abort.ts'
+import { deadline, raceSignal, withDeadline } from '../../src/abort.ts'
 import { BufferPool, type Lease } from '../../src/buffer-pool.ts'
 import { DEFAULTS } from '../../src/config/defaults.ts'
 import { QueueFullError, isAbort } from '../../src/errors.ts'
@@ -55,6 +55,16 @@ export interface UploadServerInit {
   http?: { host: string, port: number } | undefined
   /** The cluster secret children prove on the upload port. */
   clusterSecret?: string | undefined
+  /**
+   * Send a piece to one child at a time (a seed): a second child asking for
+   * a piece on its way to another is answered busy for up to
+   * `SAME_PIECE_MS`, and by the time it asks again the first child has the
+   * piece to give it. A seed sending every piece to every child at once is
+   * the centre of a star: its uplink is shared by all of them, the pieces
+   * reach all children together, and none has one to pass on until the seed
+   * is nearly done (BitTorrent calls the remedy super-seeding).
+   */
+  onePerPiece?: boolean
 }
 
 export interface UploadServer {
@@ -68,6 +78,8 @@ export interface UploadServer {
 }
 
 const SEND_CHUNK = 256 * 1024
+/** How long a piece on its way to one child is refused to another (a slow child does not hold the rest up past it). */
+const SAME_PIECE_MS = 2_000
 /** Piece buffers kept for reuse between HTTP uploads; more at once are allocated and left to the collector. */
 const POOLED_BUFFERS = 8
 
@@ -100,6 +112,8 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   let guard: ConnectionGuard | undefined
   let uploaded = 0
   const buffers = new BufferPool(MIN_PIECE_SIZE, POOLED_BUFFERS)
+  /** Pieces being sent, with when the first send began (only with `onePerPiece`). */
+  const sending = new Map<string, number>()
   if (init.corruptPieces === true) logger.warn('TEST FAULT ACTIVE: every piece this peer uploads is corrupted')
 
   type Produced = { status: 'ok', data: Buffer, release: () => void } | { status: 'not-found' | 'busy' | 'error', message?: string }
@@ -148,12 +162,24 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       return { status: 'error', message: String((err as { code?: string }).code ?? 'error') }
     }
     if (data === undefined) return { status: 'not-found' }
-    let release: () => void
+    const key = `${request.digest}#${request.index}`
+    const since = sending.get(key)
+    if (init.onePerPiece === true && since !== undefined && Date.now() - since < SAME_PIECE_MS) return { status: 'busy' }
+    let freeSlot: () => void
     try {
-      release = await uploads.acquire({ signal })
+      freeSlot = await uploads.acquire({ signal })
     } catch (err) {
       if (err instanceof QueueFullError) return { status: 'busy' }
       throw err
+    }
+    let release = freeSlot
+    if (init.onePerPiece === true && !sending.has(key)) {
+      const started = Date.now()
+      sending.set(key, started)
+      release = () => {
+        if (sending.get(key) === started) sending.delete(key)
+        freeSlot()
+      }
     }
     if (init.corruptPieces === true) {
       data = Buffer.from(data)
@@ -202,7 +228,10 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     guard?.vouch(req.socket)
     const gone = new AbortController()
     res.once('close', () => { if (!res.writableFinished) gone.abort() })
-    const signal = AbortSignal.any([shutdown.signal, gone.signal, AbortSignal.timeout(UPLOAD_DEADLINE_MS)])
+    // Cleared when the response closes: a timer per upload left to run out (three minutes) piled up at line rate.
+    const limit = deadline([shutdown.signal, gone.signal], UPLOAD_DEADLINE_MS, 'an upload')
+    res.once('close', limit.clear)
+    const signal = limit.signal
     // A piece read from disk lands in a pooled buffer, free again once the response is done with it ('close' comes after the last write).
     const lease = buffers.take()
     res.once('close', lease.release)
