@@ -79,7 +79,7 @@ export interface UploadServer {
 
 const SEND_CHUNK = 256 * 1024
 /** How long a piece on its way to one child is refused to another (a slow child does not hold the rest up past it). */
-const SAME_PIECE_MS = 2_000
+const SAME_PIECE_MS = 30_000
 /** Piece buffers kept for reuse between HTTP uploads; more at once are allocated and left to the collector. */
 const POOLED_BUFFERS = 8
 
