@@ -70,7 +70,7 @@ export const PEER_DEFAULTS: PeerModel = {
   inProgressWaitMs: 15_000,
   parentBackoffMs: 30_000,
   busyPatienceMs: 20_000,
-  samePieceMs: 30_000,
+  samePieceMs: 12_000,
   uploadConcurrency: 32,
   uploadQueue: 128,
   maxWaits: 256,

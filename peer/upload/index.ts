@@ -78,8 +78,14 @@ export interface UploadServer {
 }
 
 const SEND_CHUNK = 256 * 1024
-/** How long a piece on its way to one child is refused to another (a slow child does not hold the rest up past it). */
-const SAME_PIECE_MS = 30_000
+/**
+ * How long a piece on its way to one child is refused to another: past it a
+ * slow child holds nobody up. Shorter than a child's patience with busy
+ * parents (20 s), so nobody is sent to the origin for it; 30 s did that in
+ * the emulated cluster (origin 1.25× the image), 2 s let the star return
+ * behind a slow uplink, where one piece takes seconds.
+ */
+const SAME_PIECE_MS = 12_000
 /** Piece buffers kept for reuse between HTTP uploads; more at once are allocated and left to the collector. */
 const POOLED_BUFFERS = 8
 

@@ -46,9 +46,10 @@ test('an emulated cluster: six nodes in their own namespaces pull a cold image a
   assert.ok(report.originBytes <= ORIGIN_MAX * image.totalBytes, `the origin sent ${report.originBytes} bytes for a ${image.totalBytes}-byte image (at most ${ORIGIN_MAX}×)`)
   // Not met reliably yet. A seed behind a slow uplink used to split it over every child at once, so no child had a
   // whole piece to pass on until the seed was nearly done (5.6–6.7× T* in the runs of 2026-12-02); since seeds send
-  // each piece to one child at a time, 3.8–4.3×. Reported here, kept from failing the suite until the swarm meets it
-  // (issue 16); the pulls and the origin's bytes above are held to now.
-  await t.test(`the slowest node within ${SLOWEST_MAX}× T*`, { todo: 'at 3.8–4.3× T* in recent runs (issue 16)' }, () => {
+  // each piece to one child at a time, 4.7–5.9× (3.8–4.3× when they held a second child off for 30 s instead of 12,
+  // which sent children to the origin in the bench). Reported here, kept from failing the suite until the swarm meets
+  // it (issue 16); the pulls and the origin's bytes above are held to now.
+  await t.test(`the slowest node within ${SLOWEST_MAX}× T*`, { todo: 'at 4.7–5.9× T* in recent runs (issue 16)' }, () => {
     assert.ok(slowest <= SLOWEST_MAX * tStar, `the slowest node took ${slowest.toFixed(1)} s, ${(slowest / tStar).toFixed(2)}× T* (${tStar.toFixed(1)} s); at most ${SLOWEST_MAX}×`)
   })
 })
