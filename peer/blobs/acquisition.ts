@@ -158,10 +158,13 @@ export class PieceAcquisition {
     let piece: Piece | undefined
     try {
       piece = await this.#held(digest, index, lease.data)
-    } finally {
-      if (piece?.data.buffer !== lease.data.buffer) lease.release()
+    } catch (err) {
+      lease.release()
+      throw err
     }
-    return piece === undefined || piece.data.buffer !== lease.data.buffer ? piece : { ...piece, lease }
+    if (piece?.data.buffer === lease.data.buffer) return { ...piece, lease }
+    lease.release()
+    return piece
   }
 
   async #held (digest: string, index: number, into?: Buffer): Promise<Piece | undefined> {
