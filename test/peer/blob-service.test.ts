@@ -163,16 +163,7 @@ test('a background prefetch completes the blob without holding up on-demand read
 test('a whole read takes pieces ahead in a random order within its window, a bounded number at once, each once', async (t) => {
   const pieces = 40
   const data = randomBytes(pieces * MIB)
-  const asked: number[] = []
-  let running = 0
-  let most = 0
-  const swarm = new FakeSwarm(i => ({ data: data.subarray(i * MIB, (i + 1) * MIB), trusted: true }), async (i) => {
-    asked.push(i)
-    most = Math.max(most, ++running)
-    // Pieces land in their own time: a later one may land first.
-    await new Promise(resolve => setTimeout(resolve, 1 + (i * 7) % 5))
-    running--
-  })
+  const { swarm, asked, most } = recordingSwarm(data)
   let seed = 7
   const random = (): number => (seed = (seed * 16807) % 2147483647) / 2147483647
   const { origin, blobs, store } = await setupWithSwarm(t, swarm, { readahead: 4, window: 12, random })
@@ -189,22 +180,14 @@ test('a whole read takes pieces ahead in a random order within its window, a bou
   assert.equal(sent, data.length)
   assert.deepEqual([...asked].sort((a, b) => a - b), Array.from({ length: pieces }, (_, i) => i), 'every piece asked for once')
   assert.notDeepEqual(asked, Array.from({ length: pieces }, (_, i) => i), 'not in order')
-  assert.ok(most <= 4 + 1, `at most the read-ahead and the piece being sent under way at once (${most})`)
+  assert.ok(most() <= 4 + 1, `at most the read-ahead and the piece being sent under way at once (${most()})`)
   assert.equal(store.info(digest)?.verified, true)
 })
 
 test('a whole read takes pieces in order when the swarm offers only whole holders', async (t) => {
   const pieces = 24
   const data = randomBytes(pieces * MIB)
-  const asked: number[] = []
-  let running = 0
-  let most = 0
-  const swarm = new FakeSwarm(i => ({ data: data.subarray(i * MIB, (i + 1) * MIB), trusted: true }), async (i) => {
-    asked.push(i)
-    most = Math.max(most, ++running)
-    await new Promise(resolve => setTimeout(resolve, 1 + (i * 7) % 5))
-    running--
-  })
+  const { swarm, asked, most } = recordingSwarm(data)
   let settledAsked = 0
   swarm.isSettled = () => { settledAsked++; return true }
   const { origin, blobs, store } = await setupWithSwarm(t, swarm, { readahead: 4, window: 12, random: () => 0.99 })
@@ -213,7 +196,7 @@ test('a whole read takes pieces in order when the swarm offers only whole holder
   assert.ok(read.equals(data))
   assert.ok(settledAsked > 0, 'the reader asked the swarm')
   assert.deepEqual(asked, Array.from({ length: pieces }, (_, i) => i), 'in order, each once')
-  assert.ok(most <= 4 + 1, `at most the read-ahead and the piece being sent under way at once (${most})`)
+  assert.ok(most() <= 4 + 1, `at most the read-ahead and the piece being sent under way at once (${most()})`)
   assert.equal(store.info(digest)?.verified, true)
 })
 
@@ -322,6 +305,21 @@ test('a child waiting for a piece on its way here gets bytes of its own, not a p
   const peeked = await blobs.held(digest, 6)
   assert.ok(peeked?.equals(data.subarray(6 * MIB, 7 * MIB)))
 })
+
+/** A swarm handing out `data`'s 1 MiB pieces that records the order they were asked in and the most under way at once. */
+function recordingSwarm (data: Buffer): { swarm: FakeSwarm, asked: number[], most: () => number } {
+  const asked: number[] = []
+  let running = 0
+  let most = 0
+  const swarm = new FakeSwarm(i => ({ data: data.subarray(i * MIB, (i + 1) * MIB), trusted: true }), async (i) => {
+    asked.push(i)
+    most = Math.max(most, ++running)
+    // Pieces land in their own time: a later one may land first.
+    await new Promise(resolve => setTimeout(resolve, 1 + (i * 7) % 5))
+    running--
+  })
+  return { swarm, asked, most: () => most }
+}
 
 /** A swarm that hands out the pieces the test gives it, verified against nothing but themselves. */
 class FakeSwarm implements PieceSource {

@@ -117,22 +117,28 @@ test('a piece is asked of peers holding it before seeds, consecutive pieces spre
   assert.deepEqual(holderOrder(4, [p('seed', true)], [], x => x.seed).map(x => x.id), ['seed'], 'a seed alone is still asked')
 })
 
-test('a reader asking for pieces in two parts of a blob by turns asks the scheduler once for each part, not at every turn', async () => {
-  const big: SwarmTask = { ...task, size: 400 * MIB }
-  const firsts: number[] = []
-  const client = {
+/** A connected scheduler client whose every request is a plan, answered by `answer`. */
+function planning (answer: (req: Extract<SchedulerRequest, { type: 'parents' }>) => ParentsResponse): SchedulerClient {
+  return {
     connected: true,
     peerId: 'scheduler',
     async awaitSession () { return true },
     async request (req: SchedulerRequest) {
       assert.ok(req.type === 'parents')
-      firsts.push(req.first)
-      // This node is sent to the origin for every piece it asks about: no parents needed.
-      const res: ParentsResponse = { ok: true, pieceSize: MIB, pieceCount: 400, parents: [], digests: [], assigned: Array.from({ length: req.last - req.first + 1 }, (_, k) => req.first + k) }
-      return res
+      return answer(req)
     },
     report () {}
   } as unknown as SchedulerClient
+}
+
+test('a reader asking for pieces in two parts of a blob by turns asks the scheduler once for each part, not at every turn', async () => {
+  const big: SwarmTask = { ...task, size: 400 * MIB }
+  const firsts: number[] = []
+  const client = planning((req) => {
+    firsts.push(req.first)
+    // This node is sent to the origin for every piece it asks about: no parents needed.
+    return { ok: true, pieceSize: MIB, pieceCount: 400, parents: [], digests: [], assigned: Array.from({ length: req.last - req.first + 1 }, (_, k) => req.first + k) }
+  })
   const { fetcher } = fetcherWith(client)
   for (const index of [3, 100, 10, 130, 60, 101]) await fetcher.fetch({ task: big, lastWanted: 399, whole: true }, index, {})
   // One plan per block of the window (64 pieces): one cached plan per blob was replaced at every turn.
@@ -149,18 +155,8 @@ test('a blob is settled while its plans offer only parents holding all of it, an
   const piece = Buffer.alloc(MIB, 7)
   const hex = createHash('sha256').update(piece).digest('hex')
   let complete = true
-  const client = {
-    connected: true,
-    peerId: 'scheduler',
-    async awaitSession () { return true },
-    async request (req: SchedulerRequest) {
-      assert.ok(req.type === 'parents')
-      const parent = (id: string, whole: boolean): ParentsResponse['parents'][number] => ({ peerId: id, addrs: [], upload: ['http://127.0.0.1:1'], seed: false, complete: whole, ...(whole ? {} : { held: heldBy(0, 64) }) })
-      const res: ParentsResponse = { ok: true, pieceSize: MIB, pieceCount: 100, parents: complete ? [parent('a', true), parent('b', true)] : [parent('a', true), parent('c', false)], digests: [[req.first, hex]], assigned: [] }
-      return res
-    },
-    report () {}
-  } as unknown as SchedulerClient
+  const parent = (id: string, whole: boolean): ParentsResponse['parents'][number] => ({ peerId: id, addrs: [], upload: ['http://127.0.0.1:1'], seed: false, complete: whole, ...(whole ? {} : { held: heldBy(0, 64) }) })
+  const client = planning(req => ({ ok: true, pieceSize: MIB, pieceCount: 100, parents: complete ? [parent('a', true), parent('b', true)] : [parent('a', true), parent('c', false)], digests: [[req.first, hex]], assigned: [] }))
   const http: PieceHttpClient = { async fetch () { return { data: Buffer.from(piece) } }, async close () {} }
   const fetcher = createPieceFetcher({ logger: silentLogger(), node: { peerId: 'self' } as unknown as P2PNode, client, http })
   assert.equal(fetcher.settled?.(task.digest), false, 'nothing is known before a plan')
