@@ -17,6 +17,7 @@ import { withDeadline, type AbortOptions } from '../abort.ts'
 import { NotAuthorizedPeerError, PeerUnavailableError, ProtocolError } from '../errors.ts'
 import type { Logger } from '../logger.ts'
 import { JOIN_PROTOCOL, MAX_MESSAGE_BYTES, decode, encode } from '../protocol/messages.ts'
+import { deferWindowUpdates } from './yamux-window.ts'
 
 /**
  * The one adapter for libp2p, shared by the peer and the scheduler: TCP,
@@ -66,6 +67,14 @@ export interface P2PNodeInit {
    */
   tcpKeepAliveMs?: number
   /**
+   * A connection with no traffic either way this long is closed. It must
+   * outlast a scheduler session's heartbeat (peer/swarm/scheduler-client.ts,
+   * 120 s): libp2p's own default of 2 min closed idle sessions as their
+   * heartbeat fell due, and thousands reconnecting at once cost a scheduler
+   * most of a core. Default 5 min.
+   */
+  socketIdleMs?: number
+  /**
    * Encryption this node accepts, in order of preference (a dialler proposes
    * them in this order, a listener takes the first it is offered that it
    * accepts). Default TLS, then Noise.
@@ -107,17 +116,19 @@ const JOIN_DEADLINE_MS = 5_000
 
 export async function createP2PNode (components: P2PNodeComponents, init: P2PNodeInit): Promise<P2PNode> {
   const logger = components.logger.child({ component: 'p2p' })
+  deferWindowUpdates()
   const privateKey = await loadOrCreateKey(init.dataDir, init.keyName)
   const secret = init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8')
   /** Connections that proved membership (or all, without a secret), by connection id. */
   const members = new Set<string>()
   const joining = new Map<string, Promise<void>>()
   const socketOptions = { keepAlive: true, keepAliveInitialDelay: init.tcpKeepAliveMs ?? 15_000 }
+  const socketIdleMs = init.socketIdleMs ?? 300_000
 
   const node: Libp2p = await createLibp2p({
     privateKey,
     addresses: { listen: init.listen, ...(init.announce !== undefined && init.announce.length > 0 ? { announce: init.announce } : {}) },
-    transports: [tcp({ dialOpts: socketOptions, listenOpts: socketOptions })],
+    transports: [tcp({ dialOpts: socketOptions, listenOpts: socketOptions, inboundSocketInactivityTimeout: socketIdleMs, outboundSocketInactivityTimeout: socketIdleMs })],
     // TLS first: its record layer runs in OpenSSL, where Noise's ChaCha20 framing
     // cost a peer more CPU per piece than hashing it did. Noise stays as a fallback.
     connectionEncrypters: (init.encrypters ?? ['tls', 'noise']).map(e => e === 'tls' ? tls() : noise()),
