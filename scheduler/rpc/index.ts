@@ -21,7 +21,7 @@ export interface SchedulerServiceInit {
   /**
    * A session stream that carries nothing (no request, no heartbeat) this
    * long is over, and its connection is closed: the peer went away without
-   * a word. Peers send a heartbeat after 60 s without one. Default 100 s.
+   * a word. Peers send a heartbeat after 120 s without one. Default 200 s.
    */
   sessionIdleTimeoutMs?: number
   /** Requests of one session handled at once; past it the session is not read until one is done. Default 128. */
@@ -235,7 +235,7 @@ export function createSchedulerService (components: SchedulerServiceComponents, 
         if (shutdown.signal.aborted) throw new ClosedError('the scheduler')
         const channel = createChannel(stream, {
           name: `the session of ${remotePeer}`,
-          idleTimeoutMs: init.sessionIdleTimeoutMs ?? 100_000,
+          idleTimeoutMs: init.sessionIdleTimeoutMs ?? 200_000,
           maxIncoming: init.maxInFlightPerSession ?? 128,
           onRequest: async (body, { signal }) => answer(remotePeer, body, signal)
         })
