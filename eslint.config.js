@@ -50,7 +50,7 @@ const peerRules = layerRules('peer', peerLayers, ['scheduler', 'cli'])
 const schedulerRules = layerRules('scheduler', schedulerLayers, ['peer', 'cli'])
 
 export default [
-  ...neostandard({ ts: true, ignores: ['node_modules/**', 'bench/results/**', 'bench/.scratch/**', 'deploy/**/*.json'] }),
+  ...neostandard({ ts: true, ignores: ['node_modules/**', 'dist/**', 'bench/results/**', 'bench/.scratch/**', 'deploy/**/*.json'] }),
   {
     files: ['**/*.ts'],
     languageOptions: {

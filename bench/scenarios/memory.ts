@@ -1,8 +1,11 @@
+import { symlink } from 'node:fs/promises'
 import path from 'node:path'
+import { fileURLToPath } from 'node:url'
 import { buildImage, pushImage } from '../../test/helpers/image.ts'
 import { startPeer, startScheduler, type TestPeer, type TestScheduler } from '../../test/helpers/peer.ts'
 import { startRegistry } from '../../test/helpers/registry.ts'
 import { tmpDir } from '../../test/helpers/tmp.ts'
+import { build } from '../../deploy/build.ts'
 import { MIB, deployedPeerEnv, fetchVerified, type Row, type Scenario } from '../lib.ts'
 
 /** Peak RSS of a peer while it takes a large blob in, and while it serves it to 8 callers at once. */
@@ -20,7 +23,12 @@ export const memory: Scenario = {
       await pushImage(image, `${registry.host}/bench/mem:v1`)
       const digest = (image.layers[0] as { digest: string }).digest
       scheduler = await startScheduler()
-      peer = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'memory', args: ['--log-level', 'warn', '--cache-size', `${Math.ceil(size / MIB) * 2}MiB`] })
+      // As the image runs it: compiled to JavaScript (deploy/build.ts), with the DaemonSet's environment.
+      const compiled = path.join(work.path, 'dist')
+      await build(compiled)
+      // Its dependencies, as the image has them beside it.
+      await symlink(fileURLToPath(new URL('../../node_modules', import.meta.url)), path.join(compiled, 'node_modules'))
+      peer = await startPeer({ cli: path.join(compiled, 'bin', 'damselfly.js'), env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'memory', args: ['--log-level', 'warn', '--cache-size', `${Math.ceil(size / MIB) * 2}MiB`] })
       const url = `${peer.url}/v2/bench/mem/blobs/${digest}`
       const idle = await sample(peer)
       const takingIn = await peakWhile(peer, async () => { await fetchVerified(url, digest) })

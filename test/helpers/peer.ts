@@ -26,6 +26,8 @@ export interface PeerOptions {
   netns?: Pick<NetnsNode, 'command'>
   /** Mirror, p2p and upload ports; default: free ones (in a namespace of its own any port is free). */
   ports?: [number, number, number]
+  /** The launcher to run; default the sources' `bin/damselfly.js` (a compiled one: deploy/build.ts). */
+  cli?: string
 }
 
 export interface TestPeer {
@@ -81,7 +83,7 @@ async function startPeerOnce (options: PeerOptions, [port, p2pPort, uploadPort]:
   const dataDir = options.dataDir ?? (tmp as { path: string }).path
   const name = options.name ?? `peer-${port}`
   const args = [
-    CLI, 'peer',
+    options.cli ?? CLI, 'peer',
     '--data-dir', dataDir,
     '--host', options.host ?? '127.0.0.1',
     '--port', String(port),
