@@ -86,7 +86,10 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
     keyName: 'peer.key',
     listen: init.listen,
     announce: init.announce,
-    clusterSecret: init.clusterSecret
+    clusterSecret: init.clusterSecret,
+    // With pieces on the upload port, libp2p carries the scheduler session (the scheduler takes Noise only), control
+    // messages and pieces from parents that have no upload port: Noise suffices, and TLS is not even loaded (5-12 MiB).
+    encrypters: init.httpPieces ? ['noise'] : ['tls', 'noise']
   })
   // lru-cache allocates its arrays for `max` up front: a node's cache holds thousands of blobs, not 100,000.
   const origins = new LRUCache<string, OriginRef>({ max: 16_384 })

@@ -4,7 +4,6 @@ import { hostname } from 'node:os'
 import { join } from 'node:path'
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
-import { tls } from '@libp2p/tls'
 import { generateKeyPair, privateKeyFromProtobuf, privateKeyToProtobuf } from '@libp2p/crypto/keys'
 import type { Connection, Libp2p, PeerId, PrivateKey, Stream } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
@@ -77,7 +76,9 @@ export interface P2PNodeInit {
   /**
    * Encryption this node accepts, in order of preference (a dialler proposes
    * them in this order, a listener takes the first it is offered that it
-   * accepts). Default TLS, then Noise.
+   * accepts). Default TLS, then Noise: TLS's record layer runs in OpenSSL,
+   * and a piece over a libp2p stream through Noise's ChaCha20 framing cost a
+   * peer more CPU than hashing it did.
    */
   encrypters?: ReadonlyArray<'tls' | 'noise'>
 }
@@ -124,14 +125,14 @@ export async function createP2PNode (components: P2PNodeComponents, init: P2PNod
   const joining = new Map<string, Promise<void>>()
   const socketOptions = { keepAlive: true, keepAliveInitialDelay: init.tcpKeepAliveMs ?? 15_000 }
   const socketIdleMs = init.socketIdleMs ?? 300_000
+  // TLS is loaded only when offered: with its X.509 and ASN.1 libraries it is 5 MiB of heap a Noise-only node never needs.
+  const connectionEncrypters = await Promise.all((init.encrypters ?? ['tls', 'noise']).map(async e => e === 'tls' ? (await import('@libp2p/tls')).tls() : noise()))
 
   const node: Libp2p = await createLibp2p({
     privateKey,
     addresses: { listen: init.listen, ...(init.announce !== undefined && init.announce.length > 0 ? { announce: init.announce } : {}) },
     transports: [tcp({ dialOpts: socketOptions, listenOpts: socketOptions, inboundSocketInactivityTimeout: socketIdleMs, outboundSocketInactivityTimeout: socketIdleMs })],
-    // TLS first: its record layer runs in OpenSSL, where Noise's ChaCha20 framing
-    // cost a peer more CPU per piece than hashing it did. Noise stays as a fallback.
-    connectionEncrypters: (init.encrypters ?? ['tls', 'noise']).map(e => e === 'tls' ? tls() : noise()),
+    connectionEncrypters,
     // A new stream carries one 1 MiB piece; a window that holds a whole piece
     // lets it flow without waiting on window updates.
     // No muxer pings: what needs liveness has it (sessions' heartbeats, TCP keepalive), and each
