@@ -114,6 +114,13 @@ export interface P2PNode {
 export type DialTarget = { peerId: string, addrs: string[] } | { addr: string }
 
 const JOIN_DEADLINE_MS = 5_000
+/**
+ * With a cluster secret, a connection that has not joined this long after it
+ * opened is closed. Ours join as soon as they are dialled (openStream,
+ * connect); a stranger's would otherwise hold a connection slot until the
+ * socket idle limit (5 min).
+ */
+const STRANGER_GRACE_MS = 2 * JOIN_DEADLINE_MS
 
 export async function createP2PNode (components: P2PNodeComponents, init: P2PNodeInit): Promise<P2PNode> {
   const logger = components.logger.child({ component: 'p2p' })
@@ -149,9 +156,25 @@ export async function createP2PNode (components: P2PNodeComponents, init: P2PNod
     ...(secret === undefined ? { connectionGater: { denyInboundConnection: async (conn: { remoteAddr: Multiaddr }) => !isLoopbackMultiaddr(conn.remoteAddr) } } : {})
   })
 
+  /** Connections not yet members, each with the timer that closes it if it never joins. */
+  const strangers = new Map<string, NodeJS.Timeout>()
+  node.addEventListener('connection:open', (evt) => {
+    const connection = evt.detail
+    if (secret === undefined || members.has(connection.id)) return
+    const timer = setTimeout(() => {
+      strangers.delete(connection.id)
+      if (members.has(connection.id) || connection.status !== 'open') return
+      logger.warn({ peer: connection.remotePeer.toString() }, `closed a connection that did not join the cluster within ${STRANGER_GRACE_MS} ms`)
+      void connection.close().catch(() => {})
+    }, STRANGER_GRACE_MS)
+    timer.unref()
+    strangers.set(connection.id, timer)
+  })
   node.addEventListener('connection:close', (evt) => {
     members.delete(evt.detail.id)
     joining.delete(evt.detail.id)
+    clearTimeout(strangers.get(evt.detail.id))
+    strangers.delete(evt.detail.id)
   })
 
   // The listening side of the handshake.
