@@ -1,11 +1,9 @@
-import { symlink } from 'node:fs/promises'
 import path from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { buildImage, pushImage } from '../../test/helpers/image.ts'
 import { startPeer, startScheduler, type TestPeer, type TestScheduler } from '../../test/helpers/peer.ts'
 import { startRegistry } from '../../test/helpers/registry.ts'
 import { tmpDir } from '../../test/helpers/tmp.ts'
-import { build } from '../../deploy/build.ts'
+import { compiledTree } from '../../test/helpers/compiled.ts'
 import { MIB, deployedPeerEnv, fetchVerified, type Row, type Scenario } from '../lib.ts'
 
 /** Peak RSS of a peer while it takes a large blob in, and while it serves it to 8 callers at once. */
@@ -24,11 +22,8 @@ export const memory: Scenario = {
       const digest = (image.layers[0] as { digest: string }).digest
       scheduler = await startScheduler()
       // As the image runs it: compiled to JavaScript (deploy/build.ts), with the DaemonSet's environment.
-      const compiled = path.join(work.path, 'dist')
-      await build(compiled)
-      // Its dependencies, as the image has them beside it.
-      await symlink(fileURLToPath(new URL('../../node_modules', import.meta.url)), path.join(compiled, 'node_modules'))
-      peer = await startPeer({ cli: path.join(compiled, 'bin', 'damselfly.js'), env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'memory', args: ['--log-level', 'warn', '--cache-size', `${Math.ceil(size / MIB) * 2}MiB`] })
+      const cli = await compiledTree(path.join(work.path, 'dist'))
+      peer = await startPeer({ cli, env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'memory', args: ['--log-level', 'warn', '--cache-size', `${Math.ceil(size / MIB) * 2}MiB`] })
       const url = `${peer.url}/v2/bench/mem/blobs/${digest}`
       const idle = await sample(peer)
       const takingIn = await peakWhile(peer, async () => { await fetchVerified(url, digest) })

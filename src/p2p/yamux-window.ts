@@ -19,7 +19,7 @@
  */
 import { StreamState, YamuxStream } from '@chainsafe/libp2p-yamux/stream'
 
-/** The parts of a stream the rule reads (fields the class declares public). */
+/** The parts of a stream the rule reads (the class declares the window fields private; they are plain fields at run time). */
 interface WindowState {
   state: StreamState
   recvWindow: number
@@ -36,10 +36,11 @@ export function updateCanWait (s: WindowState): boolean {
 /** Once per process; later calls do nothing. */
 export function deferWindowUpdates (): void {
   if (installed) return
-  installed = true
   const prototype = YamuxStream.prototype as unknown as { sendWindowUpdate: (this: YamuxStream) => void }
   const original = prototype.sendWindowUpdate
+  // Thrown at every node's creation, not only the first, until the library is matched again.
   if (typeof original !== 'function') throw new Error('@chainsafe/libp2p-yamux: YamuxStream.sendWindowUpdate is gone; src/p2p/yamux-window.ts needs updating')
+  installed = true
   prototype.sendWindowUpdate = function (this: YamuxStream) {
     if (updateCanWait(this as unknown as WindowState)) return
     original.call(this)

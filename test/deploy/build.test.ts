@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
-import { readFile, readdir, symlink } from 'node:fs/promises'
+import { readFile, readdir } from 'node:fs/promises'
 import path from 'node:path'
 import { test } from 'node:test'
 import { fileURLToPath } from 'node:url'
@@ -8,6 +8,7 @@ import { promisify } from 'node:util'
 import { request } from 'undici'
 import { build } from '../../deploy/build.ts'
 import pkg from '../../package.json' with { type: 'json' }
+import { compiledTree } from '../helpers/compiled.ts'
 import { startPeer } from '../helpers/peer.ts'
 import { tmpDir } from '../helpers/tmp.ts'
 
@@ -21,8 +22,7 @@ test('deploy/build.ts: a compiled tree that runs the CLI and a peer, importing n
   const work = await tmpDir('df-build-')
   t.after(async () => { await work.cleanup() })
   const out = path.join(work.path, 'dist')
-  await build(out)
-  await symlink(path.join(ROOT, 'node_modules'), path.join(out, 'node_modules'))
+  const cli = await compiledTree(out)
 
   let modules = 0
   for (const entry of await readdir(out, { recursive: true, withFileTypes: true })) {
@@ -39,7 +39,6 @@ test('deploy/build.ts: a compiled tree that runs the CLI and a peer, importing n
   assert.ok(modules > 50, `${modules} modules compiled`)
   for (const f of ['index.html', 'app.js', 'style.css']) await readFile(path.join(out, 'scheduler', 'ui', f))
 
-  const cli = path.join(out, 'bin', 'damselfly.js')
   const { stdout } = await promisify(execFile)(process.execPath, [cli, '--version'])
   assert.equal(stdout.trim(), `damselfly ${pkg.version}`)
 
