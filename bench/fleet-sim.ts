@@ -2,11 +2,12 @@
  * One fleet simulation (bench/sim/fleet.ts) in a process of its own, its
  * result printed as one JSON line: `node bench/fleet-sim.ts <nodes>
  * [--seed n] [--leaving f] [--late f] [--horizon xT*] [--lookahead n]
- * [--inflight n] [--readahead n] [--blob-mib n]
+ * [--inflight n] [--readahead n] [--blob-mib n] [--links even|max-min]
  * [--svg file] [--quiet]`. Progress goes to stderr once per simulated second.
  * --lookahead and --inflight are what-ifs of the reader's window (256) and
  * pieces under way (8); --lookahead 0 reads in order, --readahead ahead (the
- * reader before 2026-12-02: 4).
+ * reader before 2026-12-02: 4). --links max-min shares links max-min fairly
+ * (exact, slower) instead of the default even shares.
  */
 import { writeFile } from 'node:fs/promises'
 import { parseArgs } from 'node:util'
@@ -33,6 +34,7 @@ const { values, positionals } = parseArgs({
     lookahead: { type: 'string', default: String(PEER_DEFAULTS.lookahead) },
     inflight: { type: 'string', default: String(PEER_DEFAULTS.inflight) },
     'blob-mib': { type: 'string', default: String(FLEET_DEFAULTS.blobBytes / 1048576) },
+    links: { type: 'string', default: 'even' },
     svg: { type: 'string' },
     quiet: { type: 'boolean', default: false }
   }
@@ -46,6 +48,7 @@ const result = simulateFleet({
   late: Number(values.late),
   horizon: Number(values.horizon),
   blobBytes: Number(values['blob-mib']) * 1048576,
+  network: values.links === 'max-min' ? 'max-min' : 'even',
   peer: { ...PEER_DEFAULTS, readahead: Number(values.readahead), lookahead: Number(values.lookahead), inflight: Number(values.inflight) },
   log: values.quiet === true ? undefined : (line) => { process.stderr.write(`${line}\n`) }
 })

@@ -238,8 +238,11 @@ export class PieceNotHeldError extends PeerUnavailableError {}
 
 /** A parent's upload slots, or its room for waiting requests, are all taken: ask another, or again shortly. */
 export class PeerBusyError extends DamselflyError {
-  constructor (message: string) {
+  /** Peers the busy parent recently sent the piece to (see `PieceHint`). */
+  readonly hints: ReadonlyArray<{ peerId: string, upload: string[] }>
+  constructor (message: string, hints: ReadonlyArray<{ peerId: string, upload: string[] }> = []) {
     super('DF_ERR_PEER_BUSY', message)
+    this.hints = hints
   }
 }
 

@@ -23,9 +23,11 @@ import { Network } from './network.ts'
  * window, plan reuse, peers before seeds and spread over eight, hedging, waiting on
  * in-progress pieces, pausing and asking again on busy parents, exclusions,
  * the origin after three failed rounds), an upload server as peer/upload does
- * (slots, a bounded queue answered "busy" past it, bounded waits for pieces
- * still on their way), origin runs as peer/blobs does, and announcements
- * batched as peer/swarm/scheduler-client.ts batches them.
+ * (slots, a bounded queue answered "busy" past it, busy answers naming the
+ * children it recently sent the piece to, which the child asks next, a seed
+ * sending each piece once, bounded waits for pieces still on their way),
+ * origin runs as peer/blobs does, and announcements batched as
+ * peer/swarm/scheduler-client.ts batches them.
  *
  * What is not modelled: CPU (hashing, the scheduler's own time to answer: a
  * plan costs a round trip and the fixed request cost, never queueing at the
@@ -51,6 +53,13 @@ export interface PeerModel {
   busyPatienceMs: number
   uploadConcurrency: number
   uploadQueue: number
+  /** Children a busy answer names (peer/upload/recipients.ts), and how many a child follows per piece (fetcher `MAX_HINTED`); 0: none. */
+  hints: number
+  maxHinted: number
+  /** A seed's children are remembered this long after a send began. */
+  hintTtlMs: number
+  /** After a seed began sending a piece, how long it points others at that child instead of sending it again (upload `RESEND_MS`). */
+  resendMs: number
   maxWaits: number
   maxWaitMs: number
   flushMs: number
@@ -71,8 +80,12 @@ export const PEER_DEFAULTS: PeerModel = {
   parentBackoffMs: 30_000,
   busyPatienceMs: 20_000,
   samePieceMs: 12_000,
-  uploadConcurrency: 32,
-  uploadQueue: 128,
+  resendMs: 3_000,
+  uploadConcurrency: 8,
+  uploadQueue: 0,
+  hints: 4,
+  maxHinted: 16,
+  hintTtlMs: 30_000,
   maxWaits: 256,
   maxWaitMs: 15_000,
   flushMs: 20,
@@ -108,6 +121,8 @@ export interface FleetConfig {
   horizon: number
   /** Parent selection settings (scheduler/scheduling), for what-ifs; the scheduler's defaults otherwise. */
   scheduling?: Omit<SchedulingInit, 'now' | 'random'> | undefined
+  /** Link sharing: each transfer at the smaller of its two even shares (default), or max-min fair (`Network`). */
+  network?: 'even' | 'max-min' | undefined
   /** Progress, once per simulated second. */
   log?: ((line: string) => void) | undefined
 }
@@ -203,7 +218,7 @@ interface Attempt {
   /** When its bytes were given a slot at the parent (queued or moving). */
   slottedAt?: number
   ok: () => void
-  fail: (why: Failure) => void
+  fail: (why: Failure, hints?: Node[]) => void
 }
 
 interface Node {
@@ -228,6 +243,10 @@ interface Node {
   underway: number
   /** Uploads waiting for a piece still on its way here. */
   waiters: Map<number, Set<Attempt>>
+  /** Per piece: the children a send of it began to, most recent first, and when (peer/upload/recipients.ts). */
+  recipients: Map<number, Array<{ child: Node, at: number }>>
+  /** Per piece: when a seed's latest send of it began (upload `RESEND_MS`). */
+  began: Map<number, number>
   /** Plans by block of `window` pieces (of their first piece), as the fetcher caches them. */
   plans: Map<number, Plan>
   /** Its latest plan offered only whole holders (the fetcher's `settled`): the reader then goes in order. */
@@ -307,7 +326,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
   let logN = 0
 
   /** What happened, for the report: requests of the scheduler, answers between peers, pauses, origin runs. */
-  const counts = { plans: 0, interest: 0, appoint: 0, announce: 0, digests: 0, attempts: 0, toSeed: 0, hedges: 0, busy: 0, notFound: 0, errors: 0, timeouts: 0, later: 0, rounds: 0, fallbacks: 0, originRuns: 0, inProgressWaits: 0, events: 0 }
+  const counts = { hinted: 0, plans: 0, interest: 0, appoint: 0, announce: 0, digests: 0, attempts: 0, toSeed: 0, hedges: 0, busy: 0, notFound: 0, errors: 0, timeouts: 0, later: 0, rounds: 0, fallbacks: 0, originRuns: 0, inProgressWaits: 0, events: 0 }
 
   // Nodes: 0 the origin (not a host), 1 the seed, then the peers.
   const late = Math.round(config.nodes * config.late)
@@ -322,7 +341,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     up[i] = config.nodeUp / 1000
     down[i] = config.nodeDown / 1000
   }
-  const net = new Network(total, up, down)
+  const net = new Network(total, up, down, config.network === 'max-min')
   const queue = new EventQueue()
   const at = (t: number, fn: () => void): Timer => queue.at(t, fn)
   const after = (ms: number, fn: () => void): Timer => queue.at(now + ms, fn)
@@ -357,6 +376,8 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       started: 0,
       underway: 0,
       waiters: new Map(),
+      recipients: new Map(),
+      began: new Map(),
       plans: new Map(),
       settled: false,
       pieceMs: 200,
@@ -695,6 +716,15 @@ export function simulateFleet (config: FleetConfig): FleetResult {
   function race (op: Op, p: Plan, holders: SimParent[], fetchers: SimParent[], done: (won: 'piece' | 'later' | undefined) => void): void {
     const { n, i } = op
     const order = holderOrder(i, holders, fetchers, x => x.node.seed)
+    let hinted = 0
+    const follow = (hints: Node[]): void => {
+      for (const c of hints) {
+        if (hinted >= m.maxHinted || c === n || !usable(op, { node: c, complete: false, held: undefined, fetching: undefined }) || order.some(x => x.node === c)) continue
+        order.push({ node: c, complete: false, held: undefined, fetching: undefined })
+        hinted++
+        counts.hinted++
+      }
+    }
     const live: Attempt[] = []
     let next = 0
     let failed = 0
@@ -731,9 +761,10 @@ export function simulateFleet (config: FleetConfig): FleetResult {
           counts.digests++
           after(2 * lat + cost, verified)
         }
-      }, (why) => {
+      }, (why, hints) => {
         if (over) return
         remove(live, att)
+        if (hints !== undefined) follow(hints)
         if (why === 'busy' || (inProgress && why === 'not-found')) later++
         else n.failing.set(parent.node.i, now + m.parentBackoffMs)
         failed++
@@ -755,7 +786,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
 
   // ——— Requests between peers: the child's side and the parent's (peer/upload). ———
 
-  function request (child: Node, parent: Node, piece: number, waitMs: number, ok: () => void, fail: (why: Failure) => void): Attempt {
+  function request (child: Node, parent: Node, piece: number, waitMs: number, ok: () => void, fail: (why: Failure, hints?: Node[]) => void): Attempt {
     counts.attempts++
     const att: Attempt = { child, parent, piece, waitMs, state: 'sent', flow: -1, timers: [], waitTimer: undefined, ok, fail }
     if (parent.seed) counts.toSeed++
@@ -848,6 +879,8 @@ export function simulateFleet (config: FleetConfig): FleetResult {
   function sendingElsewhere (att: Attempt): boolean {
     const p = att.parent
     if (!p.seed || m.samePieceMs <= 0) return false
+    const began = p.began.get(att.piece)
+    if (began !== undefined && now - began < m.resendMs) return true
     for (const other of p.incoming) {
       if (other !== att && other.piece === att.piece && other.slottedAt !== undefined && now - other.slottedAt < m.samePieceMs && (other.state === 'queued' || other.state === 'moving')) return true
     }
@@ -869,6 +902,16 @@ export function simulateFleet (config: FleetConfig): FleetResult {
 
   function move (att: Attempt): void {
     const p = att.parent
+    if (m.hints > 0) {
+      const list = (p.recipients.get(att.piece) ?? []).filter(r => r.child !== att.child)
+      list.unshift({ child: att.child, at: now })
+      if (list.length > m.hints + 2) list.length = m.hints + 2
+      p.recipients.set(att.piece, list)
+    }
+    if (p.seed && m.samePieceMs > 0) {
+      const began = p.began.get(att.piece)
+      if (began === undefined || now - began >= m.resendMs) p.began.set(att.piece, now)
+    }
     p.active++
     att.state = 'moving'
     net.now = now
@@ -896,12 +939,25 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     if (why === 'busy') counts.busy++
     else if (why === 'not-found') counts.notFound++
     else counts.errors++
+    const hints = why === 'busy' && m.hints > 0 ? hintsFor(att) : undefined
     after(lat, () => {
       if (att.state !== 'replied') return
       const fail = att.fail
       settle(att)
-      fail(why)
+      fail(why, hints)
     })
+  }
+
+  /** Children the parent began sending the piece to lately, the asker left out (peer/upload/recipients.ts). */
+  function hintsFor (att: Attempt): Node[] {
+    const list = att.parent.recipients.get(att.piece)
+    if (list === undefined) return []
+    const out: Node[] = []
+    for (const r of list) {
+      if (out.length >= m.hints) break
+      if (r.child !== att.child && now - r.at < m.hintTtlMs) out.push(r.child)
+    }
+    return out
   }
 
   /** The child has the answer: its timers go, and the attempt is let go. */

@@ -7,7 +7,10 @@ import { IndexedHeap } from './heap.ts'
  * end is not handed to the others: a little pessimistic against max-min
  * fairness, and far cheaper). A rate changes only when a transfer starts or
  * ends at one of its two ends, so each start or end re-rates the transfers of
- * two nodes and moves their finish times in an indexed heap.
+ * two nodes and moves their finish times in an indexed heap. With `maxMin`,
+ * rates are max-min fair instead (see `#waterFill`), recomputed over the
+ * whole network once per instant at which any transfer started or ended: the
+ * check that a figure is not an artefact of the cheaper model.
  */
 export class Network {
   /** Bytes per millisecond. */
@@ -34,8 +37,14 @@ export class Network {
   /** Flows started, and rate changes made (for the report of what the simulation cost). */
   started = 0
   rerates = 0
+  readonly #maxMin: boolean
+  #dirty = false
+  #fixed = new Uint8Array(0)
+  #filled = new Float64Array(0)
 
-  constructor (nodes: number, up: Float64Array, down: Float64Array) {
+  /** `maxMin`: rates by progressive filling over all links (exact, and several times slower) instead of even shares. */
+  constructor (nodes: number, up: Float64Array, down: Float64Array, maxMin = false) {
+    this.#maxMin = maxMin
     this.up = up
     this.down = down
     this.ups = Array.from({ length: nodes }, () => [])
@@ -96,6 +105,7 @@ export class Network {
 
   /** When the next flow finishes (Infinity when none is moving). */
   nextAt (): number {
+    if (this.#dirty) this.#waterFill()
     return this.#heap.peekKey()
   }
 
@@ -127,6 +137,63 @@ export class Network {
     this.#rerate(this.downs[dst] as number[])
   }
 
+  /**
+   * Max-min fair rates over every link (progressive filling): the link whose
+   * even share is smallest fixes its flows at that share, which is taken off
+   * their other ends, until every flow has a rate. What TCP flows sharing
+   * links tend to, and what the simpler model leaves unused.
+   */
+  #waterFill (): void {
+    this.#dirty = false
+    const n = this.ups.length
+    const cap = new Float64Array(2 * n)
+    const left = new Int32Array(2 * n)
+    for (let i = 0; i < n; i++) {
+      cap[i] = this.up[i] as number
+      left[i] = (this.ups[i] as number[]).length
+      cap[n + i] = this.down[i] as number
+      left[n + i] = (this.downs[i] as number[]).length
+    }
+    const heap = new ShareHeap()
+    for (let r = 0; r < 2 * n; r++) if ((left[r] as number) > 0) heap.push((cap[r] as number) / (left[r] as number), r)
+    if (this.#fixed.length < this.#capacity) {
+      this.#fixed = new Uint8Array(this.#capacity)
+      this.#filled = new Float64Array(this.#capacity)
+    }
+    const fixed = this.#fixed
+    const rates = this.#filled
+    while (heap.size > 0) {
+      const share = heap.topKey()
+      const r = heap.pop()
+      const count = left[r] as number
+      if (count === 0) continue
+      // A stale entry: the link's share has moved since it was pushed.
+      if (Math.abs((cap[r] as number) / count - share) > 1e-12 * Math.max(1, share)) continue
+      const flows = r < n ? this.ups[r] as number[] : this.downs[r - n] as number[]
+      for (const f of flows) {
+        if (fixed[f] === 1) continue
+        fixed[f] = 1
+        rates[f] = share
+        const other = r < n ? n + (this.#dst[f] as number) : this.#src[f] as number
+        cap[other] = Math.max(0, (cap[other] as number) - share)
+        left[other] = (left[other] as number) - 1
+        if ((left[other] as number) > 0) heap.push((cap[other] as number) / (left[other] as number), other)
+      }
+      left[r] = 0
+    }
+    for (let i = 0; i < n; i++) {
+      for (const f of this.ups[i] as number[]) {
+        fixed[f] = 0
+        const rate = rates[f] as number
+        if (rate === this.#rate[f]) continue
+        this.#settle(f)
+        this.#rate[f] = rate
+        this.rerates++
+        this.#heap.set(f, this.now + Math.max(0, this.#remaining[f] as number) / rate)
+      }
+    }
+  }
+
   #settle (f: number): void {
     const now = this.now
     this.#remaining[f] = (this.#remaining[f] as number) - (this.#rate[f] as number) * (now - (this.#last[f] as number))
@@ -134,6 +201,10 @@ export class Network {
   }
 
   #rerate (flows: number[]): void {
+    if (this.#maxMin) {
+      this.#dirty = true
+      return
+    }
     for (const f of flows) {
       const src = this.#src[f] as number
       const dst = this.#dst[f] as number
@@ -145,6 +216,56 @@ export class Network {
       this.#heap.set(f, this.now + Math.max(0, this.#remaining[f] as number) / rate)
     }
   }
+}
+
+/** A binary min-heap of (key, id) pairs with stale entries skipped by version. */
+class ShareHeap {
+  keys: number[] = []
+  ids: number[] = []
+  push (key: number, id: number): void {
+    const k = this.keys
+    const d = this.ids
+    let i = k.length
+    k.push(key)
+    d.push(id)
+    while (i > 0) {
+      const p = (i - 1) >> 1
+      if ((k[p] as number) <= key) break
+      k[i] = k[p] as number
+      d[i] = d[p] as number
+      i = p
+    }
+    k[i] = key
+    d[i] = id
+  }
+
+  pop (): number {
+    const k = this.keys
+    const d = this.ids
+    const top = d[0] as number
+    const key = k.pop() as number
+    const id = d.pop() as number
+    const n = k.length
+    if (n > 0) {
+      let i = 0
+      for (;;) {
+        const l = 2 * i + 1
+        if (l >= n) break
+        let c = l
+        if (l + 1 < n && (k[l + 1] as number) < (k[l] as number)) c = l + 1
+        if (key <= (k[c] as number)) break
+        k[i] = k[c] as number
+        d[i] = d[c] as number
+        i = c
+      }
+      k[i] = key
+      d[i] = id
+    }
+    return top
+  }
+
+  get size (): number { return this.keys.length }
+  topKey (): number { return this.keys[0] as number }
 }
 
 function remove (list: number[], f: number): void {

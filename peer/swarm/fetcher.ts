@@ -131,6 +131,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         hedged: new Counter({ name: 'damselfly_pieces_hedged_total', help: 'Slow pieces asked of a second parent', registers }),
         planRetries: new Counter({ name: 'damselfly_scheduler_plan_retries_total', help: 'Plans asked for again because the connected scheduler did not answer in time', registers }),
         fallbacks: new Counter({ name: 'damselfly_swarm_origin_fallbacks_total', help: 'Pieces fetched from the origin because the swarm could not deliver them', labelNames: ['reason'], registers }),
+        hints: new Counter({ name: 'damselfly_piece_hints_followed_total', help: 'Peers asked for a piece because a busy parent said it had sent them that piece', registers }),
         parentsBusy: new Counter({ name: 'damselfly_parents_busy_total', help: 'Pauses before asking parents again because they were busy or had not got a piece yet', registers })
       }
 
@@ -244,7 +245,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       const header = await io.read(PieceHeader, 'piece header', { signal })
       if (header.status !== 'ok') {
         const why = `${parent.info.peerId} answered ${header.status} for piece ${index}`
-        if (header.status === 'busy') throw new PeerBusyError(why)
+        if (header.status === 'busy') throw new PeerBusyError(why, header.try ?? [])
         if (header.status === 'not-found') throw new PieceNotHeldError(why)
         throw new PeerUnavailableError(why)
       }
@@ -319,8 +320,19 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
    * Tries the parents in turn. While one is slow (well past the usual piece
    * time) the next is asked too, and the first verified answer wins.
    */
-  async function fromParents (task: SwarmTask, index: number, p: Plan, holders: Parent[], fetchers: Parent[], options: AbortOptions): Promise<RemotePiece | 'later' | undefined> {
+  async function fromParents (task: SwarmTask, index: number, p: Plan, holders: Parent[], fetchers: Parent[], hintsUsable: boolean, options: AbortOptions): Promise<RemotePiece | 'later' | undefined> {
     const order = holderOrder(index, holders, fetchers, x => x.info.seed)
+    let hinted = 0
+    /** Peers a busy parent sent the piece to, asked next as parents that may still be receiving it. */
+    const follow = (hints: ReadonlyArray<{ peerId: string, upload: string[] }>): void => {
+      for (const hint of hints) {
+        if (hinted >= MAX_HINTED || hint.peerId === node.peerId || barred.has(hint.peerId) || failing.has(hint.peerId)) continue
+        if (order.some(x => x.info.peerId === hint.peerId)) continue
+        order.push({ info: { peerId: hint.peerId, addrs: [], upload: hint.upload, seed: false, complete: false }, held: undefined, fetching: undefined, confirming: undefined })
+        hinted++
+        m?.hints.inc()
+      }
+    }
     const race = new AbortController()
     const signal = AbortSignal.any([race.signal, ...(options.signal === undefined ? [] : [options.signal])])
     const attempts: Array<Promise<RemotePiece | undefined>> = []
@@ -340,6 +352,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       }, (err: unknown) => {
         // The scheduler going away mid-piece (its digest unknown yet) says nothing about the parent.
         if (err instanceof PeerBusyError || (inProgress && err instanceof PieceNotHeldError) || schedulerGone(err)) {
+          if (err instanceof PeerBusyError && hintsUsable) follow(err.hints)
           later++
         } else if (!isAbort(err)) {
           logger.debug({ parent: parent.info.peerId, piece: index, err: (err as Error).message }, 'parent failed a piece')
@@ -402,7 +415,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       const holders = confirmedEntry ? p.parents.filter(x => usable(x) && (x.info.complete || x.held?.has(index) === true)) : []
       const fetchers = p.parents.filter(x => usable(x) && !holders.includes(x) && (confirmedEntry ? x.fetching : x.confirming)?.has(index) === true)
       if (holders.length + fetchers.length > 0) {
-        const piece = await fromParents(task, index, p, holders, fetchers, options)
+        // A hinted peer's bytes come from whoever sent them: fine for a whole read (or a confirmed entry), not for a range that needs a confirmer.
+        const piece = await fromParents(task, index, p, holders, fetchers, confirmedEntry && components.http !== undefined, options)
         if (piece === 'later') {
           const delay = Math.min(2_000, 100 * 2 ** pauses++)
           const waited = await sleep(delay / 2 + Math.random() * delay, true, { signal: patience }).catch(() => false)
@@ -476,6 +490,9 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
 const STALL_MS = 10_000
 /** However slowly it comes, a piece over HTTP takes no longer than this. */
 const PIECE_LIMIT_MS = 120_000
+
+/** Peers named by busy parents that one piece's race may add to its parents. */
+const MAX_HINTED = 16
 
 /** Holders other than seeds tried before seeds; consecutive pieces spread over them. */
 const SPREAD = 8

@@ -118,7 +118,14 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
   }, { addresses: init.scheduler })
 
   // Children fetch over HTTP from parents that offer an upload port, unless this peer keeps pieces on libp2p.
-  const http = init.httpPieces ? createPieceHttpClient({ self: node.peerId, secret: init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8'), pool: { buffers: components.buffers } }) : undefined
+  const http = init.httpPieces
+    ? createPieceHttpClient({
+      self: node.peerId,
+      secret: init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8'),
+      pool: { buffers: components.buffers },
+      uploadPort: () => portOf(extras.upload[0])
+    })
+    : undefined
   const inner = createPieceFetcher({ logger, node, client: session, metrics: components.metrics, http })
   // Where each blob comes from, as its readers said: announcements carry it.
   const fetcher: PieceFetcher = {
@@ -189,4 +196,10 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
       await node.stop()
     }
   }
+}
+
+function portOf (url: string | undefined): number | undefined {
+  if (url === undefined) return undefined
+  const port = Number(new URL(url).port)
+  return Number.isInteger(port) && port > 0 ? port : undefined
 }

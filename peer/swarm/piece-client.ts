@@ -1,7 +1,7 @@
 import { connect, type Socket } from 'node:net'
 import type { BufferPool, Lease } from '../../src/buffer-pool.ts'
 import { PeerBusyError, PeerUnavailableError, PieceNotHeldError, ProtocolError } from '../../src/errors.ts'
-import { PIECE_HTTP_PEER_HEADER } from '../../src/protocol/messages.ts'
+import { PIECE_HTTP_PEER_HEADER, PieceHeader, decode, type PieceHint } from '../../src/protocol/messages.ts'
 
 /**
  * The child's end of the HTTP data plane: GET one piece over a keep-alive
@@ -433,7 +433,17 @@ async function raceAbort<T> (promise: Promise<T>, signal: AbortSignal, onAbort: 
 /** The error a non-200 piece answer stands for. */
 export function answerError (response: PieceResponse, parent: string, index: number): Error {
   const why = `${parent} answered ${response.status} for piece ${index}: ${response.text.slice(0, 200)}`
-  if (response.status === 503) return new PeerBusyError(why)
+  if (response.status === 503) return new PeerBusyError(why, busyHints(response.text))
   if (response.status === 404) return new PieceNotHeldError(why)
   return new PeerUnavailableError(why)
+}
+
+/** The peers a busy answer's body points at; none when it names none or is not a well-formed answer. */
+export function busyHints (text: string): PieceHint[] {
+  try {
+    const header = decode(PieceHeader, Buffer.from(text), 'busy answer')
+    return header.status === 'busy' ? header.try ?? [] : []
+  } catch {
+    return []
+  }
 }

@@ -4,7 +4,7 @@ import type { AbortOptions } from '../../src/abort.ts'
 import type { Lease } from '../../src/buffer-pool.ts'
 import { PeerUnavailableError, isAbort } from '../../src/errors.ts'
 import { answerError, PieceConnectionPool, type PieceConnectionPoolInit, type Stall } from './piece-client.ts'
-import { PIECE_HTTP_PATH, type PieceRequest } from '../../src/protocol/messages.ts'
+import { PIECE_HTTP_CHILD_HEADER, PIECE_HTTP_PATH, type PieceHint, type PieceRequest } from '../../src/protocol/messages.ts'
 
 /**
  * The HTTP data plane between peers. libp2p carries the control plane
@@ -83,7 +83,15 @@ export interface PieceHttpClient {
   close: () => Promise<void>
 }
 
-export function createPieceHttpClient (init: { self: string, secret?: Buffer | undefined, pool?: PieceConnectionPoolInit }): PieceHttpClient {
+export interface PieceHttpClientInit {
+  self: string
+  secret?: Buffer | undefined
+  pool?: PieceConnectionPoolInit
+  /** This node's upload port, told to parents so that they can send other children here (`PIECE_HTTP_CHILD_HEADER`). */
+  uploadPort?: () => number | undefined
+}
+
+export function createPieceHttpClient (init: PieceHttpClientInit): PieceHttpClient {
   const pool = new PieceConnectionPool(init.pool)
   /** The address that answered as the right peer last time, per peer. */
   const working = new Map<string, string>()
@@ -91,6 +99,8 @@ export function createPieceHttpClient (init: { self: string, secret?: Buffer | u
   async function attempt (base: string, parentId: string, request: PieceRequest, length: number, signal: AbortSignal, stall: Stall | undefined): Promise<PieceBytes | 'wrong-peer'> {
     const headers: Record<string, string> = {}
     if (init.secret !== undefined) headers.authorization = authorizationFor(init.secret, init.self, parentId, request)
+    const port = init.uploadPort?.()
+    if (port !== undefined) headers[PIECE_HTTP_CHILD_HEADER] = `${init.self} ${port}`
     const res = await pool.get(base, pieceUrlPath(request.digest, request.index, request.waitMs), headers, length, signal, stall)
     if (res.peer !== parentId) {
       // The response is complete: nothing reads into its buffer any more.
@@ -146,6 +156,28 @@ export function readPieceRequest (req: IncomingMessage, self: string, secret: Bu
   const child = checkAuthorization(secret, self, request, req.headers.authorization)
   if (child === undefined) return { status: 401, message: 'prove membership of the cluster' }
   return { request, child }
+}
+
+/**
+ * How other children may reach the child that sent `req`: the peer id and
+ * upload port it gives in `PIECE_HTTP_CHILD_HEADER`, at the address the
+ * request came from. With a cluster secret the id must be the one the request
+ * proved. A child cannot name another address, so a busy answer never points
+ * anyone at a host that did not itself ask.
+ */
+export function readChildHint (req: IncomingMessage, child: string, authenticated: boolean): PieceHint | undefined {
+  const header = req.headers[PIECE_HTTP_CHILD_HEADER]
+  if (typeof header !== 'string') return undefined
+  const m = /^([A-Za-z0-9]{1,128}) (\d{1,5})$/.exec(header)
+  if (m === null) return undefined
+  const [, peerId, portText] = m as unknown as [string, string, string]
+  const port = Number(portText)
+  if (port < 1 || port > 65_535 || (authenticated && peerId !== child)) return undefined
+  let host = req.socket.remoteAddress
+  if (host === undefined) return undefined
+  if (host.startsWith('::ffff:') && host.includes('.')) host = host.slice(7)
+  else if (host.includes(':')) host = `[${host}]`
+  return { peerId, upload: [`http://${host}:${port}`] }
 }
 
 /** 127.0.0.0/8, ::1 and their IPv4-mapped forms, as a socket reports them. */

@@ -8,8 +8,15 @@ export const DEFAULTS = {
   cacheSize: '10GiB',
   /** Verified pieces kept in memory (the latest written and read). */
   memoryCacheSize: '32MiB',
-  /** Pieces a peer sends to other peers at once. */
-  uploadConcurrency: 32,
+  /**
+   * Pieces a peer sends to other peers at once; more requests are answered
+   * busy. Few, so that each piece leaves fast enough to be passed on: with
+   * 32 a 1 MiB piece took a 100 MiB/s uplink 320 ms, and children queued
+   * behind the parents everyone picked (fleet simulation in the README).
+   */
+  uploadConcurrency: 8,
+  /** Upload-port connections in all (idle keep-alive ones from many children among them). */
+  uploadConnections: 1024,
   /** Upload-port connections one address may hold. */
   uploadConnectionsPerAddress: 256
 } as const

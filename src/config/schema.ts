@@ -82,7 +82,7 @@ export const PeerConfig = Type.Object({
   originRateLimit: Size('0', 'Bytes per second this peer reads from origin registries into its cache, "back to source" (0: unlimited; pass-through registries are not limited)'),
   downloadRateLimit: Size('0', 'Bytes per second this peer takes in, from peers and origins together (0: unlimited)'),
   prefetchRateLimit: Size('0', 'Bytes per second taken in for prefetch and preheat, work no client is waiting on (0: unlimited)'),
-  uploadConnectionsPerAddress: Type.Integer({ minimum: 1, maximum: 65_535, default: DEFAULTS.uploadConnectionsPerAddress, description: 'Upload-port connections one address may hold open; at the total limit (32 × uploadConcurrency) idle connections that never proved cluster membership are closed first' }),
+  uploadConnectionsPerAddress: Type.Integer({ minimum: 1, maximum: 65_535, default: DEFAULTS.uploadConnectionsPerAddress, description: 'Upload-port connections one address may hold open; at the total limit (1,024) idle connections that never proved cluster membership are closed first' }),
   originCa: Type.String({ default: '', description: 'PEM file of extra CAs trusted for origin registries' }),
   proxy: PeerProxy,
   labels: Labels,

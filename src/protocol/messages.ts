@@ -30,6 +30,12 @@ export const PIECE_PROTOCOL = '/damselfly/piece/1.0.0'
 export const PIECE_HTTP_PATH = '/damselfly/v1/pieces'
 /** Names the parent on every upload-port answer, so a child that reached the wrong node knows. */
 export const PIECE_HTTP_PEER_HEADER = 'x-damselfly-peer'
+/**
+ * On a child's request: `<peer id> <upload port>`, how other children may
+ * reach it once it has the piece. The parent pairs the port with the address
+ * the request came from, never with an address the child names.
+ */
+export const PIECE_HTTP_CHILD_HEADER = 'x-damselfly-child'
 /** Proof of the cluster secret, run once per connection before any other protocol. */
 export const JOIN_PROTOCOL = '/damselfly/join/1.0.0'
 
@@ -259,9 +265,27 @@ export const PieceRequest = Type.Object({
 })
 export type PieceRequest = Static<typeof PieceRequest>
 
+/**
+ * Where else a piece may be had: a peer a busy parent recently sent it to,
+ * which holds it or is receiving it. Given with a busy answer, so the child
+ * asks that peer next instead of pausing; the piece is checked against the
+ * table whoever sends it.
+ */
+export const PieceHint = Type.Object({
+  peerId: PeerId,
+  upload: Type.Array(Type.String({ pattern: '^http://[^/?#@\\s]+$', maxLength: 64 }), { minItems: 1, maxItems: 1 })
+})
+export type PieceHint = Static<typeof PieceHint>
+/** Hints in one busy answer. */
+export const MAX_PIECE_HINTS = 4
+
 export const PieceHeader = Type.Union([
   Type.Object({ status: Type.Literal('ok'), length: Type.Integer({ minimum: 0, maximum: 64 * 1024 * 1024 }) }),
-  Type.Object({ status: Type.Union([Type.Literal('not-found'), Type.Literal('busy'), Type.Literal('error')]), message: Type.Optional(Type.String({ maxLength: 512 })) })
+  Type.Object({
+    status: Type.Union([Type.Literal('not-found'), Type.Literal('busy'), Type.Literal('error')]),
+    message: Type.Optional(Type.String({ maxLength: 512 })),
+    try: Type.Optional(Type.Array(PieceHint, { maxItems: MAX_PIECE_HINTS }))
+  })
 ])
 export type PieceHeader = Static<typeof PieceHeader>
 

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict'
 import { createHash } from 'node:crypto'
 import { test } from 'node:test'
-import { SchedulerUnavailableError } from '../../src/errors.ts'
+import { PeerBusyError, SchedulerUnavailableError } from '../../src/errors.ts'
 import { silentLogger } from '../../src/logger.ts'
 import { createMetricsRegistry } from '../../src/metrics.ts'
 import type { P2PNode } from '../../src/p2p/index.ts'
@@ -165,4 +165,64 @@ test('a blob is settled while its plans offer only parents holding all of it, an
   complete = false
   assert.equal((await fetcher.fetch({ task, lastWanted: 99, whole: true }, 64, {})).kind, 'piece')
   assert.equal(fetcher.settled?.(task.digest), false, 'a parent holding only part of the blob is fetching it')
+})
+
+test('a busy parent names peers it sent the piece to: they are asked next, as parents that may still be receiving it, and their bytes are checked', async () => {
+  const piece = Buffer.alloc(MIB, 9)
+  const hex = createHash('sha256').update(piece).digest('hex')
+  const seed: ParentsResponse['parents'][number] = { peerId: 'seed', addrs: [], upload: ['http://127.0.0.1:1'], seed: true, complete: true }
+  const client = planning(req => ({ ok: true, pieceSize: MIB, pieceCount: 100, parents: [seed], digests: Array.from({ length: req.last - req.first + 1 }, (_, k): [number, string] => [req.first + k, hex]), assigned: [] }))
+  const asked: Array<[string, number, string]> = []
+  let bad = false
+  const http: PieceHttpClient = {
+    async fetch (parent, request) {
+      asked.push([parent.peerId, request.waitMs, parent.upload[0] as string])
+      if (parent.peerId === 'seed') {
+        throw new PeerBusyError('seed answered busy', [
+          { peerId: 'self', upload: ['http://127.0.0.1:4100'] },
+          { peerId: 'childA', upload: ['http://127.0.0.1:4101'] },
+          { peerId: 'childB', upload: ['http://127.0.0.1:4102'] }
+        ])
+      }
+      if (parent.peerId === 'childA') {
+        if (bad) return { data: Buffer.alloc(MIB, 1) }
+        throw new PeerBusyError('childA answered busy', [{ peerId: 'seed', upload: ['http://127.0.0.1:1'] }, { peerId: 'childC', upload: ['http://127.0.0.1:4103'] }])
+      }
+      return { data: Buffer.from(piece) }
+    },
+    async close () {}
+  }
+  const reports: unknown[] = []
+  const fetcher = createPieceFetcher({ logger: silentLogger(), node: { peerId: 'self' } as unknown as P2PNode, client: { ...client, report (r: unknown) { reports.push(r) } } as unknown as SchedulerClient, http }, { busyPatienceMs: 300 })
+  const got = await fetcher.fetch({ task, lastWanted: 99, whole: true }, 0, {})
+  assert.equal(got.kind, 'piece')
+  // Itself and a parent already in the race are skipped; each hint is waited for, as a piece on its way.
+  assert.deepEqual(asked, [['seed', 0, 'http://127.0.0.1:1'], ['childA', 15_000, 'http://127.0.0.1:4101'], ['childB', 15_000, 'http://127.0.0.1:4102']])
+  // A hinted peer that sends bad bytes is barred and reported like any parent, and its bytes go nowhere.
+  asked.length = 0
+  bad = true
+  const next = await fetcher.fetch({ task, lastWanted: 99, whole: true }, 1, {})
+  assert.equal(next.kind, 'piece')
+  assert.ok(next.kind === 'piece' && next.data.equals(piece), 'the piece came from childB, checked')
+  assert.deepEqual(asked.map(([id]) => id), ['seed', 'childA', 'childB'])
+  assert.ok(reports.some(r => (r as { kind: string, parent?: string }).kind === 'bad-piece' && (r as { parent: string }).parent === 'childA'))
+})
+
+test('a range needing a confirmer does not follow hints: their bytes would vouch for nothing', async () => {
+  const piece = Buffer.alloc(MIB, 5)
+  const hex = createHash('sha256').update(piece).digest('hex')
+  const confirmer: ParentsResponse['parents'][number] = { peerId: 'confirmer', addrs: [], upload: ['http://127.0.0.1:1'], seed: false, complete: false, fetching: heldBy(0), confirming: heldBy(0) }
+  const client = planning(() => ({ ok: true, pieceSize: MIB, pieceCount: 100, parents: [confirmer], digests: [[0, hex]], provisional: [0], assigned: [] }))
+  const asked: string[] = []
+  const http: PieceHttpClient = {
+    async fetch (parent) {
+      asked.push(parent.peerId)
+      throw new PeerBusyError('busy', [{ peerId: 'childA', upload: ['http://127.0.0.1:4101'] }])
+    },
+    async close () {}
+  }
+  const fetcher = createPieceFetcher({ logger: silentLogger(), node: { peerId: 'self' } as unknown as P2PNode, client, http }, { busyPatienceMs: 250 })
+  await fetcher.fetch({ task, lastWanted: 0, whole: false }, 0, {})
+  assert.ok(asked.length > 0)
+  assert.ok(!asked.includes('childA'))
 })

@@ -2,8 +2,8 @@ import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net'
 import { test } from 'node:test'
-import { PeerUnavailableError, ProtocolError } from '../../src/errors.ts'
-import { PieceConnectionPool } from '../../peer/swarm/piece-client.ts'
+import { PeerBusyError, PeerUnavailableError, ProtocolError } from '../../src/errors.ts'
+import { PieceConnectionPool, answerError, busyHints } from '../../peer/swarm/piece-client.ts'
 
 /**
  * The piece client against a raw TCP server that answers whatever each test
@@ -213,4 +213,16 @@ test('a body that keeps coming, however slowly, is read whole; one that stops, o
     const ms = performance.now() - started
     assert.ok(ms >= 650 && ms < 5_000, `${path} failed after ${Math.round(ms)} ms`)
   }
+})
+
+test('a busy answer brings the peers it names; a malformed list, or hints on any other answer, bring none', () => {
+  const named = { status: 'busy', try: [{ peerId: 'childA', upload: ['http://10.0.0.7:4003'] }] }
+  const err = answerError({ status: 503, peer: 'parent', body: undefined, text: JSON.stringify(named) }, 'parent', 3)
+  assert.ok(err instanceof PeerBusyError)
+  assert.deepEqual(err.hints, named.try)
+  assert.deepEqual(busyHints(JSON.stringify({ status: 'busy', try: [{ peerId: 'childA', upload: ['http://10.0.0.7:4003/elsewhere'] }] })), [], 'an address with a path')
+  assert.deepEqual(busyHints(JSON.stringify({ status: 'busy', try: Array.from({ length: 5 }, (_, i) => ({ peerId: `c${i}`, upload: [`http://10.0.0.${i}:4003`] })) })), [], 'more than four')
+  assert.deepEqual(busyHints(JSON.stringify({ status: 'not-found', try: named.try })), [])
+  assert.deepEqual(busyHints('{"status":"busy"'), [])
+  assert.deepEqual(busyHints(JSON.stringify({ status: 'busy' })), [])
 })

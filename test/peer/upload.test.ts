@@ -6,7 +6,7 @@ import { silentLogger } from '../../src/logger.ts'
 import { MIB } from '../../src/pieces.ts'
 import type { P2PNode } from '../../src/p2p/index.ts'
 import { TokenBucket } from '../../src/rate.ts'
-import { pieceUrlPath } from '../../peer/swarm/piece-http.ts'
+import { authorizationFor, pieceUrlPath } from '../../peer/swarm/piece-http.ts'
 import { createUploadServer } from '../../peer/upload/index.ts'
 import { TaskRegistry } from '../../peer/upload/tasks.ts'
 import { freePorts } from '../helpers/ports.ts'
@@ -14,7 +14,9 @@ import { freePorts } from '../helpers/ports.ts'
 const digest = `sha256:${'cd'.repeat(32)}`
 
 /** An upload server on loopback holding two pieces, sending at `bytesPerSecond`. */
-async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: number): Promise<{ get: (index: number) => Promise<{ status: number, bytes: number }> }> {
+interface Answer { status: number, bytes: number, body?: unknown }
+
+async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: number, init: { concurrency?: number, resendMs?: number, clusterSecret?: string } = {}): Promise<{ get: (index: number, headers?: Record<string, string>) => Promise<Answer> }> {
   const pieces = [randomBytes(MIB), randomBytes(MIB)]
   const [port] = await freePorts(1) as [number]
   const node = { peerId: 'parent', addrs: () => [`/ip4/127.0.0.1/tcp/${port}`], handle: async () => {} } as unknown as P2PNode
@@ -30,31 +32,88 @@ async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: num
     tasks: new TaskRegistry(),
     sentFor: () => false,
     rate: new TokenBucket(bytesPerSecond, { burst: 256 * 1024 })
-  }, { http: { host: '127.0.0.1', port }, onePerPiece })
+  }, { http: { host: '127.0.0.1', port }, onePerPiece, ...init })
   await uploads.start()
   t.after(() => { uploads.stop() })
-  const get = async (index: number): Promise<{ status: number, bytes: number }> => new Promise((resolve, reject) => {
-    request({ host: '127.0.0.1', port, path: pieceUrlPath(digest, index, 0) }, (res) => {
-      let bytes = 0
-      res.on('data', (c: Buffer) => { bytes += c.length })
-      res.on('end', () => { resolve({ status: res.statusCode ?? 0, bytes }) })
+  const get = async (index: number, headers: Record<string, string> = {}): Promise<Answer> => new Promise((resolve, reject) => {
+    request({ host: '127.0.0.1', port, path: pieceUrlPath(digest, index, 0), headers }, (res) => {
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => { chunks.push(c) })
+      res.on('end', () => {
+        const all = Buffer.concat(chunks)
+        resolve({ status: res.statusCode ?? 0, bytes: all.length, ...(res.statusCode === 200 ? {} : { body: JSON.parse(all.toString('utf8')) }) })
+      })
     }).on('error', reject).end()
   })
   return { get }
 }
 
-test('a seed sends a piece to one child at a time: a second child asking meanwhile is told busy, another piece is not held up', async (t) => {
+const child = (id: string, port: number): Record<string, string> => ({ 'x-damselfly-child': `${id} ${port}` })
+
+test('a seed sends a piece once: a second child asking is told busy and pointed at the first, another piece is not held up', async (t) => {
   // 1 MiB at 1 MiB/s: the first send takes about a second.
-  const { get } = await server(t, true, MIB)
-  const first = get(0)
+  const { get } = await server(t, true, MIB, { resendMs: 2_500 })
+  const started = Date.now()
+  const first = get(0, child('childA', 4101))
   await new Promise(resolve => setTimeout(resolve, 200))
-  const [second, other] = await Promise.all([get(0), get(1)])
+  const [second, other] = await Promise.all([get(0, child('childB', 4102)), get(1)])
   assert.equal(second.status, 503, 'the same piece, while it is on its way to the first child')
+  assert.deepEqual(second.body, { status: 'busy', try: [{ peerId: 'childA', upload: ['http://127.0.0.1:4101'] }] })
   assert.equal(other.status, 200, 'a different piece')
   assert.equal(other.bytes, MIB)
   assert.deepEqual(await first, { status: 200, bytes: MIB })
-  // Once the first send is done, the piece goes to whoever asks.
-  assert.deepEqual(await get(0), { status: 200, bytes: MIB })
+  // Sent once: until the window is over, whoever asks is pointed at the child that has it.
+  const third = await get(0, child('childC', 4103))
+  assert.equal(third.status, 503)
+  assert.deepEqual(third.body, { status: 'busy', try: [{ peerId: 'childA', upload: ['http://127.0.0.1:4101'] }] })
+  // Past it, a child that got the piece and vanished costs the others nothing more: it is sent again.
+  await new Promise(resolve => setTimeout(resolve, Math.max(0, started + 2_600 - Date.now())))
+  assert.deepEqual(await get(0, child('childC', 4103)), { status: 200, bytes: MIB })
+})
+
+test('a busy answer names the children a piece recently went to, at the address each asked from, never the asker', async (t) => {
+  // One slot, 1 MiB at 2 MiB/s: each send holds it about half a second.
+  const { get } = await server(t, false, 2 * MIB, { concurrency: 1 })
+  const a = get(0, child('childA', 4101))
+  await new Promise(resolve => setTimeout(resolve, 100))
+  const busy = await get(0, child('childB', 4102))
+  assert.equal(busy.status, 503)
+  assert.deepEqual(busy.body, { status: 'busy', try: [{ peerId: 'childA', upload: ['http://127.0.0.1:4101'] }] })
+  assert.deepEqual(await a, { status: 200, bytes: MIB })
+  const b = get(0, child('childB', 4102))
+  await new Promise(resolve => setTimeout(resolve, 100))
+  // Most recent first, the asker left out.
+  assert.deepEqual((await get(0, child('childA', 4101))).body, { status: 'busy', try: [{ peerId: 'childB', upload: ['http://127.0.0.1:4102'] }] })
+  assert.deepEqual((await get(0, child('childC', 4103))).body, { status: 'busy', try: [{ peerId: 'childB', upload: ['http://127.0.0.1:4102'] }, { peerId: 'childA', upload: ['http://127.0.0.1:4101'] }] })
+  assert.equal((await b).status, 200)
+  // A child that gives port 0, or anything but an id and a port, is not named.
+  const c = get(0, child('childD', 0))
+  await new Promise(resolve => setTimeout(resolve, 100))
+  const answer = await get(0, { 'x-damselfly-child': 'childE 4105 http://169.254.169.254' })
+  assert.deepEqual((answer.body as { try?: Array<{ peerId: string }> }).try?.map(h => h.peerId), ['childB', 'childA'])
+  assert.equal((await c).status, 200)
+  const d = get(0, { 'x-damselfly-child': 'childE 4105 http://169.254.169.254' })
+  await new Promise(resolve => setTimeout(resolve, 100))
+  assert.deepEqual(((await get(0, {})).body as { try?: Array<{ peerId: string }> }).try?.map(h => h.peerId), ['childB', 'childA'])
+  await d
+})
+
+test('with a cluster secret, a child is named only under the id its request proved', async (t) => {
+  const secret = 'hints-secret'
+  const { get } = await server(t, false, 2 * MIB, { concurrency: 1, clusterSecret: secret })
+  const proved = (id: string, named: string, port: number): Record<string, string> => ({
+    authorization: authorizationFor(Buffer.from(secret), id, 'parent', { digest, index: 0, waitMs: 0 }),
+    ...child(named, port)
+  })
+  const liar = get(0, proved('childA', 'childZ', 4101))
+  await new Promise(resolve => setTimeout(resolve, 100))
+  const busy = await get(0, proved('childB', 'childB', 4102))
+  assert.deepEqual(busy.body, { status: 'busy' }, 'childA claimed to be childZ: nobody is named')
+  assert.equal((await liar).status, 200)
+  const honest = get(0, proved('childA', 'childA', 4101))
+  await new Promise(resolve => setTimeout(resolve, 100))
+  assert.deepEqual((await get(0, proved('childB', 'childB', 4102))).body, { status: 'busy', try: [{ peerId: 'childA', upload: ['http://127.0.0.1:4101'] }] })
+  assert.equal((await honest).status, 200)
 })
 
 test('any other node sends a piece to every child that asks', async (t) => {

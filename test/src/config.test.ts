@@ -35,7 +35,7 @@ describe('configuration: one YAML file, environment and flags over it, checked a
     assert.equal(c.uploadPort, 4002)
     assert.equal(c.dataDir, '/var/lib/damselfly')
     assert.equal(c.cacheSize, 10 * 1024 ** 3)
-    assert.equal(c.uploadConcurrency, 32)
+    assert.equal(c.uploadConcurrency, 8)
     assert.equal(c.pieceTransport, 'http')
     for (const limit of [c.uploadRateLimit, c.originRateLimit, c.downloadRateLimit, c.prefetchRateLimit]) assert.equal(limit, 0, 'no bandwidth limit by default')
     const limited = loadPeerConfig({ flags: { 'origin-rate-limit': '50MiB', 'download-rate-limit': '1GB', 'prefetch-rate-limit': '10485760' } })
