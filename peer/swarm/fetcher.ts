@@ -318,7 +318,9 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
 
   /**
    * Tries the parents in turn. While one is slow (well past the usual piece
-   * time) the next is asked too, and the first verified answer wins.
+   * time) the next is asked too, and the first verified answer wins. A busy
+   * parent's hints (peers it sent the piece to) join the end of the line when
+   * `hintsUsable`; they may still be receiving it, so each is asked to wait.
    */
   async function fromParents (task: SwarmTask, index: number, p: Plan, holders: Parent[], fetchers: Parent[], hintsUsable: boolean, options: AbortOptions): Promise<RemotePiece | 'later' | undefined> {
     const order = holderOrder(index, holders, fetchers, x => x.info.seed)

@@ -1,0 +1,27 @@
+import assert from 'node:assert/strict'
+import { test } from 'node:test'
+import { FLEET_DEFAULTS, PEER_DEFAULTS, simulateFleet, type PeerModel } from '../../bench/sim/fleet.ts'
+
+const MIB = 1024 * 1024
+const small = (peer: Partial<PeerModel> = {}): ReturnType<typeof simulateFleet> =>
+  simulateFleet({ ...FLEET_DEFAULTS, nodes: 100, blobBytes: 128 * MIB, horizon: 10, peer: { ...PEER_DEFAULTS, ...peer } })
+
+test('a simulated crowd of 100 pulls 128 MiB near the lower bound, and what took it there is what the peers do', () => {
+  const now = small()
+  const ratio = (ms: number): number => ms / now.tStarMs
+  assert.equal(now.unfinished, 0)
+  assert.ok(ratio(now.p50) <= 2, `p50 ${ratio(now.p50).toFixed(2)}× T*`)
+  assert.ok(ratio(now.slowest) <= 2.2, `slowest ${ratio(now.slowest).toFixed(2)}× T*`)
+  assert.ok(now.originRatio <= 1.05, `origin ${now.originRatio}× the blob`)
+  // The same crowd with the upload rules of before: 32 slots and a queue of 128 behind them, no hints in busy
+  // answers, a seed sending a piece again to whoever asks once a send is over.
+  const before = small({ uploadConcurrency: 32, uploadQueue: 128, hints: 0, resendMs: 0 })
+  assert.ok(before.p50 / before.tStarMs >= 2.5, `before: p50 ${(before.p50 / before.tStarMs).toFixed(2)}× T*`)
+})
+
+test('the simulation is the same for the same seed', () => {
+  const a = small()
+  const b = small()
+  assert.deepEqual(a.times, b.times)
+  assert.deepEqual(a.counts, b.counts)
+})
