@@ -94,6 +94,8 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
   // lru-cache allocates its arrays for `max` up front: a node's cache holds thousands of blobs, not 100,000.
   const origins = new LRUCache<string, OriginRef>({ max: 16_384 })
   let extras: SessionExtras = { upload: [] }
+  /** This node's upload port, once started: children tell parents, so that busy parents can point others here. */
+  let uploadPort: number | undefined
 
   const session: SchedulerClient = createSchedulerClient({
     logger,
@@ -123,7 +125,7 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
       self: node.peerId,
       secret: init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8'),
       pool: { buffers: components.buffers },
-      uploadPort: () => portOf(extras.upload[0])
+      uploadPort: () => uploadPort
     })
     : undefined
   const inner = createPieceFetcher({ logger, node, client: session, metrics: components.metrics, http })
@@ -186,6 +188,7 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
     },
     async start (given) {
       extras = given
+      uploadPort = portOf(given.upload[0])
       session.start()
       await Promise.race([session.settled(), new Promise(resolve => setTimeout(resolve, 5_000).unref())])
       logger.info({ peerId: node.peerId, addrs: node.addrs(), scheduler: init.scheduler, seed: init.seed }, 'swarm started')
