@@ -196,6 +196,8 @@ interface Plan {
 
 interface SimParent {
   node: Node
+  /** Named by a busy parent (hedged like a holder; its failures are not held against it). */
+  hinted?: boolean
   complete: boolean
   held: PieceSet | undefined
   fetching: PieceSet | undefined
@@ -720,7 +722,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     const follow = (hints: Node[]): void => {
       for (const c of hints) {
         if (hinted >= m.maxHinted || c === n || !usable(op, { node: c, complete: false, held: undefined, fetching: undefined }) || order.some(x => x.node === c)) continue
-        order.push({ node: c, complete: false, held: undefined, fetching: undefined })
+        order.push({ node: c, complete: false, held: undefined, fetching: undefined, hinted: true })
         hinted++
         counts.hinted++
       }
@@ -766,13 +768,13 @@ export function simulateFleet (config: FleetConfig): FleetResult {
         remove(live, att)
         if (hints !== undefined) follow(hints)
         if (why === 'busy' || (inProgress && why === 'not-found')) later++
-        else n.failing.set(parent.node.i, now + m.parentBackoffMs)
+        else if (parent.hinted !== true) n.failing.set(parent.node.i, now + m.parentBackoffMs)
         failed++
         if (failed === order.length) finish(later > 0 ? 'later' : undefined)
         else if (failed === next) launch()
       })
       live.push(att)
-      if (!inProgress) {
+      if (!inProgress || parent.hinted === true) {
         att.timers.push(after(Math.min(5_000, Math.max(750, n.pieceMs * 4)), () => {
           if (!over && next < order.length && failed < next) {
             counts.hedges++

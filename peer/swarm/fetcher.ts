@@ -54,6 +54,12 @@ export interface PieceFetcherInit {
 
 interface Parent {
   info: ParentInfo
+  /**
+   * Named by a busy parent, not by the scheduler: its address is that
+   * parent's word, so what comes from it cannot be held against the peer id
+   * it goes by (a lying parent could pair an honest id with its own address).
+   */
+  hinted?: boolean
   held: PieceSet | undefined
   fetching: PieceSet | undefined
   /** Pieces it is taking from the origin to confirm an entry it did not write. */
@@ -300,6 +306,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     if (hex !== expected.hex) {
       lease?.release()
       m?.bad.inc()
+      if (parent.hinted === true) throw new PeerUnavailableError(`piece ${index} from ${parent.info.upload?.[0] ?? ''} (named by a busy parent as ${parent.info.peerId}) failed verification`)
       m?.barred.inc()
       barred.set(parent.info.peerId, true)
       logger.warn({ parent: parent.info.peerId, digest: task.digest, piece: index }, 'a parent sent a piece that failed verification; barring it')
@@ -330,7 +337,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       for (const hint of hints) {
         if (hinted >= MAX_HINTED || hint.peerId === node.peerId || barred.has(hint.peerId) || failing.has(hint.peerId)) continue
         if (order.some(x => x.info.peerId === hint.peerId)) continue
-        order.push({ info: { peerId: hint.peerId, addrs: [], upload: hint.upload, seed: false, complete: false }, held: undefined, fetching: undefined, confirming: undefined })
+        order.push({ info: { peerId: hint.peerId, addrs: [], upload: hint.upload, seed: false, complete: false }, held: undefined, fetching: undefined, confirming: undefined, hinted: true })
         hinted++
         m?.hints.inc()
       }
@@ -358,7 +365,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
           later++
         } else if (!isAbort(err)) {
           logger.debug({ parent: parent.info.peerId, piece: index, err: (err as Error).message }, 'parent failed a piece')
-          if (!barred.has(parent.info.peerId)) failing.set(parent.info.peerId, true)
+          if (parent.hinted !== true && !barred.has(parent.info.peerId)) failing.set(parent.info.peerId, true)
         }
         failed++
         if (failed === order.length) resolveFirst(undefined)
@@ -366,8 +373,9 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         return undefined
       })
       attempts.push(attempt)
-      // Hedge a holder that is taking too long; never hedge a wait for an in-progress piece.
-      if (!inProgress) {
+      // Hedge a holder that is taking too long, and a hinted peer (which may be a member stalling on purpose);
+      // never hedge a wait for a piece the scheduler says is on its way.
+      if (!inProgress || parent.hinted === true) {
         const timer = setTimeout(() => {
           if (next < order.length && failed < next) {
             m?.hedged.inc()
