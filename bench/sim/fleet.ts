@@ -245,8 +245,14 @@ interface Node {
   underway: number
   /** Uploads waiting for a piece still on its way here. */
   waiters: Map<number, Set<Attempt>>
-  /** Per piece: the children a send of it began to, most recent first, and when (peer/upload/recipients.ts). */
-  recipients: Map<number, Array<{ child: Node, at: number }>>
+  /**
+   * Per piece, `m.hints + 1` slots: the children a send of it began to (node
+   * index, -1 for none), most recent first, and when (peer/upload/recipients.ts).
+   * Flat typed arrays, made at the node's first upload: at N = 10,000 a list
+   * per piece per node was gigabytes of small objects.
+   */
+  recipients: Int32Array | undefined
+  recipientsAt: Float32Array | undefined
   /** Per piece: when a seed's latest send of it began (upload `RESEND_MS`). */
   began: Map<number, number>
   /** Plans by block of `window` pieces (of their first piece), as the fetcher caches them. */
@@ -378,7 +384,8 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       started: 0,
       underway: 0,
       waiters: new Map(),
-      recipients: new Map(),
+      recipients: undefined,
+      recipientsAt: undefined,
       began: new Map(),
       plans: new Map(),
       settled: false,
@@ -904,12 +911,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
 
   function move (att: Attempt): void {
     const p = att.parent
-    if (m.hints > 0) {
-      const list = (p.recipients.get(att.piece) ?? []).filter(r => r.child !== att.child)
-      list.unshift({ child: att.child, at: now })
-      if (list.length > m.hints + 2) list.length = m.hints + 2
-      p.recipients.set(att.piece, list)
-    }
+    if (m.hints > 0) remember(p, att.piece, att.child)
     if (p.seed && m.samePieceMs > 0) {
       const began = p.began.get(att.piece)
       if (began === undefined || now - began >= m.resendMs) p.began.set(att.piece, now)
@@ -950,14 +952,37 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     })
   }
 
+  /** Puts `child` first in the parent's list for the piece (moved up if it was there), the oldest falling off. */
+  function remember (p: Node, piece: number, child: Node): void {
+    const k = m.hints + 1
+    if (p.recipients === undefined) {
+      p.recipients = new Int32Array(P * k).fill(-1)
+      p.recipientsAt = new Float32Array(P * k)
+    }
+    const ids = p.recipients
+    const at = p.recipientsAt as Float32Array
+    const base = piece * k
+    let j = base
+    while (j < base + k - 1 && ids[j] !== child.i) j++
+    for (; j > base; j--) {
+      ids[j] = ids[j - 1] as number
+      at[j] = at[j - 1] as number
+    }
+    ids[base] = child.i
+    at[base] = now
+  }
+
   /** Children the parent began sending the piece to lately, the asker left out (peer/upload/recipients.ts). */
   function hintsFor (att: Attempt): Node[] {
-    const list = att.parent.recipients.get(att.piece)
-    if (list === undefined) return []
+    const ids = att.parent.recipients
+    if (ids === undefined) return []
+    const at = att.parent.recipientsAt as Float32Array
+    const k = m.hints + 1
     const out: Node[] = []
-    for (const r of list) {
-      if (out.length >= m.hints) break
-      if (r.child !== att.child && now - r.at < m.hintTtlMs) out.push(r.child)
+    for (let j = att.piece * k; j < (att.piece + 1) * k && out.length < m.hints; j++) {
+      const c = ids[j] as number
+      if (c < 0) break
+      if (c !== att.child.i && now - (at[j] as number) < m.hintTtlMs) out.push(nodes[c] as Node)
     }
     return out
   }
