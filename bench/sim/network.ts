@@ -41,10 +41,17 @@ export class Network {
   #dirty = false
   #fixed = new Uint8Array(0)
   #filled = new Float64Array(0)
+  /** Per link (uplinks, then downlinks): capacity not yet handed out, flows without a rate, and the links by even share. */
+  readonly #cap: Float64Array
+  readonly #left: Int32Array
+  readonly #shares: IndexedHeap
 
-  /** `maxMin`: rates by progressive filling over all links (exact, and several times slower) instead of even shares. */
+  /** `maxMin`: rates by progressive filling over all links (exact; about 2.5× the simulation time at N = 200) instead of even shares. */
   constructor (nodes: number, up: Float64Array, down: Float64Array, maxMin = false) {
     this.#maxMin = maxMin
+    this.#cap = new Float64Array(maxMin ? 2 * nodes : 0)
+    this.#left = new Int32Array(maxMin ? 2 * nodes : 0)
+    this.#shares = new IndexedHeap(maxMin ? 2 * nodes : 0)
     this.up = up
     this.down = down
     this.ups = Array.from({ length: nodes }, () => [])
@@ -146,16 +153,16 @@ export class Network {
   #waterFill (): void {
     this.#dirty = false
     const n = this.ups.length
-    const cap = new Float64Array(2 * n)
-    const left = new Int32Array(2 * n)
+    const cap = this.#cap
+    const left = this.#left
+    const heap = this.#shares
     for (let i = 0; i < n; i++) {
       cap[i] = this.up[i] as number
       left[i] = (this.ups[i] as number[]).length
       cap[n + i] = this.down[i] as number
       left[n + i] = (this.downs[i] as number[]).length
     }
-    const heap = new ShareHeap()
-    for (let r = 0; r < 2 * n; r++) if ((left[r] as number) > 0) heap.push((cap[r] as number) / (left[r] as number), r)
+    for (let r = 0; r < 2 * n; r++) if ((left[r] as number) > 0) heap.set(r, (cap[r] as number) / (left[r] as number))
     if (this.#fixed.length < this.#capacity) {
       this.#fixed = new Uint8Array(this.#capacity)
       this.#filled = new Float64Array(this.#capacity)
@@ -163,12 +170,9 @@ export class Network {
     const fixed = this.#fixed
     const rates = this.#filled
     while (heap.size > 0) {
-      const share = heap.topKey()
-      const r = heap.pop()
-      const count = left[r] as number
-      if (count === 0) continue
-      // A stale entry: the link's share has moved since it was pushed.
-      if (Math.abs((cap[r] as number) / count - share) > 1e-12 * Math.max(1, share)) continue
+      const share = heap.peekKey()
+      const r = heap.peekId()
+      heap.remove(r)
       const flows = r < n ? this.ups[r] as number[] : this.downs[r - n] as number[]
       for (const f of flows) {
         if (fixed[f] === 1) continue
@@ -177,9 +181,9 @@ export class Network {
         const other = r < n ? n + (this.#dst[f] as number) : this.#src[f] as number
         cap[other] = Math.max(0, (cap[other] as number) - share)
         left[other] = (left[other] as number) - 1
-        if ((left[other] as number) > 0) heap.push((cap[other] as number) / (left[other] as number), other)
+        if ((left[other] as number) > 0) heap.set(other, (cap[other] as number) / (left[other] as number))
+        else heap.remove(other)
       }
-      left[r] = 0
     }
     for (let i = 0; i < n; i++) {
       for (const f of this.ups[i] as number[]) {
@@ -216,56 +220,6 @@ export class Network {
       this.#heap.set(f, this.now + Math.max(0, this.#remaining[f] as number) / rate)
     }
   }
-}
-
-/** A binary min-heap of (key, id) pairs with stale entries skipped by version. */
-class ShareHeap {
-  keys: number[] = []
-  ids: number[] = []
-  push (key: number, id: number): void {
-    const k = this.keys
-    const d = this.ids
-    let i = k.length
-    k.push(key)
-    d.push(id)
-    while (i > 0) {
-      const p = (i - 1) >> 1
-      if ((k[p] as number) <= key) break
-      k[i] = k[p] as number
-      d[i] = d[p] as number
-      i = p
-    }
-    k[i] = key
-    d[i] = id
-  }
-
-  pop (): number {
-    const k = this.keys
-    const d = this.ids
-    const top = d[0] as number
-    const key = k.pop() as number
-    const id = d.pop() as number
-    const n = k.length
-    if (n > 0) {
-      let i = 0
-      for (;;) {
-        const l = 2 * i + 1
-        if (l >= n) break
-        let c = l
-        if (l + 1 < n && (k[l + 1] as number) < (k[l] as number)) c = l + 1
-        if (key <= (k[c] as number)) break
-        k[i] = k[c] as number
-        d[i] = d[c] as number
-        i = c
-      }
-      k[i] = key
-      d[i] = id
-    }
-    return top
-  }
-
-  get size (): number { return this.keys.length }
-  topKey (): number { return this.keys[0] as number }
 }
 
 function remove (list: number[], f: number): void {
