@@ -56,7 +56,7 @@ export interface PeerModel {
   /** Children a busy answer names (peer/upload/recipients.ts), and how many a child follows per piece (fetcher `MAX_HINTED`); 0: none. */
   hints: number
   maxHinted: number
-  /** A seed's children are remembered this long after a send began. */
+  /** A parent's recipients are named this long after a send to them began. */
   hintTtlMs: number
   /** After a seed began sending a piece, how long it points others at that child instead of sending it again (upload `RESEND_MS`). */
   resendMs: number
@@ -728,8 +728,9 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     let hinted = 0
     const follow = (hints: Node[]): void => {
       for (const c of hints) {
-        if (hinted >= m.maxHinted || c === n || !usable(op, { node: c, complete: false, held: undefined, fetching: undefined }) || order.some(x => x.node === c)) continue
-        order.push({ node: c, complete: false, held: undefined, fetching: undefined, hinted: true })
+        const parent: SimParent = { node: c, complete: false, held: undefined, fetching: undefined, hinted: true }
+        if (hinted >= m.maxHinted || c === n || !usable(op, parent) || order.some(x => x.node === c)) continue
+        order.push(parent)
         hinted++
         counts.hinted++
       }
