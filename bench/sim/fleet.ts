@@ -58,7 +58,7 @@ export interface PeerModel {
   maxHinted: number
   /** A parent's recipients are named this long after a send to them began. */
   hintTtlMs: number
-  /** After a seed began sending a piece, how long it points others at that child instead of sending it again (upload `RESEND_MS`). */
+  /** After a seed's send of a piece began or arrived, how long it points others at that child instead of sending it again (upload `RESEND_MS`). */
   resendMs: number
   maxWaits: number
   maxWaitMs: number
@@ -253,7 +253,7 @@ interface Node {
    */
   recipients: Int32Array | undefined
   recipientsAt: Float32Array | undefined
-  /** Per piece: when a seed's latest send of it began (upload `RESEND_MS`). */
+  /** Per piece: when a seed's latest send of it began or arrived (upload `RESEND_MS`). */
   began: Map<number, number>
   /** Plans by block of `window` pieces (of their first piece), as the fetcher caches them. */
   plans: Map<number, Plan>
@@ -921,6 +921,8 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     att.state = 'moving'
     net.now = now
     att.flow = net.start(p.i, att.child.i, lengthOf(att.piece), () => {
+      // The seed's window runs on from the end of the send, as upload `release` sets it.
+      if (p.seed && m.samePieceMs > 0) p.began.set(att.piece, now)
       p.active--
       pump(p)
       att.state = 'replied'

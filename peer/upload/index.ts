@@ -65,8 +65,8 @@ export interface UploadServerInit {
   clusterSecret?: string | undefined
   /**
    * Send each piece once (a seed): a second child asking for a piece this
-   * node began sending less than `resendMs` ago, or is still sending (for
-   * up to `SAME_PIECE_MS`), is answered busy and pointed at the child that
+   * node is still sending (for up to `SAME_PIECE_MS`), or finished sending
+   * less than `resendMs` ago, is answered busy and pointed at the child that
    * got it. A seed sending every piece to every child at once is the centre
    * of a star: its uplink is shared by all of them, the pieces reach all
    * children together, and none has one to pass on until the seed is nearly
@@ -76,7 +76,7 @@ export interface UploadServerInit {
    * 256 pieces had reached a peer after 1 s instead of 196).
    */
   onePerPiece?: boolean
-  /** With `onePerPiece`: how long after a send began the piece is not sent again. Default 3 s. */
+  /** With `onePerPiece`: how long after a send arrived the piece is not sent again. Default 3 s. */
   resendMs?: number
 }
 
@@ -100,10 +100,11 @@ const SEND_CHUNK = 256 * 1024
  */
 const SAME_PIECE_MS = 12_000
 /**
- * After its send began, how long a seed points other children at the child
+ * After a send arrived, how long a seed points other children at the child
  * that got a piece instead of sending it again: long enough for that child to
- * have passed it on (a piece takes about 10 ms at 100 MiB/s), short enough
- * that a child that got it and vanished costs the others little.
+ * have passed it on (a piece takes about 10 ms at 100 MiB/s, half a second
+ * at 2 MiB/s), short enough that a child that got it and vanished costs the
+ * others little.
  */
 const RESEND_MS = 3_000
 /** Piece buffers kept for reuse between HTTP uploads; more at once are allocated and left to the collector. */
@@ -140,12 +141,12 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   const buffers = new BufferPool(MIN_PIECE_SIZE, POOLED_BUFFERS)
   /** Pieces being sent, with when the first send began (only with `onePerPiece`). */
   const sending = new Map<string, number>()
-  /** When a piece's latest send began, within `RESEND_MS` (only with `onePerPiece`). */
+  /** When a piece's latest send began, or arrived, within `RESEND_MS` (only with `onePerPiece`). */
   const began = new LRUCache<string, number>({ max: 16_384, ttl: init.resendMs ?? RESEND_MS })
   const recipients = new Recipients()
   if (init.corruptPieces === true) logger.warn('TEST FAULT ACTIVE: every piece this peer uploads is corrupted')
 
-  type Produced = { status: 'ok', data: Buffer, release: () => void } | { status: 'not-found' | 'error', message?: string } | { status: 'busy', try?: PieceHint[] }
+  type Produced = { status: 'ok', data: Buffer, release: (delivered: boolean) => void } | { status: 'not-found' | 'error', message?: string } | { status: 'busy', try?: PieceHint[] }
   const busy = (request: PieceRequest, asker: string): Produced => {
     const hints = recipients.hints(request.digest, request.index, asker)
     return hints.length === 0 ? { status: 'busy' } : { status: 'busy', try: hints }
@@ -154,7 +155,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   /**
    * One request, whichever transport brought it: take an upload slot (or say
    * busy), then get the piece. An ok answer holds its slot until the caller
-   * has sent the bytes and calls release.
+   * has sent the bytes and calls release, saying whether every byte went out.
    */
   /** The piece, or undefined when this node has nothing to give (yet). Throws QueueFullError when too many wait already. */
   async function piece (request: PieceRequest, signal: AbortSignal, lease?: Lease): Promise<Buffer | undefined> {
@@ -197,10 +198,11 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     }
     if (data === undefined) return { status: 'not-found' }
     const key = `${request.digest}#${request.index}`
-    if (init.onePerPiece === true) {
+    const sentElsewhere = (): boolean => {
       const since = sending.get(key)
-      if ((since !== undefined && Date.now() - since < SAME_PIECE_MS) || began.has(key)) return busy(request, remotePeer)
+      return (since !== undefined && Date.now() - since < SAME_PIECE_MS) || began.has(key)
     }
+    if (init.onePerPiece === true && sentElsewhere()) return busy(request, remotePeer)
     let freeSlot: () => void
     try {
       freeSlot = await uploads.acquire({ signal })
@@ -208,13 +210,24 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       if (err instanceof QueueFullError) return busy(request, remotePeer)
       throw err
     }
-    let release = freeSlot
+    // Looked at again with no await before the piece is marked: children waiting for a piece wake in one turn when it
+    // lands, and all of them had passed the first look (emulated cluster: the seed sent such a piece to all six).
+    if (init.onePerPiece === true && sentElsewhere()) {
+      freeSlot()
+      return busy(request, remotePeer)
+    }
+    let release = (_delivered: boolean): void => { freeSlot() }
     if (init.onePerPiece === true && !sending.has(key)) {
       const started = Date.now()
       sending.set(key, started)
       began.set(key, started)
-      release = () => {
+      release = (delivered) => {
         if (sending.get(key) === started) sending.delete(key)
+        // The window runs from the end of a send that arrived: behind a slow uplink a send takes seconds, and
+        // counted from its start the window was over before the child had the piece to pass on (emulated
+        // cluster: every piece sent twice). A send that broke off leaves nobody to point at: send again at once.
+        if (delivered) began.set(key, Date.now())
+        else if (began.get(key) === started) began.delete(key)
         freeSlot()
       }
     }
@@ -238,6 +251,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       await stream.close(sig({ signal })).catch(() => {})
       return
     }
+    let delivered = false
     try {
       const { data } = produced
       await io.write({ status: 'ok', length: data.length }, { signal })
@@ -250,8 +264,9 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       sent?.inc({ transport: 'libp2p' }, data.length)
       uploaded += data.length
       await raw.close({ signal })
+      delivered = true
     } finally {
-      produced.release()
+      produced.release(delivered)
     }
   }
 
@@ -281,6 +296,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       sendJson(res, code, produced)
       return
     }
+    let delivered = false
     try {
       const { data } = produced
       res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': data.length })
@@ -292,8 +308,9 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       res.end()
       sent?.inc({ transport: 'http' }, data.length)
       uploaded += data.length
+      delivered = true
     } finally {
-      produced.release()
+      produced.release(delivered)
     }
   }
 

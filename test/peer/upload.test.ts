@@ -16,27 +16,32 @@ const digest = `sha256:${'cd'.repeat(32)}`
 /** An upload server on loopback holding two pieces, sending at `bytesPerSecond`. */
 interface Answer { status: number, bytes: number, body?: unknown }
 
-async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: number, init: { concurrency?: number, resendMs?: number, clusterSecret?: string } = {}): Promise<{ get: (index: number, headers?: Record<string, string>) => Promise<Answer> }> {
+async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: number, init: { concurrency?: number, resendMs?: number, clusterSecret?: string, landsInMs?: number } = {}): Promise<{ get: (index: number, headers?: Record<string, string>, waitMs?: number) => Promise<Answer>, abandon: (index: number, headers?: Record<string, string>) => Promise<void> }> {
   const pieces = [randomBytes(MIB), randomBytes(MIB)]
+  const { landsInMs, ...options } = init
+  /** Pieces still on their way until then: children waiting for one are all woken at once. */
+  const landsAt = Date.now() + (landsInMs ?? 0)
+  // One promise per piece, as the acquisition keeps it: every waiter wakes in the same turn.
+  const landing = pieces.map(async piece => new Promise<Buffer>(resolve => setTimeout(() => { resolve(piece) }, landsInMs ?? 0)))
   const [port] = await freePorts(1) as [number]
   const node = { peerId: 'parent', addrs: () => [`/ip4/127.0.0.1/tcp/${port}`], handle: async () => {} } as unknown as P2PNode
   const uploads = createUploadServer({
     logger: silentLogger(),
     node,
     supply: {
-      async held (_digest, index) { return pieces[index] },
-      whenLanded: () => undefined,
+      async held (_digest, index) { return Date.now() >= landsAt ? pieces[index] : undefined },
+      whenLanded: (_digest, index) => Date.now() >= landsAt ? undefined : landing[index],
       async fetch () { throw new Error('not sent to the origin') },
       task: () => undefined
     },
     tasks: new TaskRegistry(),
     sentFor: () => false,
     rate: new TokenBucket(bytesPerSecond, { burst: 256 * 1024 })
-  }, { http: { host: '127.0.0.1', port }, onePerPiece, ...init })
+  }, { http: { host: '127.0.0.1', port }, onePerPiece, ...options })
   await uploads.start()
   t.after(() => { uploads.stop() })
-  const get = async (index: number, headers: Record<string, string> = {}): Promise<Answer> => new Promise((resolve, reject) => {
-    request({ host: '127.0.0.1', port, path: pieceUrlPath(digest, index, 0), headers }, (res) => {
+  const get = async (index: number, headers: Record<string, string> = {}, waitMs = 0): Promise<Answer> => new Promise((resolve, reject) => {
+    request({ host: '127.0.0.1', port, path: pieceUrlPath(digest, index, waitMs), headers }, (res) => {
       const chunks: Buffer[] = []
       res.on('data', (c: Buffer) => { chunks.push(c) })
       res.on('end', () => {
@@ -45,7 +50,20 @@ async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: num
       })
     }).on('error', reject).end()
   })
-  return { get }
+  /** Asks for a piece and hangs up once the first bytes arrive; resolves when the server has seen the socket close. */
+  const abandon = async (index: number, headers: Record<string, string> = {}): Promise<void> => new Promise((resolve, reject) => {
+    const req = request({ host: '127.0.0.1', port, path: pieceUrlPath(digest, index, 0), headers }, (res) => {
+      res.once('data', () => {
+        req.destroy()
+        setTimeout(resolve, 300)
+      })
+    })
+    req.on('error', () => {})
+    req.on('close', () => {})
+    req.end()
+    setTimeout(() => { reject(new Error('no bytes within 5 s')) }, 5_000).unref()
+  })
+  return { get, abandon }
 }
 
 const child = (id: string, port: number): Record<string, string> => ({ 'x-damselfly-child': `${id} ${port}` })
@@ -62,13 +80,31 @@ test('a seed sends a piece once: a second child asking is told busy and pointed 
   assert.equal(other.status, 200, 'a different piece')
   assert.equal(other.bytes, MIB)
   assert.deepEqual(await first, { status: 200, bytes: MIB })
+  const ended = Date.now()
   // Sent once: until the window is over, whoever asks is pointed at the child that has it.
   const third = await get(0, child('childC', 4103))
   assert.equal(third.status, 503)
   assert.deepEqual(third.body, { status: 'busy', try: [{ peerId: 'childA', upload: ['http://127.0.0.1:4101'] }] })
-  // Past it, a child that got the piece and vanished costs the others nothing more: it is sent again.
+  // The window runs from the end of the send, not its start: behind a slow uplink the child has only just got it.
   await new Promise(resolve => setTimeout(resolve, Math.max(0, started + 2_600 - Date.now())))
+  if (Date.now() < ended + 2_300) assert.equal((await get(0, child('childC', 4103))).status, 503, 'the window counted from the end of the send')
+  // Past it, a child that got the piece and vanished costs the others nothing more: it is sent again.
+  await new Promise(resolve => setTimeout(resolve, Math.max(0, ended + 2_600 - Date.now())))
   assert.deepEqual(await get(0, child('childC', 4103)), { status: 200, bytes: MIB })
+})
+
+test('a seed asked for one piece by many children waiting for it sends it to one of them when it lands', async (t) => {
+  const { get } = await server(t, true, 8 * MIB, { resendMs: 5_000, landsInMs: 500 })
+  const answers = await Promise.all(['a', 'b', 'c', 'd', 'e', 'f'].map(async (id, i) => get(0, child(`child-${id}`, 4200 + i), 5_000)))
+  assert.deepEqual(answers.map(a => a.status).sort(), [200, 503, 503, 503, 503, 503], JSON.stringify(answers))
+  assert.equal(answers.find(a => a.status === 200)?.bytes, MIB)
+})
+
+test('a seed whose send broke off sends the piece again at once', async (t) => {
+  // 1 MiB at 512 KiB/s: the child hangs up long before the end.
+  const { get, abandon } = await server(t, true, 512 * 1024, { resendMs: 60_000 })
+  await abandon(0, child('childA', 4101))
+  assert.deepEqual(await get(0, child('childB', 4102)), { status: 200, bytes: MIB })
 })
 
 test('a busy answer names the children a piece recently went to, at the address each asked from, never the asker', async (t) => {
