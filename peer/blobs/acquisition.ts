@@ -10,7 +10,7 @@ import type { RateLimits } from '../../src/rate.ts'
 import type { PieceWriter } from '../piece-store/index.ts'
 import type { PieceSource } from '../swarm/source.ts'
 import type { ByteCounters, Source } from './counters.ts'
-import { Priority, swarmTask, type BlobTask } from './index.ts'
+import { Priority, swarmTask, type BlobTask, type LentPiece } from './index.ts'
 import type { OriginRuns } from './origin-runs.ts'
 
 /** A verified piece in hand. */
@@ -135,14 +135,14 @@ export class PieceAcquisition {
     return landing === undefined ? undefined : ownCopy(landing, into)
   }
 
-  /** The piece's bytes once a fetch under way here lands them (the caller's own, as `peek`); undefined when none is under way. */
-  whenLanded (digest: string, index: number): Promise<Buffer> | undefined {
+  /** The piece's bytes once a fetch under way here lands them, lent (a pooled buffer is shared, not copied); undefined when none is under way. */
+  whenLanded (digest: string, index: number): Promise<LentPiece> | undefined {
     return this.#inflight.get(pieceKey(digest, index))?.then(async landed => {
-      const copy = ownCopy(landed)
-      if (copy !== undefined) return copy
+      const mine = claim(landed)
+      if (mine !== undefined) return { data: mine.data, release: () => { mine.lease?.release() } }
       const held = await this.#held(digest, index)
       if (held === undefined) throw new StorageError(`piece ${index} of ${digest} landed and was gone before it could be read`)
-      return held.data
+      return { data: held.data, release: () => {} }
     })
   }
 

@@ -9,7 +9,7 @@ import type { OriginCredentials } from '../origin/index.ts'
 import type { PieceWriter } from '../piece-store/index.ts'
 import { PieceAcquisition } from './acquisition.ts'
 import { ByteCounters } from './counters.ts'
-import { Priority, type BlobByteCounts, type BlobService, type BlobServiceComponents, type BlobServiceInit, type BlobTask, type OpenBlob, type OpenBlobRequest, type ReadOptions } from './index.ts'
+import { Priority, type BlobByteCounts, type BlobService, type BlobServiceComponents, type BlobServiceInit, type BlobTask, type LentPiece, type OpenBlob, type OpenBlobRequest, type ReadOptions } from './index.ts'
 import { OriginRuns, cutPieces } from './origin-runs.ts'
 import { BlobReader } from './reader.ts'
 
@@ -86,7 +86,7 @@ export class DefaultBlobService implements BlobService {
     return this.#acquisition.peek(digest, index, into)
   }
 
-  whenLanded (digest: string, index: number): Promise<Buffer> | undefined {
+  whenLanded (digest: string, index: number): Promise<LentPiece> | undefined {
     return this.#acquisition.whenLanded(digest, index)
   }
 

@@ -98,6 +98,12 @@ export interface BlobServiceInit {
   pieceAttempts?: number
 }
 
+/** A piece's bytes, not to be changed, and lent until `release` (a pooled buffer goes back to its pool then; idempotent). */
+export interface LentPiece {
+  data: Buffer
+  release: () => void
+}
+
 /** What other peers' requests for pieces are answered from (peer/upload). */
 export interface PieceSupply {
   /**
@@ -105,8 +111,13 @@ export interface PieceSupply {
    * One read from disk goes into `into` when given (see PieceReader.readPiece).
    */
   held: (digest: string, index: number, into?: Buffer) => Promise<Buffer | undefined>
-  /** The piece once a fetch under way here lands it; undefined when none is under way. */
-  whenLanded: (digest: string, index: number) => Promise<Buffer> | undefined
+  /**
+   * The piece once a fetch under way here lands it, lent until `release`;
+   * undefined when none is under way. Every child waiting on a piece used to
+   * get a fresh copy of its megabyte (emulated cluster: a tenth of the
+   * peers' time went to those copies).
+   */
+  whenLanded: (digest: string, index: number) => Promise<LentPiece> | undefined
   /** Gets a piece of a task this node was sent to the origin for (whole-read rules: the child checks it against the table). */
   fetch: (task: BlobTask, index: number, signal: AbortSignal) => Promise<Buffer>
   /** A task this node opened lately, with what it needs to fetch more of it. */

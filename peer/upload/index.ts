@@ -13,7 +13,7 @@ import { Counter, type Registry } from '../../src/metrics.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
 import { MIN_PIECE_SIZE, choosePieceSize, pieceCount } from '../../src/pieces.ts'
 import { PIECE_HTTP_PEER_HEADER, PIECE_PROTOCOL, PieceRequest, type PieceHint } from '../../src/protocol/messages.ts'
-import type { PieceSupply } from '../blobs/index.ts'
+import type { LentPiece, PieceSupply } from '../blobs/index.ts'
 import { readChildHint, readPieceRequest, uploadUrls } from '../swarm/piece-http.ts'
 import { createConnectionGuard, type ConnectionGuard } from './connection-guard.ts'
 import { Recipients } from './recipients.ts'
@@ -146,7 +146,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   const recipients = new Recipients()
   if (init.corruptPieces === true) logger.warn('TEST FAULT ACTIVE: every piece this peer uploads is corrupted')
 
-  type Produced = { status: 'ok', data: Buffer, release: (delivered: boolean) => void } | { status: 'not-found' | 'error', message?: string } | { status: 'busy', try?: PieceHint[] }
+  type Produced = { status: 'ok', data: Buffer, release: (delivered: boolean) => void, giveBack: () => void } | { status: 'not-found' | 'error', message?: string } | { status: 'busy', try?: PieceHint[] }
   const busy = (request: PieceRequest, asker: string): Produced => {
     const hints = recipients.hints(request.digest, request.index, asker)
     return hints.length === 0 ? { status: 'busy' } : { status: 'busy', try: hints }
@@ -155,15 +155,16 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   /**
    * One request, whichever transport brought it: take an upload slot (or say
    * busy), then get the piece. An ok answer holds its slot until the caller
-   * has sent the bytes and calls release, saying whether every byte went out.
+   * has sent the bytes and calls release, saying whether every byte went out;
+   * `giveBack` returns lent bytes once the transport holds no reference to them.
    */
   /** The piece, or undefined when this node has nothing to give (yet). Throws QueueFullError when too many wait already. */
-  async function piece (request: PieceRequest, signal: AbortSignal, lease?: Lease): Promise<Buffer | undefined> {
+  async function piece (request: PieceRequest, signal: AbortSignal, lease?: Lease): Promise<LentPiece | undefined> {
     const { digest, index } = request
     const held = await supply.held(digest, index, lease?.data)
     // Kept only when the piece was read into it: a wait or a piece from memory holds no pooled buffer.
     if (lease !== undefined && held?.buffer !== lease.data.buffer) lease.release()
-    if (held !== undefined) return held
+    if (held !== undefined) return { data: held, release: () => {} }
     const landing = supply.whenLanded(digest, index)
     const mine = (): boolean => components.sentFor(digest, index) || tasks.claimed(digest)
     if (request.waitMs === 0 || (landing === undefined && !mine())) return undefined
@@ -171,10 +172,20 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     waits++
     const deadline = withDeadline(signal, Math.min(request.waitMs, maxWaitMs), 'waiting for a piece')
     try {
-      if (landing !== undefined) return await raceSignal(landing, deadline)
+      if (landing !== undefined) {
+        // Given up on, the piece still lands: what it lends goes back. Once it is ours, the sender gives it back.
+        const giveUp = (): void => { landing.then(lent => { lent.release() }, () => {}) }
+        if (deadline.aborted) giveUp()
+        else deadline.addEventListener('abort', giveUp, { once: true })
+        try {
+          return await raceSignal(landing, deadline)
+        } finally {
+          deadline.removeEventListener('abort', giveUp)
+        }
+      }
       const task = tasks.get(digest) ?? supply.task(digest) ?? await tasks.adopted(digest, deadline)
       if (task === undefined || !mine() || index >= pieceCount(task.size, choosePieceSize(task.size))) return undefined
-      return await supply.fetch(task, index, deadline)
+      return { data: await supply.fetch(task, index, deadline), release: () => {} }
     } catch (err) {
       // The wait ran out (not the asker leaving): nothing to give yet.
       if (!signal.aborted && deadline.aborted) return undefined
@@ -187,16 +198,30 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   /** `reach`: how other children may reach this one (HTTP requests that said so), remembered once a send begins. */
   async function produce (request: PieceRequest, remotePeer: string, signal: AbortSignal, lease?: Lease, reach?: PieceHint): Promise<Produced> {
     // Waiting for a piece still on its way holds no upload slot; only sending one does.
-    let data: Buffer | undefined
+    let lent: LentPiece | undefined
     try {
-      data = await piece(request, signal, lease)
+      lent = await piece(request, signal, lease)
     } catch (err) {
       if (err instanceof QueueFullError) return busy(request, remotePeer)
       if (isAbort(err) && shutdown.signal.aborted) throw err
       logger.debug({ err: (err as Error).message, digest: request.digest, piece: request.index, peer: remotePeer }, 'could not produce a piece')
       return { status: 'error', message: String((err as { code?: string }).code ?? 'error') }
     }
-    if (data === undefined) return { status: 'not-found' }
+    if (lent === undefined) return { status: 'not-found' }
+    let produced: Produced
+    try {
+      produced = await answer(request, remotePeer, signal, lent, reach)
+    } catch (err) {
+      lent.release()
+      throw err
+    }
+    // Not sent after all: the bytes go back now.
+    if (produced.status !== 'ok') lent.release()
+    return produced
+  }
+
+  async function answer (request: PieceRequest, remotePeer: string, signal: AbortSignal, lent: LentPiece, reach?: PieceHint): Promise<Produced> {
+    let data = lent.data
     const key = `${request.digest}#${request.index}`
     const sentElsewhere = (): boolean => {
       const since = sending.get(key)
@@ -236,7 +261,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       data = Buffer.from(data)
       data[Math.floor(data.length / 2)] = (data[Math.floor(data.length / 2)] as number) ^ 0x5a
     }
-    return { status: 'ok', data, release }
+    return { status: 'ok', data, release, giveBack: lent.release }
   }
 
   /** The libp2p transport: a JSON request, a JSON header, then the bytes. */
@@ -267,6 +292,8 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       delivered = true
     } finally {
       produced.release(delivered)
+      // Chunks of a stream cut off may still wait in the muxer's queue: their buffer is left to the collector.
+      if (delivered) produced.giveBack()
     }
   }
 
@@ -296,6 +323,9 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       sendJson(res, code, produced)
       return
     }
+    // The response is closed once its last write is done, or the socket is gone: nothing refers to the bytes then.
+    if (res.closed) produced.giveBack()
+    else res.once('close', produced.giveBack)
     let delivered = false
     try {
       const { data } = produced

@@ -269,7 +269,7 @@ test('origin pieces land in pooled buffers too: concurrent readers get the blob 
   assert.ok(pool.reused > 0, `buffers were reused (${pool.reused} of ${pool.reused + pool.allocated})`)
 })
 
-test('a child waiting for a piece on its way here gets bytes of its own, not a pooled buffer that is reused', async (t) => {
+test('a child waiting for a piece on its way here is lent its pooled buffer: not reused until given back, then reused', async (t) => {
   const pieces = 16
   const data = randomBytes(pieces * MIB)
   const second = randomBytes(pieces * MIB)
@@ -301,7 +301,12 @@ test('a child waiting for a piece on its way here gets bytes of its own, not a p
   serving = second
   const other = origin.addBlob('team/app', second)
   for await (const chunk of await (await blobs.open(req(other))).read(undefined)) giveBack(chunk)
-  assert.ok(got.equals(data.subarray(5 * MIB, 6 * MIB)), 'the waiting child\'s bytes are still piece 5')
+  assert.ok(got.data.equals(data.subarray(5 * MIB, 6 * MIB)), 'the waiting child\'s bytes are still piece 5')
+  // Lent, not copied: given back, its buffer goes round again.
+  const before = pool.free
+  got.release()
+  got.release()
+  assert.equal(pool.free, before + 1, 'given back once, whatever the calls')
   const peeked = await blobs.held(digest, 6)
   assert.ok(peeked?.equals(data.subarray(6 * MIB, 7 * MIB)))
 })

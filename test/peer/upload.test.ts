@@ -7,6 +7,7 @@ import { MIB } from '../../src/pieces.ts'
 import type { P2PNode } from '../../src/p2p/index.ts'
 import { TokenBucket } from '../../src/rate.ts'
 import { authorizationFor, pieceUrlPath } from '../../peer/swarm/piece-http.ts'
+import type { LentPiece } from '../../peer/blobs/index.ts'
 import { createUploadServer } from '../../peer/upload/index.ts'
 import { TaskRegistry } from '../../peer/upload/tasks.ts'
 import { freePorts } from '../helpers/ports.ts'
@@ -16,13 +17,20 @@ const digest = `sha256:${'cd'.repeat(32)}`
 /** An upload server on loopback holding two pieces, sending at `bytesPerSecond`. */
 interface Answer { status: number, bytes: number, body?: unknown }
 
-async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: number, init: { concurrency?: number, resendMs?: number, clusterSecret?: string, landsInMs?: number } = {}): Promise<{ get: (index: number, headers?: Record<string, string>, waitMs?: number) => Promise<Answer>, abandon: (index: number, headers?: Record<string, string>) => Promise<void> }> {
+async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: number, init: { concurrency?: number, resendMs?: number, clusterSecret?: string, landsInMs?: number } = {}): Promise<{ get: (index: number, headers?: Record<string, string>, waitMs?: number) => Promise<Answer>, abandon: (index: number, headers?: Record<string, string>, waitMs?: number, leaveAfterMs?: number) => Promise<void>, lending: () => { lent: number, givenBack: number } }> {
   const pieces = [randomBytes(MIB), randomBytes(MIB)]
   const { landsInMs, ...options } = init
   /** Pieces still on their way until then: children waiting for one are all woken at once. */
   const landsAt = Date.now() + (landsInMs ?? 0)
   // One promise per piece, as the acquisition keeps it: every waiter wakes in the same turn.
   const landing = pieces.map(async piece => new Promise<Buffer>(resolve => setTimeout(() => { resolve(piece) }, landsInMs ?? 0)))
+  let lent = 0
+  let givenBack = 0
+  const lend = async (index: number): Promise<LentPiece> => (landing[index] as Promise<Buffer>).then(data => {
+    lent++
+    let back = false
+    return { data, release: () => { if (!back) givenBack++; back = true } }
+  })
   const [port] = await freePorts(1) as [number]
   const node = { peerId: 'parent', addrs: () => [`/ip4/127.0.0.1/tcp/${port}`], handle: async () => {} } as unknown as P2PNode
   const uploads = createUploadServer({
@@ -30,7 +38,7 @@ async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: num
     node,
     supply: {
       async held (_digest, index) { return Date.now() >= landsAt ? pieces[index] : undefined },
-      whenLanded: (_digest, index) => Date.now() >= landsAt ? undefined : landing[index],
+      whenLanded: (_digest, index) => Date.now() >= landsAt ? undefined : lend(index),
       async fetch () { throw new Error('not sent to the origin') },
       task: () => undefined
     },
@@ -51,19 +59,21 @@ async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: num
     }).on('error', reject).end()
   })
   /** Asks for a piece and hangs up once the first bytes arrive; resolves when the server has seen the socket close. */
-  const abandon = async (index: number, headers: Record<string, string> = {}): Promise<void> => new Promise((resolve, reject) => {
-    const req = request({ host: '127.0.0.1', port, path: pieceUrlPath(digest, index, 0), headers }, (res) => {
-      res.once('data', () => {
-        req.destroy()
-        setTimeout(resolve, 300)
-      })
+  const abandon = async (index: number, headers: Record<string, string> = {}, waitMs = 0, leaveAfterMs?: number): Promise<void> => new Promise((resolve, reject) => {
+    const leave = (): void => {
+      req.destroy()
+      setTimeout(resolve, 300)
+    }
+    const req = request({ host: '127.0.0.1', port, path: pieceUrlPath(digest, index, waitMs), headers }, (res) => {
+      if (leaveAfterMs === undefined) res.once('data', leave)
     })
+    if (leaveAfterMs !== undefined) setTimeout(leave, leaveAfterMs)
     req.on('error', () => {})
     req.on('close', () => {})
     req.end()
     setTimeout(() => { reject(new Error('no bytes within 5 s')) }, 5_000).unref()
   })
-  return { get, abandon }
+  return { get, abandon, lending: () => ({ lent, givenBack }) }
 }
 
 const child = (id: string, port: number): Record<string, string> => ({ 'x-damselfly-child': `${id} ${port}` })
@@ -94,10 +104,13 @@ test('a seed sends a piece once: a second child asking is told busy and pointed 
 })
 
 test('a seed asked for one piece by many children waiting for it sends it to one of them when it lands', async (t) => {
-  const { get } = await server(t, true, 8 * MIB, { resendMs: 5_000, landsInMs: 500 })
+  const { get, lending } = await server(t, true, 8 * MIB, { resendMs: 5_000, landsInMs: 500 })
   const answers = await Promise.all(['a', 'b', 'c', 'd', 'e', 'f'].map(async (id, i) => get(0, child(`child-${id}`, 4200 + i), 5_000)))
   assert.deepEqual(answers.map(a => a.status).sort(), [200, 503, 503, 503, 503, 503], JSON.stringify(answers))
   assert.equal(answers.find(a => a.status === 200)?.bytes, MIB)
+  // Each waiter was lent the landed bytes; the one sent and the five refused all gave them back.
+  await new Promise(resolve => setTimeout(resolve, 100))
+  assert.deepEqual(lending(), { lent: 6, givenBack: 6 })
 })
 
 test('a seed whose send broke off sends the piece again at once', async (t) => {
@@ -157,4 +170,14 @@ test('any other node sends a piece to every child that asks', async (t) => {
   const [a, b] = await Promise.all([get(0), get(0)])
   assert.deepEqual(a, { status: 200, bytes: MIB })
   assert.deepEqual(b, { status: 200, bytes: MIB })
+})
+
+test('children waiting for a piece on its way are each lent its bytes and give them back once sent, or once they leave', async (t) => {
+  const { get, abandon, lending } = await server(t, false, 4 * MIB, { landsInMs: 400 })
+  // Two take it; one leaves as the bytes start coming, one while still waiting.
+  const [a, b] = await Promise.all([get(0, {}, 5_000), get(0, {}, 5_000), abandon(0, {}, 5_000), abandon(0, {}, 5_000, 100)])
+  assert.deepEqual(a, { status: 200, bytes: MIB })
+  assert.deepEqual(b, { status: 200, bytes: MIB })
+  await new Promise(resolve => setTimeout(resolve, 100))
+  assert.deepEqual(lending(), { lent: 4, givenBack: 4 })
 })
