@@ -152,12 +152,6 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     return hints.length === 0 ? { status: 'busy' } : { status: 'busy', try: hints }
   }
 
-  /**
-   * One request, whichever transport brought it: take an upload slot (or say
-   * busy), then get the piece. An ok answer holds its slot until the caller
-   * has sent the bytes and calls release, saying whether every byte went out;
-   * `giveBack` returns lent bytes once the transport holds no reference to them.
-   */
   /** The piece, or undefined when this node has nothing to give (yet). Throws QueueFullError when too many wait already. */
   async function piece (request: PieceRequest, signal: AbortSignal, lease?: Lease): Promise<LentPiece | undefined> {
     const { digest, index } = request
@@ -195,7 +189,14 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     }
   }
 
-  /** `reach`: how other children may reach this one (HTTP requests that said so), remembered once a send begins. */
+  /**
+   * One request, whichever transport brought it: get the piece, then take an
+   * upload slot (or say busy). An ok answer holds its slot until the caller
+   * has sent the bytes and calls release, saying whether every byte went out;
+   * `giveBack` returns lent bytes once the transport holds no reference to
+   * them. `reach`: how other children may reach this one (HTTP requests that
+   * said so), remembered once a send begins.
+   */
   async function produce (request: PieceRequest, remotePeer: string, signal: AbortSignal, lease?: Lease, reach?: PieceHint): Promise<Produced> {
     // Waiting for a piece still on its way holds no upload slot; only sending one does.
     let lent: LentPiece | undefined
