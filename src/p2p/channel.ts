@@ -473,6 +473,8 @@ export function createChannel (stream: Stream, init: ChannelInit = {}): Channel 
           throw err
         }
         const answer = Promise.withResolvers<unknown>()
+        // The channel may end while this request still waits to be written, rejecting an answer nobody awaits yet.
+        answer.promise.catch(() => {})
         const entry: Pending = { resolve: answer.resolve, reject: answer.reject, expiresAt, abandoned: false }
         pending.set(id, entry)
         try {
@@ -490,7 +492,6 @@ export function createChannel (stream: Stream, init: ChannelInit = {}): Channel 
             // The other side may still answer: the slot stays taken until it does, or until it is overdue.
             entry.abandoned = true
             entry.expiresAt += abandonedGraceMs
-            answer.promise.catch(() => {})
             armAbandonTimer()
           }
           throw err

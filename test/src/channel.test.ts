@@ -231,3 +231,42 @@ test('closing: waiting callers fail with a ClosedError, the other side sees the 
   await assert.rejects(call, { code: 'DF_ERR_CLOSED' })
   assert.equal(await server.ended, undefined)
 })
+
+/** A stream whose far side never reads: every send fills the buffer, and only `abort` ends it. */
+class StuckStream extends EventTarget {
+  maxReadBufferLength = 0
+  maxWriteBufferLength = 0
+  writableNeedsDrain = false
+  sent = 0
+  send (): boolean {
+    this.sent++
+    this.writableNeedsDrain = true
+    return false
+  }
+
+  pause (): void {}
+  resume (): void {}
+  async close (): Promise<void> {}
+  abort (err: Error): void {
+    this.dispatchEvent(Object.assign(new Event('close'), { error: err }))
+  }
+}
+
+test('the stream closing under requests still waiting to be written: each fails, none leaves an unhandled rejection', async (t) => {
+  const stream = new StuckStream()
+  const channel = createChannel(stream as unknown as Stream, { name: 'client' })
+  t.after(() => { channel.abort(new Error('test over')) })
+  const unhandled: unknown[] = []
+  const onUnhandled = (reason: unknown): void => { unhandled.push(reason) }
+  process.on('unhandledRejection', onUnhandled)
+  t.after(() => { process.off('unhandledRejection', onUnhandled) })
+  const calls = Array.from({ length: 4 }, async (_, n) => channel.request({ n }, Echo, 'echo', { timeoutMs: 5_000 }))
+  await sleep(10)
+  assert.equal(stream.sent, 1, 'one request written; the others wait for the buffer to drain')
+  stream.abort(new Error('the scheduler went away'))
+  const settled = await Promise.allSettled(calls)
+  assert.deepEqual(settled.map(s => s.status), Array(4).fill('rejected'))
+  await sleep(20)
+  // Such a rejection ends a peer's process (the scheduler session closing under a burst of announcements did).
+  assert.deepEqual(unhandled, [])
+})
