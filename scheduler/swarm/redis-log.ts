@@ -45,6 +45,20 @@ redis.call('XADD', KEYS[1], '*', 's', seq, 'e', ARGV[2])
 return seq
 `
 
+/**
+ * Writes a snapshot: refused unless it belongs to the epoch Redis holds and
+ * claims no more events than that epoch has had. A replica that has just read
+ * a new epoch still holds the old history until its reader reloads; a
+ * snapshot of that copy under the new epoch would send every reader that
+ * loads it looking for events that never come.
+ */
+const SNAPSHOT = `
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return redis.error_reply('EPOCH the shared state changed') end
+if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[2]) then return redis.error_reply('AHEAD the snapshot claims events the log never had') end
+redis.call('SET', KEYS[1], ARGV[3])
+return 1
+`
+
 interface Snapshot {
   epoch: string
   seq: number
@@ -87,9 +101,12 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
     conn.on('error', (err: Error) => { logger.debug({ err: err.message, connection: name }, 'redis connection error') })
   }
   cmd.defineCommand('dfAppend', { numberOfKeys: 3, lua: APPEND })
+  cmd.defineCommand('dfSnapshot', { numberOfKeys: 3, lua: SNAPSHOT })
 
   const stopping = new AbortController()
   let epoch: string | undefined
+  /** The epoch of the history this replica's copy holds: behind `epoch` from the moment a new one is read until the reader has reloaded. */
+  let copyEpoch: string | undefined
   let lastId = '0-0'
   let lastSeq = 0
   let snapshotId = '0-0'
@@ -116,6 +133,7 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
 
   /** The epoch changed (or was first read): the reader reloads before it reads on. */
   let reload = false
+  let reloadedAt = 0
   /** No replica is declared gone before this (ms epoch). */
   let sweepAfter = 0
 
@@ -144,6 +162,7 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
     const snap = raw === null ? undefined : JSON.parse(raw) as Snapshot
     components.clear()
     replicas.clear()
+    copyEpoch = epoch
     if (snap !== undefined && snap.epoch === epoch) {
       components.load(snap.swarm)
       lastId = snap.id
@@ -211,6 +230,7 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
           await checkEpoch()
           reload = false
           await catchUp()
+          reloadedAt = Date.now()
         }
         const res = await reader.xread('COUNT', 1000, 'BLOCK', 1000, 'STREAMS', keys.events, lastId) as Array<[string, Array<[string, string[]]>]> | null
         // Read before a reload: of the old history, or from before the snapshot.
@@ -220,6 +240,8 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
         if (stopping.signal.aborted) break
         if (err instanceof GapError) {
           logger.warn({ err: err.message }, 'this replica fell behind the trimmed log; loading a snapshot')
+          // A gap right after a reload will not close by reloading at once: not a busy loop against Redis.
+          if (Date.now() - reloadedAt < 1_000) await sleep(250, { signal: stopping.signal }).catch(() => {})
           reload = true
           continue
         }
@@ -266,9 +288,9 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
   async function writeSnapshot (): Promise<void> {
     // One replica at a time; the others' turn comes with the next interval.
     if (await cmd.set(keys.snapshotLock, replica, 'PX', snapshotEveryMs, 'NX') !== 'OK') return
-    if (epoch === undefined) return
+    if (epoch === undefined || copyEpoch !== epoch || reload) return
     const snap: Snapshot = { epoch, seq: lastSeq, id: lastId, previousId: snapshotId, replicas: [...replicas], swarm: components.snapshot() }
-    await cmd.set(keys.snapshot, JSON.stringify(snap))
+    await (cmd as unknown as { dfSnapshot: (...args: Array<string | number>) => Promise<number> }).dfSnapshot(keys.snapshot, keys.epoch, keys.seq, epoch, lastSeq, JSON.stringify(snap))
     // Trimmed only to the snapshot before: a reader up to one interval behind still finds its next event.
     if (snapshotId !== '0-0') await cmd.xtrim(keys.events, 'MINID', snapshotId)
     snapshotId = lastId
@@ -278,6 +300,8 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
     if (epoch === undefined || stopping.signal.aborted) throw new StateUnavailableError('the shared swarm state is not reachable')
     const envelope: Envelope = { e, at: Date.now(), by: replica, n: ++n }
     const applied = Promise.withResolvers<Outcome>()
+    // Rejected at the deadline, at stop, or by a failed apply that the reader met before Redis answered the append: maybe while nobody awaits it yet.
+    applied.promise.catch(() => {})
     pending.set(envelope.n, applied)
     const signal = withDeadline(opts.signal, appendTimeoutMs, `append ${e.type}`)
     const onAbort = (): void => { applied.reject(new StateUnavailableError(`the shared swarm state did not take a ${e.type} in time`)) }

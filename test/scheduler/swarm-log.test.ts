@@ -113,7 +113,7 @@ stateSuite('memory', async () => createSwarm({ logger }, { state: 'memory' }), a
 // Replicas: the same suite over Redis, each test on a fresh Redis database state.
 let redis: TestRedis | undefined
 const opened: Swarm[] = []
-async function redisSwarm (init: { password?: string | undefined, snapshotEveryMs?: number, replicaTtlMs?: number, url?: string } = {}): Promise<Swarm> {
+async function redisSwarm (init: { password?: string | undefined, snapshotEveryMs?: number, replicaTtlMs?: number, appendTimeoutMs?: number, url?: string } = {}): Promise<Swarm> {
   const r = redis as TestRedis
   const swarm = createSwarm({ logger }, { state: init.url ?? r.url, redis: { password: init.password, snapshotEveryMs: init.snapshotEveryMs ?? 30_000, replicaTtlMs: init.replicaTtlMs ?? 10_000, appendTimeoutMs: 5_000 } })
   opened.push(swarm)
@@ -151,7 +151,7 @@ describe('replicas over one redis', () => {
   let r: TestRedis
   const mine: Swarm[] = []
   const replica = async (init: Parameters<typeof redisSwarm>[0] = {}): Promise<Swarm> => {
-    const swarm = createSwarm({ logger }, { state: init.url ?? r.url, redis: { password: init.password, snapshotEveryMs: init.snapshotEveryMs ?? 30_000, replicaTtlMs: init.replicaTtlMs ?? 10_000, appendTimeoutMs: 5_000 } })
+    const swarm = createSwarm({ logger }, { state: init.url ?? r.url, redis: { password: init.password, snapshotEveryMs: init.snapshotEveryMs ?? 30_000, replicaTtlMs: init.replicaTtlMs ?? 10_000, appendTimeoutMs: init.appendTimeoutMs ?? 5_000 } })
     mine.push(swarm)
     await swarm.log.start()
     return swarm
@@ -271,5 +271,49 @@ describe('replicas over one redis', () => {
     await waitFor(async () => a.log.healthy && a.state.hostCount === 0, { timeoutMs: 5_000, what: 'the lost state forgotten' })
     await a.log.append({ type: 'register', host: hostInfo('R1') })
     assert.equal(a.state.hostCount, 1)
+  })
+
+  test('redis stalled: an append fails at its deadline, and nothing is left rejected unobserved', async (t) => {
+    await r.command('FLUSHALL')
+    const a = await replica({ password, appendTimeoutMs: 300 })
+    await a.log.append({ type: 'register', host: hostInfo('S1') })
+    const unhandled: unknown[] = []
+    const onUnhandled = (reason: unknown): void => { unhandled.push(reason) }
+    process.on('unhandledRejection', onUnhandled)
+    t.after(() => { process.off('unhandledRejection', onUnhandled) })
+    // Writes held back on the server: the append's deadline and its command's timeout come due together.
+    assert.equal(await r.command('CLIENT', 'PAUSE', '1200', 'WRITE'), 'OK')
+    const started = Date.now()
+    await assert.rejects(a.log.append({ type: 'register', host: hostInfo('S2') }), StateUnavailableError)
+    assert.ok(Date.now() - started < 1_000, `refused in ${Date.now() - started} ms`)
+    await new Promise(resolve => setTimeout(resolve, 1_500))
+    // Before, the append's own wait was rejected while the command was still out, and nobody held it: a crash.
+    assert.deepEqual(unhandled.map(String), [])
+  })
+
+  test('back without its data: a replica writes no snapshot of the history it held, and one that joins then reads on', async () => {
+    await r.command('FLUSHALL')
+    // A snapshot due at every tick: the tick that reads the new epoch would write one, before the reader has reloaded.
+    const a = await replica({ password, snapshotEveryMs: 200 })
+    for (let i = 0; i < 30; i++) await a.log.append({ type: 'register', host: hostInfo(`E${i}`) })
+    await waitFor(async () => (await r.command('EXISTS', 'damselfly:snapshot')) === '1', { timeoutMs: 5_000, what: 'a snapshot of the first history' })
+    let resyncs = 0
+    a.log.onResync(() => { resyncs++ })
+    // Redis back empty, as after a restart without persistence; nothing appended, so only the epoch tells.
+    await r.command('FLUSHALL')
+    await waitFor(async () => resyncs > 0, { timeoutMs: 5_000, what: 'the new epoch read' })
+    await new Promise(resolve => setTimeout(resolve, 1_500))
+    const raw = await r.command('GET', 'damselfly:snapshot')
+    if (raw !== '') {
+      const snap = JSON.parse(raw) as { seq: number }
+      const seq = Number(await r.command('GET', 'damselfly:seq') || '0')
+      assert.ok(snap.seq <= seq, `a snapshot of event ${snap.seq} in a history of ${seq} events`)
+    }
+    await a.log.append({ type: 'register', host: hostInfo('E-new') })
+    const late = await replica({ password })
+    await waitFor(async () => late.state.hostByPeer('E-new') !== undefined, { timeoutMs: 5_000, what: 'the late replica to read the new history' })
+    await late.log.append({ type: 'register', host: hostInfo('E-late') })
+    await waitFor(async () => a.state.hostByPeer('E-late') !== undefined, { timeoutMs: 5_000, what: 'the first replica to read what the late one appended' })
+    assert.equal(late.state.hostByPeer('E0'), undefined, 'nothing of the lost history')
   })
 })
