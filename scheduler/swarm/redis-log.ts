@@ -90,7 +90,8 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
     maxRetriesPerRequest: 0,
     connectTimeout: 2_000,
     lazyConnect: true,
-    retryStrategy: (times: number) => Math.min(100 * times, 2_000),
+    // Retries stay frequent: until a replica is back on Redis and has read its epoch, its plans send peers to the origin.
+    retryStrategy: (times: number) => Math.min(100 * times, 500),
     ...(init.password === undefined ? {} : { password: init.password }),
     ...(init.ca === undefined ? {} : { tls: { ca: init.ca } })
   }
@@ -251,11 +252,21 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
     }
   }
 
-  /** Liveness, the epoch, dead replicas, snapshots: every second. */
+  /** Ends the house loop's wait at once: Redis is back, or an append met an epoch this replica has not read. */
+  let wakeHouse = (): void => {}
+  cmd.on('ready', () => { wakeHouse() })
+
+  /** Liveness, the epoch, dead replicas, snapshots: every second, and at once when woken. */
   async function houseLoop (): Promise<void> {
     let lastSnapshot = Date.now()
+    let lastRound = 0
     while (!stopping.signal.aborted) {
-      await sleep(1_000, { signal: stopping.signal }).catch(() => {})
+      const woken = new AbortController()
+      wakeHouse = () => { woken.abort() }
+      await sleep(1_000, { signal: AbortSignal.any([stopping.signal, woken.signal]) }).catch(() => {})
+      // Woken by a burst of refused appends: one round for them, not one each.
+      await sleep(Math.max(0, lastRound + 100 - Date.now()), { signal: stopping.signal }).catch(() => {})
+      lastRound = Date.now()
       if (stopping.signal.aborted) break
       try {
         await cmd.set(keys.replica(replica), '1', 'PX', replicaTtlMs)
@@ -311,6 +322,7 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
       return await applied.promise
     } catch (err) {
       if (cmd.status !== 'ready') missed = true
+      else if (/^EPOCH/.test((err as Error).message)) wakeHouse()
       if (err instanceof StateUnavailableError) throw err
       throw new StateUnavailableError(`the shared swarm state refused a ${e.type}: ${(err as Error).message}`, { cause: err })
     } finally {

@@ -267,7 +267,10 @@ describe('replicas over one redis', () => {
     await assert.rejects(a.log.append({ type: 'announce', peer: 'R1', tasks: [holding([0])] }), StateUnavailableError)
     assert.ok(Date.now() - started < 2_500, `refused in ${Date.now() - started} ms, not left waiting`)
     await r.start()
-    await waitFor(async () => resyncs > 0, { timeoutMs: 10_000, what: 'a resync after redis came back empty' })
+    const back = Date.now()
+    await waitFor(async () => resyncs > 0, { timeoutMs: 10_000, intervalMs: 10, what: 'a resync after redis came back empty' })
+    // Until then its plans send peers to the origin: the replica reconnects and reads the epoch at once, not at its next round.
+    assert.ok(Date.now() - back < 500, `the new history read ${Date.now() - back} ms after redis was back`)
     await waitFor(async () => a.log.healthy && a.state.hostCount === 0, { timeoutMs: 5_000, what: 'the lost state forgotten' })
     await a.log.append({ type: 'register', host: hostInfo('R1') })
     assert.equal(a.state.hostCount, 1)
