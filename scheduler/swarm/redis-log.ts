@@ -46,15 +46,15 @@ return seq
 `
 
 /**
- * Writes a snapshot: refused unless it belongs to the epoch Redis holds and
- * claims no more events than that epoch has had. A replica that has just read
- * a new epoch still holds the old history until its reader reloads; a
- * snapshot of that copy under the new epoch would send every reader that
- * loads it looking for events that never come.
+ * Writes a snapshot unless it belongs to another epoch than the one Redis
+ * holds, or claims more events than that epoch has had (0: not written). A
+ * replica that has just read a new epoch still holds the old history until
+ * its reader reloads; a snapshot of that copy under the new epoch would send
+ * every reader that loads it looking for events that never come.
  */
 const SNAPSHOT = `
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return redis.error_reply('EPOCH the shared state changed') end
-if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[2]) then return redis.error_reply('AHEAD the snapshot claims events the log never had') end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[2]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[3])
 return 1
 `
@@ -297,11 +297,17 @@ export function createRedisLog (components: RedisLogComponents, init: RedisLogIn
   }
 
   async function writeSnapshot (): Promise<void> {
+    // A copy not yet reloaded into the current epoch is not this epoch's to write; nor is the lock then this replica's to take.
+    if (epoch === undefined || copyEpoch !== epoch || reload) return
     // One replica at a time; the others' turn comes with the next interval.
     if (await cmd.set(keys.snapshotLock, replica, 'PX', snapshotEveryMs, 'NX') !== 'OK') return
-    if (epoch === undefined || copyEpoch !== epoch || reload) return
     const snap: Snapshot = { epoch, seq: lastSeq, id: lastId, previousId: snapshotId, replicas: [...replicas], swarm: components.snapshot() }
-    await (cmd as unknown as { dfSnapshot: (...args: Array<string | number>) => Promise<number> }).dfSnapshot(keys.snapshot, keys.epoch, keys.seq, epoch, lastSeq, JSON.stringify(snap))
+    const written = await (cmd as unknown as { dfSnapshot: (...args: Array<string | number>) => Promise<number> }).dfSnapshot(keys.snapshot, keys.epoch, keys.seq, epoch, lastSeq, JSON.stringify(snap))
+    // Refused (the epoch changed since it was read): Redis itself answered, so this is no reason to have the peers announce again.
+    if (written !== 1) {
+      logger.warn({ epoch, seq: lastSeq }, 'a snapshot of this replica\'s copy was refused: it is not of the current history')
+      return
+    }
     // Trimmed only to the snapshot before: a reader up to one interval behind still finds its next event.
     if (snapshotId !== '0-0') await cmd.xtrim(keys.events, 'MINID', snapshotId)
     snapshotId = lastId
