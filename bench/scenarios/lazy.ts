@@ -10,49 +10,73 @@ import { MIB, deployedPeerEnv, percentile, round, type Row, type Scenario } from
 
 interface Read { start: number, end: number }
 
+/** The blob each process warms up on before its replay, and the reads it takes. */
+const WARMUP_BLOB = 16 * MIB
+const WARMUP_READS = 16
+
+/** nydusd's on-demand reads: unaligned, about 1 MiB, anywhere in the blob. */
+function randomReads (size: number, count: number): Read[] {
+  const reads: Read[] = []
+  for (let i = 0; i < count; i++) {
+    const len = MIB - 4096 + randomInt(8192)
+    const start = randomInt(size - len)
+    reads.push({ start, end: start + len - 1 })
+  }
+  return reads
+}
+
 /**
  * nydusd's pattern: unaligned ~1 MiB Range GETs with X-Dragonfly-Registry,
  * random offsets then a sequential prefetch pass, 8 at once. Replayed
  * against the origin itself, a cold peer whose neighbours hold the blob (its
  * table certified), and a warm peer; latencies are reported as ratios to the
  * origin's.
+ *
+ * "Cold" is cold for the blob, not a process that has never served: a
+ * DaemonSet's peer is up long before a container starts. Before its replay,
+ * the origin and the cold peer each serve a few range reads of another blob
+ * of the image; without that, the first eight reads, a fresh process's code
+ * still unoptimised, are the slowest 1.6% and so the p99 (both for the
+ * origin and for the peer). Those reads are reported apart, in `detail`.
  */
 export const lazy: Scenario = {
   name: 'lazy-reads',
   async run ({ quick, log }) {
     const blobSize = quick ? 48 * MIB : 256 * MIB
-    const randomReads = quick ? 48 : 256
+    const randomCount = quick ? 48 : 256
     const work = await tmpDir('df-bench-lazy-')
     const registry = await startRegistry()
     const scheduler = await startScheduler()
     const peers = []
     try {
-      const image = await buildImage(path.join(work.path, 'image'), { layers: [blobSize], seed: 'bench-lazy', tag: 'v1' })
+      const image = await buildImage(path.join(work.path, 'image'), { layers: [blobSize, WARMUP_BLOB], seed: 'bench-lazy', tag: 'v1' })
       await pushImage(image, `${registry.host}/bench/lazy:v1`)
       const layer = image.layers[0] as { digest: string, size: number }
+      const other = image.layers[1] as { digest: string, size: number }
+      const otherBytes = readBlob(image, other.digest)
+      const warmUp = async (base: string, header: string | undefined): Promise<number[]> => replay(base, header, other.digest, randomReads(other.size, WARMUP_READS), otherBytes, 8)
       const bytes = readBlob(image, layer.digest)
-      const reads: Read[] = []
-      for (let i = 0; i < randomReads; i++) {
-        const len = MIB - 4096 + randomInt(8192)
-        const start = randomInt(layer.size - len)
-        reads.push({ start, end: start + len - 1 })
-      }
+      const reads: Read[] = randomReads(layer.size, randomCount)
       // The prefetch pass: consecutive merged ranges from an unaligned start, as nydusd's prefetch workers send.
       for (let start = 12345; start < layer.size; start += MIB + 777) reads.push({ start, end: Math.min(layer.size, start + MIB + 777) - 1 })
 
       const neighbour = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'neighbour', args: ['--log-level', 'warn'] })
       peers.push(neighbour)
       await replay(neighbour.url, registry.url, layer.digest, [{ start: 0, end: layer.size - 1 }], bytes, 1)
+      await replay(neighbour.url, registry.url, other.digest, [{ start: 0, end: other.size - 1 }], otherBytes, 1)
       // A range is served from the swarm only once someone besides the table's
       // author has vouched for it: here a second node pulls the blob whole and
       // so certifies the table, as a second seed does in a deployment.
       const witness = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'witness', args: ['--log-level', 'warn'] })
       peers.push(witness)
       await replay(witness.url, registry.url, layer.digest, [{ start: 0, end: layer.size - 1 }], bytes, 1)
+      await replay(witness.url, registry.url, other.digest, [{ start: 0, end: other.size - 1 }], otherBytes, 1)
       const cold = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'cold', args: ['--log-level', 'warn'] })
       peers.push(cold)
 
+      const originFirst = await warmUp(registry.url, undefined)
       const originLat = await replay(registry.url, undefined, layer.digest, reads, bytes, 8)
+      const coldFirst = await warmUp(cold.url, registry.url)
       const coldLat = await replay(cold.url, registry.url, layer.digest, reads, bytes, 8)
       const coldMetrics = await cold.metrics()
       const coldFetched = { peer: coldMetrics.get('damselfly_fetched_bytes_total', { source: 'peer' }), origin: coldMetrics.get('damselfly_fetched_bytes_total', { source: 'origin' }) }
@@ -60,7 +84,8 @@ export const lazy: Scenario = {
       const o50 = percentile(originLat, 50)
       const o99 = percentile(originLat, 99)
       const figures = (l: number[]): Record<string, number> => ({ p50ms: round(percentile(l, 50), 2), p99ms: round(percentile(l, 99), 2) })
-      const detail = { blobBytes: layer.size, reads: reads.length, concurrency: 8, origin: figures(originLat), coldNeighbour: figures(coldLat), coldFetched, warm: figures(warmLat) }
+      const ms = (l: number[]): number[] => l.map(x => Math.round(x))
+      const detail = { blobBytes: layer.size, reads: reads.length, concurrency: 8, origin: figures(originLat), coldNeighbour: figures(coldLat), coldFetched, warm: figures(warmLat), warmUpReadsMs: { origin: ms(originFirst), coldPeer: ms(coldFirst) } }
       log(`lazy reads: ${JSON.stringify(detail)}`)
       return [
         { scenario: 'lazy-reads', metric: 'p50 from a neighbour ÷ origin p50', value: round(percentile(coldLat, 50) / o50), unit: 'x', detail },
