@@ -35,9 +35,9 @@ function randomReads (size: number, count: number): Read[] {
  * "Cold" is cold for the blob, not a process that has never served: a
  * DaemonSet's peer is up long before a container starts. Before its replay,
  * the origin and the cold peer each serve a few range reads of another blob
- * of the image; without that, the first eight reads, a fresh process's code
- * still unoptimised, are the slowest 1.6% and so the p99 (both for the
- * origin and for the peer). Those reads are reported apart, in `detail`.
+ * of the image; without that, a fresh process's first eight reads (code not
+ * yet optimised, connections not yet open) are the slowest 1.6% and so the
+ * p99, for the origin as for the peer. Those reads are reported apart, in `detail`.
  */
 export const lazy: Scenario = {
   name: 'lazy-reads',
