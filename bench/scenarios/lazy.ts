@@ -37,7 +37,8 @@ function randomReads (size: number, count: number): Read[] {
  * the origin and the cold peer each serve a few range reads of another blob
  * of the image; without that, a fresh process's first eight reads (code not
  * yet optimised, connections not yet open) are the slowest 1.6% and so the
- * p99, for the origin as for the peer. Those reads are reported apart, in `detail`.
+ * p99, for the origin as for the peer. Those reads are reported apart, in
+ * `detail`.
  */
 export const lazy: Scenario = {
   name: 'lazy-reads',
@@ -56,21 +57,22 @@ export const lazy: Scenario = {
       const otherBytes = readBlob(image, other.digest)
       const warmUp = async (base: string, header: string | undefined): Promise<number[]> => replay(base, header, other.digest, randomReads(other.size, WARMUP_READS), otherBytes, 8)
       const bytes = readBlob(image, layer.digest)
+      const pullWhole = async (base: string): Promise<void> => {
+        for (const [blob, data] of [[layer, bytes], [other, otherBytes]] as const) await replay(base, registry.url, blob.digest, [{ start: 0, end: blob.size - 1 }], data, 1)
+      }
       const reads: Read[] = randomReads(layer.size, randomCount)
       // The prefetch pass: consecutive merged ranges from an unaligned start, as nydusd's prefetch workers send.
       for (let start = 12345; start < layer.size; start += MIB + 777) reads.push({ start, end: Math.min(layer.size, start + MIB + 777) - 1 })
 
       const neighbour = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'neighbour', args: ['--log-level', 'warn'] })
       peers.push(neighbour)
-      await replay(neighbour.url, registry.url, layer.digest, [{ start: 0, end: layer.size - 1 }], bytes, 1)
-      await replay(neighbour.url, registry.url, other.digest, [{ start: 0, end: other.size - 1 }], otherBytes, 1)
+      await pullWhole(neighbour.url)
       // A range is served from the swarm only once someone besides the table's
       // author has vouched for it: here a second node pulls the blob whole and
       // so certifies the table, as a second seed does in a deployment.
       const witness = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'witness', args: ['--log-level', 'warn'] })
       peers.push(witness)
-      await replay(witness.url, registry.url, layer.digest, [{ start: 0, end: layer.size - 1 }], bytes, 1)
-      await replay(witness.url, registry.url, other.digest, [{ start: 0, end: other.size - 1 }], otherBytes, 1)
+      await pullWhole(witness.url)
       const cold = await startPeer({ env: deployedPeerEnv(), registry: registry.url, scheduler: scheduler.address, name: 'cold', args: ['--log-level', 'warn'] })
       peers.push(cold)
 
