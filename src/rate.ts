@@ -22,6 +22,8 @@ export class TokenBucket {
   }
 
   get unlimited (): boolean { return this.#rate <= 0 }
+  /** Bytes per second; 0 when unlimited. */
+  get rate (): number { return Math.max(0, this.#rate) }
 
   async take (bytes: number, options: AbortOptions = {}): Promise<void> {
     if (this.#rate <= 0) return

@@ -10,6 +10,7 @@ import type { Effect, SwarmEvent } from '../../scheduler/swarm/events.ts'
 import { createSwarmMachine, type Outcome } from '../../scheduler/swarm/machine.ts'
 import { createTrustKeeper } from '../../scheduler/swarm/trust.ts'
 import { holderOrder } from '../../peer/swarm/fetcher.ts'
+import { UploadPace } from '../../peer/upload/pace.ts'
 import { EventQueue, type Timer } from './heap.ts'
 import { Network } from './network.ts'
 
@@ -52,6 +53,8 @@ export interface PeerModel {
   parentBackoffMs: number
   busyPatienceMs: number
   uploadConcurrency: number
+  /** Uploads at once whatever the uplink's measured rate (peer/upload/pace.ts `min`); 0: no pacing, always `uploadConcurrency`. */
+  uploadMin: number
   uploadQueue: number
   /** Children a busy answer names (peer/upload/recipients.ts), and how many a child follows per piece (fetcher `MAX_HINTED`); 0: none. */
   hints: number
@@ -82,6 +85,7 @@ export const PEER_DEFAULTS: PeerModel = {
   samePieceMs: 12_000,
   resendMs: 3_000,
   uploadConcurrency: 8,
+  uploadMin: 2,
   uploadQueue: 0,
   hints: 4,
   maxHinted: 16,
@@ -267,6 +271,8 @@ interface Node {
   /** Pieces this node was sent to the origin for. */
   assigned: Set<number>
   active: number
+  /** How many uploads may run at once, from the rate its sends reached (peer/upload/pace.ts). */
+  pace: UploadPace
   queue: Attempt[]
   waits: number
   /** Requests from children being served here. */
@@ -394,6 +400,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       failing: new Map(),
       assigned: new Set(),
       active: 0,
+      pace: new UploadPace({ max: m.uploadConcurrency, min: m.uploadMin > 0 ? m.uploadMin : m.uploadConcurrency }),
       queue: [],
       waits: 0,
       incoming: new Set(),
@@ -841,6 +848,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       net.now = now
       net.cancel(att.flow)
       p.active--
+      p.pace.end()
       pump(p)
     }
     p.incoming.delete(att)
@@ -900,7 +908,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
   function slot (att: Attempt): void {
     const p = att.parent
     att.slottedAt = now
-    if (p.active < m.uploadConcurrency && p.queue.length === 0) {
+    if (p.active < slots(p, att.piece) && p.queue.length === 0) {
       move(att)
     } else if (p.queue.length >= m.uploadQueue) {
       reply(att, 'busy')
@@ -918,12 +926,16 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       if (began === undefined || now - began >= m.resendMs) p.began.set(att.piece, now)
     }
     p.active++
+    p.pace.begin(now)
     att.state = 'moving'
     net.now = now
     att.flow = net.start(p.i, att.child.i, lengthOf(att.piece), () => {
       // The seed's window runs on from the end of the send, as upload `release` sets it.
       if (p.seed && m.samePieceMs > 0) p.began.set(att.piece, now)
       p.active--
+      // The pace hears of a send's bytes as they arrive: the flows here are not cut into chunks.
+      p.pace.sent(lengthOf(att.piece), now)
+      p.pace.end()
       pump(p)
       att.state = 'replied'
       p.incoming.delete(att)
@@ -937,7 +949,12 @@ export function simulateFleet (config: FleetConfig): FleetResult {
   }
 
   function pump (p: Node): void {
-    while (p.active < m.uploadConcurrency && p.queue.length > 0) move(p.queue.shift() as Attempt)
+    while (p.queue.length > 0 && p.active < slots(p, (p.queue[0] as Attempt).piece)) move(p.queue.shift() as Attempt)
+  }
+
+  /** Uploads the parent may run at once for this piece: peer/upload's rule, paced by the rate its sends reached. */
+  function slots (p: Node, piece: number): number {
+    return m.uploadMin > 0 ? p.pace.limit(lengthOf(piece), now) : m.uploadConcurrency
   }
 
   function reply (att: Attempt, why: Failure): void {

@@ -16,6 +16,7 @@ import { PIECE_HTTP_PEER_HEADER, PIECE_PROTOCOL, PieceRequest, type PieceHint } 
 import type { LentPiece, PieceSupply } from '../blobs/index.ts'
 import { readChildHint, readPieceRequest, uploadUrls } from '../swarm/piece-http.ts'
 import { createConnectionGuard, type ConnectionGuard } from './connection-guard.ts'
+import { UploadPace } from './pace.ts'
 import { Recipients } from './recipients.ts'
 import type { TaskRegistry } from './tasks.ts'
 
@@ -33,8 +34,14 @@ export interface UploadServerComponents {
 }
 
 export interface UploadServerInit {
-  /** Pieces sent at once. Default `DEFAULTS.uploadConcurrency`. */
+  /**
+   * Pieces sent at once at most. Default `DEFAULTS.uploadConcurrency`. Fewer
+   * run while the uplink's measured rate could not send them all within a
+   * quarter second (./pace.ts); `minConcurrency` always may.
+   */
   concurrency?: number
+  /** Pieces that may be sent at once whatever the measured rate. Default 2. */
+  minConcurrency?: number
   /** Requests waiting at once for a piece this node is still getting; more are answered busy. Default 256. */
   maxWaits?: number
   /** Longest a request may wait for a piece this node is still getting, whatever it asks. Default 15 s. */
@@ -129,6 +136,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   let waits = 0
   const uploads = new Limiter('upload', concurrency, init.maxQueue ?? 0)
   const bucket = components.rate ?? new TokenBucket(0)
+  const pace = new UploadPace({ max: concurrency, min: init.minConcurrency, rate: bucket.rate })
   const shutdown = new AbortController()
   const registers = components.metrics === undefined ? undefined : [components.metrics]
   const sent = registers === undefined ? undefined : new Counter({ name: 'damselfly_uploaded_bytes_total', help: 'Piece bytes sent to other peers, by transport (http: the upload port; libp2p: streams)', labelNames: ['transport'], registers })
@@ -229,9 +237,18 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       return (since !== undefined && Date.now() - since < SAME_PIECE_MS) || began.has(key)
     }
     if (init.onePerPiece === true && sentElsewhere()) return busy(request, remotePeer)
+    if (uploads.active >= pace.limit(data.length, Date.now())) return busy(request, remotePeer)
     let freeSlot: () => void
     try {
-      freeSlot = await uploads.acquire({ signal })
+      const free = await uploads.acquire({ signal })
+      pace.begin(Date.now())
+      let freed = false
+      freeSlot = () => {
+        if (freed) return
+        freed = true
+        pace.end()
+        free()
+      }
     } catch (err) {
       if (err instanceof QueueFullError) return busy(request, remotePeer)
       throw err
@@ -285,7 +302,9 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       for (let off = 0; off < data.length; off += SEND_CHUNK) {
         const chunk = data.subarray(off, Math.min(data.length, off + SEND_CHUNK))
         await bucket.take(chunk.length, { signal })
-        if (!raw.send(chunk)) await raw.onDrain({ signal })
+        const flowing = raw.send(chunk)
+        pace.sent(chunk.length, Date.now())
+        if (!flowing) await raw.onDrain({ signal })
       }
       sent?.inc({ transport: 'libp2p' }, data.length)
       uploaded += data.length
@@ -334,7 +353,9 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       for (let off = 0; off < data.length; off += SEND_CHUNK) {
         const chunk = data.subarray(off, Math.min(data.length, off + SEND_CHUNK))
         await bucket.take(chunk.length, { signal })
-        if (!res.write(chunk)) await once(res, 'drain', { signal })
+        const flowing = res.write(chunk)
+        pace.sent(chunk.length, Date.now())
+        if (!flowing) await once(res, 'drain', { signal })
       }
       res.end()
       sent?.inc({ transport: 'http' }, data.length)

@@ -25,3 +25,17 @@ test('the simulation is the same for the same seed', () => {
   assert.deepEqual(a.times, b.times)
   assert.deepEqual(a.counts, b.counts)
 })
+
+test('behind slow links a parent sends as many pieces at once as its uplink can finish in a quarter second, and the swarm keeps pace', () => {
+  // The emulated cluster's links (bench/scenarios/cluster.ts): 2 MiB/s a node, a seed behind 1 MiB/s, 12 MiB.
+  const slow = (peer: Partial<PeerModel>): ReturnType<typeof simulateFleet> => simulateFleet({
+    ...FLEET_DEFAULTS, nodes: 32, blobBytes: 12 * MIB, nodeUp: 2 * MIB, nodeDown: 2 * MIB, seedUp: 1 * MIB, seedDown: 16 * MIB, originUp: 100 * MIB, latencyMs: 2, horizon: 8, peer: { ...PEER_DEFAULTS, ...peer }
+  })
+  const paced = slow({})
+  const unpaced = slow({ uploadMin: 0 })
+  const p50 = (r: ReturnType<typeof simulateFleet>): number => r.p50 / r.tStarMs
+  assert.equal(paced.unfinished, 0)
+  assert.ok(p50(paced) <= 2, `paced: p50 ${p50(paced).toFixed(2)}× T*`)
+  assert.ok(p50(unpaced) >= 2.4, `every slot at once: p50 ${p50(unpaced).toFixed(2)}× T*`)
+  assert.ok(paced.originRatio <= 1.05, `origin ${paced.originRatio}× the blob`)
+})
