@@ -3,6 +3,7 @@ import path from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
 import { lowerBound, startCluster, type Cluster, type ClusterNode } from '../../test/helpers/cluster.ts'
+import { compiledTree } from '../../test/helpers/compiled.ts'
 import { buildImage } from '../../test/helpers/image.ts'
 import { netnsUnavailable, type LinkShape } from '../../test/helpers/netns.ts'
 import { tmpDir } from '../../test/helpers/tmp.ts'
@@ -85,6 +86,8 @@ export const cluster: Scenario = {
     try {
       c = await startCluster({
         nodes: Math.max(...cases.map(k => k.nodes)),
+        // As the image runs them: compiled to JavaScript, so no process keeps the TypeScript stripper.
+        cli: await compiledTree(path.join(work.path, 'dist')),
         link: LINK,
         origin: ORIGIN,
         peerEnv: deployedPeerEnv(),
@@ -92,6 +95,7 @@ export const cluster: Scenario = {
         seedArgs: ['--memory-cache-size', '128MiB'],
         log
       })
+      await warmUp(c, path.join(work.path, 'warm-up'), log)
       for (const [k, kase] of cases.entries()) {
         const m = await runCase(c, kase, path.join(work.path, `image-${k}`), `bench-cluster-${k}-${Date.now()}`, log, rows)
         measured.push(m)
@@ -181,6 +185,24 @@ async function runCase (c: Cluster, kase: Case, dir: string, seedName: string, l
     { scenario, metric: `${kase.name}: cores the cluster's processes used (of 2)`, value: round(report.clusterCpuSeconds / (report.wallMs / 1000), 2), unit: 'cores', detail }
   )
   return { c: kase, tStar, finished: seconds, pulling: staying.length }
+}
+
+/**
+ * Every node pulls a small image once before anything is timed. Fresh
+ * processes spend their first pull compiling: V8 optimising the peers' code
+ * and undici's WebAssembly HTTP parser, 32 at once on two cores. A
+ * DaemonSet's peers have been up long before a crowd pulls through them.
+ */
+async function warmUp (c: Cluster, dir: string, log: (line: string) => void): Promise<void> {
+  const image = await buildImage(dir, { layers: [MIB, MIB], seed: `bench-cluster-warm-up-${Date.now()}`, tag: 'v1' })
+  const repo = 'bench/cluster-warm-up'
+  await c.push(image, repo)
+  const started = Date.now()
+  const report = await c.pull(repo, 'v1', c.nodes, { deadlineMs: 300_000 })
+  const failed = report.outcomes.filter(o => !o.ok).length
+  if (failed > 0) throw new Error(`cluster warm-up: ${failed} of ${c.nodes.length} pulls failed: ${report.outcomes.find(o => !o.ok)?.error ?? ''}`)
+  await quiesce(c)
+  log(`cluster: warm-up pull of ${(image.totalBytes / MIB).toFixed(1)} MiB by ${c.nodes.length} nodes in ${((Date.now() - started) / 1000).toFixed(1)} s`)
 }
 
 type Counters = Record<string, number>

@@ -27,6 +27,8 @@ export interface ClusterInit {
   links?: Array<LinkShape | undefined>
   /** The origin namespace's link (registry and seed): its `up` is u₀. */
   origin: LinkShape
+  /** The launcher peers and scheduler run (e.g. compiled as the image holds it: test/helpers/compiled.ts); default the sources. */
+  cli?: string
   /** Extra environment of every peer (e.g. the deployed malloc tuning). */
   peerEnv?: Record<string, string>
   /** Extra flags of every peer and the seed. */
@@ -119,10 +121,11 @@ export async function startCluster (init: ClusterInit): Promise<Cluster> {
     const schedulerNode = await network.addNode('scheduler', {})
     registry = await startRegistry({ netns: originNode, host: originNode.address, port: REGISTRY_PORT, metricsPort: REGISTRY_METRICS_PORT })
     const originUrl = registry.url
-    scheduler = await startScheduler({ netns: schedulerNode, host: schedulerNode.address, ports: SCHEDULER_PORTS, env: { DAMSELFLY_CLUSTER_SECRET: secret }, args: ['--log-level', 'warn'] })
+    scheduler = await startScheduler({ ...(init.cli === undefined ? {} : { cli: init.cli }), netns: schedulerNode, host: schedulerNode.address, ports: SCHEDULER_PORTS, env: { DAMSELFLY_CLUSTER_SECRET: secret }, args: ['--log-level', 'warn'] })
     const schedulerAddress = scheduler.address
     const peerOptions = (node: NetnsNode, ports: [number, number, number], seed: boolean): PeerOptions => ({
       name: seed ? 'seed' : node.name,
+      ...(init.cli === undefined ? {} : { cli: init.cli }),
       netns: node,
       host: node.address,
       ports,

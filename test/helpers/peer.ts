@@ -137,11 +137,11 @@ async function startPeerOnce (options: PeerOptions, [port, p2pPort, uploadPort]:
 }
 
 /** Runs `damselfly scheduler` as its own process on loopback. */
-export async function startScheduler (options: { args?: string[], env?: NodeJS.ProcessEnv, host?: string, netns?: Pick<NetnsNode, 'command'>, ports?: [number, number] } = {}): Promise<TestScheduler> {
+export async function startScheduler (options: { args?: string[], env?: NodeJS.ProcessEnv, host?: string, netns?: Pick<NetnsNode, 'command'>, ports?: [number, number], cli?: string } = {}): Promise<TestScheduler> {
   const [port, httpPort] = options.ports ?? await freePorts(2) as [number, number]
   const tmp = await tmpDir('df-scheduler-')
   const host = options.host ?? '127.0.0.1'
-  const args = [CLI, 'scheduler', '--data-dir', tmp.path, '--host', host, '--port', String(port), '--http-host', host, '--http-port', String(httpPort), '--log-level', 'debug', ...(options.args ?? [])]
+  const args = [options.cli ?? CLI, 'scheduler', '--data-dir', tmp.path, '--host', host, '--port', String(port), '--http-host', host, '--http-port', String(httpPort), '--log-level', 'debug', ...(options.args ?? [])]
   const httpUrl = `http://${urlHost(host)}:${httpPort}`
   let proc: Spawned | undefined
   const start = async (): Promise<void> => {
