@@ -77,7 +77,7 @@ export const PeerConfig = Type.Object({
   authCheck: Type.Boolean({ default: true, description: 'Serve cached content only to callers the origin accepts (turn off only for public-only registries)' }),
   authCacheTtl: Duration('60s', 'How long an origin yes/no for (registry, repository, digest, credentials) is reused'),
   authStaleIfError: Duration('10m', 'How old a yes may be and still be used while the origin is unreachable'),
-  uploadConcurrency: Type.Integer({ minimum: 1, maximum: 1024, default: DEFAULTS.uploadConcurrency, description: 'Pieces this peer sends to other peers at once; other requests are answered busy at once, naming peers the piece recently went to' }),
+  uploadConcurrency: Type.Integer({ minimum: 1, maximum: 1024, default: DEFAULTS.uploadConcurrency, description: 'Most pieces this peer sends to other peers at once (fewer while its uplink, as measured, could not send them all within a quarter second; two always); other requests are answered busy at once, naming peers the piece recently went to' }),
   uploadRateLimit: Size('0', 'Bytes per second this peer sends to other peers (0: unlimited)'),
   originRateLimit: Size('0', 'Bytes per second this peer reads from origin registries into its cache, "back to source" (0: unlimited; pass-through registries are not limited)'),
   downloadRateLimit: Size('0', 'Bytes per second this peer takes in, from peers and origins together (0: unlimited)'),
