@@ -9,7 +9,7 @@ import { QueueFullError, isAbort } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
 import { TokenBucket } from '../../src/rate.ts'
 import type { Logger } from '../../src/logger.ts'
-import { Counter, type Registry } from '../../src/metrics.ts'
+import { Counter, Gauge, type Registry } from '../../src/metrics.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
 import { MIN_PIECE_SIZE, choosePieceSize, pieceCount } from '../../src/pieces.ts'
 import { PIECE_HTTP_PEER_HEADER, PIECE_PROTOCOL, PieceRequest, type PieceHint } from '../../src/protocol/messages.ts'
@@ -137,10 +137,16 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   const uploads = new Limiter('upload', concurrency, init.maxQueue ?? 0)
   const bucket = components.rate ?? new TokenBucket(0)
   const pace = new UploadPace({ max: concurrency, min: init.minConcurrency, rate: bucket.rate })
+  /** The size of the latest piece asked for: the slots the gauge reports are for pieces like it. */
+  let pieceBytes = MIN_PIECE_SIZE
   const shutdown = new AbortController()
   const registers = components.metrics === undefined ? undefined : [components.metrics]
   const sent = registers === undefined ? undefined : new Counter({ name: 'damselfly_uploaded_bytes_total', help: 'Piece bytes sent to other peers, by transport (http: the upload port; libp2p: streams)', labelNames: ['transport'], registers })
   const requests = registers === undefined ? undefined : new Counter({ name: 'damselfly_piece_requests_total', help: 'Piece requests from other peers, by answer', labelNames: ['status'], registers })
+  if (registers !== undefined) {
+    void new Gauge({ name: 'damselfly_upload_slots', help: 'Pieces this peer may send at once now, from its uplink\'s measured rate (at most uploadConcurrency)', registers, collect () { this.set(pace.limit(pieceBytes, Date.now())) } })
+    void new Gauge({ name: 'damselfly_upload_rate_bytes', help: 'The upload rate, bytes per second, the slots are worked out from: the best this peer\'s sends reached in the last 30 s, or the upload limit; 0 before any', registers, collect () { this.set(pace.rate(Date.now()) ?? 0) } })
+  }
   const refused = registers === undefined ? undefined : new Counter({ name: 'damselfly_upload_connections_refused_total', help: 'Upload-port connections refused or dropped to stay within the per-address and total limits', registers })
   const secret = init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8')
   let http: Server | undefined
@@ -237,6 +243,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       return (since !== undefined && Date.now() - since < SAME_PIECE_MS) || began.has(key)
     }
     if (init.onePerPiece === true && sentElsewhere()) return busy(request, remotePeer)
+    pieceBytes = data.length
     if (uploads.active >= pace.limit(data.length, Date.now())) return busy(request, remotePeer)
     let freeSlot: () => void
     try {

@@ -3,6 +3,7 @@ import { randomBytes } from 'node:crypto'
 import { request } from 'node:http'
 import { test, type TestContext } from 'node:test'
 import { silentLogger } from '../../src/logger.ts'
+import { createMetricsRegistry, type Registry } from '../../src/metrics.ts'
 import { MIB } from '../../src/pieces.ts'
 import type { P2PNode } from '../../src/p2p/index.ts'
 import { TokenBucket } from '../../src/rate.ts'
@@ -17,9 +18,9 @@ const digest = `sha256:${'cd'.repeat(32)}`
 /** An upload server on loopback holding two pieces, sending at `bytesPerSecond`. */
 interface Answer { status: number, bytes: number, body?: unknown }
 
-async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: number, init: { concurrency?: number, resendMs?: number, clusterSecret?: string, landsInMs?: number } = {}): Promise<{ get: (index: number, headers?: Record<string, string>, waitMs?: number) => Promise<Answer>, abandon: (index: number, headers?: Record<string, string>, waitMs?: number, leaveAfterMs?: number) => Promise<void>, lending: () => { lent: number, givenBack: number } }> {
+async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: number, init: { concurrency?: number, resendMs?: number, clusterSecret?: string, landsInMs?: number, metrics?: Registry } = {}): Promise<{ get: (index: number, headers?: Record<string, string>, waitMs?: number) => Promise<Answer>, abandon: (index: number, headers?: Record<string, string>, waitMs?: number, leaveAfterMs?: number) => Promise<void>, lending: () => { lent: number, givenBack: number } }> {
   const pieces = [randomBytes(MIB), randomBytes(MIB)]
-  const { landsInMs, ...options } = init
+  const { landsInMs, metrics, ...options } = init
   /** Pieces still on their way until then: children waiting for one are all woken at once. */
   const landsAt = Date.now() + (landsInMs ?? 0)
   // One promise per piece, as the acquisition keeps it: every waiter wakes in the same turn.
@@ -44,7 +45,8 @@ async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: num
     },
     tasks: new TaskRegistry(),
     sentFor: () => false,
-    rate: new TokenBucket(bytesPerSecond, { burst: 256 * 1024 })
+    rate: new TokenBucket(bytesPerSecond, { burst: 256 * 1024 }),
+    metrics
   }, { http: { host: '127.0.0.1', port }, onePerPiece, ...options })
   await uploads.start()
   t.after(() => { uploads.stop() })
@@ -180,4 +182,19 @@ test('children waiting for a piece on its way are each lent its bytes and give t
   assert.deepEqual(b, { status: 200, bytes: MIB })
   await new Promise(resolve => setTimeout(resolve, 100))
   assert.deepEqual(lending(), { lent: 4, givenBack: 4 })
+})
+
+test('behind a slow uplink a parent sends two pieces at once and says busy to a third; a fast one sends all three', async (t) => {
+  // 1 MiB/s: one 1 MiB piece takes a second, so only the two sends always allowed may run.
+  const slowMetrics = createMetricsRegistry()
+  const slow = await server(t, false, MIB, { metrics: slowMetrics })
+  const answers = await Promise.all([slow.get(0), slow.get(1), slow.get(0)])
+  assert.deepEqual(answers.map(a => a.status).sort(), [200, 200, 503], JSON.stringify(answers))
+  const gauges = await slowMetrics.getMetricsAsJSON()
+  const value = (name: string): number | undefined => gauges.find(m => m.name === name)?.values[0]?.value
+  assert.equal(value('damselfly_upload_slots'), 2)
+  assert.equal(value('damselfly_upload_rate_bytes'), MIB, 'the upload limit is the rate')
+  // 64 MiB/s sends sixteen 1 MiB pieces in a quarter second: every slot (eight) may run.
+  const fast = await server(t, false, 64 * MIB)
+  assert.deepEqual((await Promise.all([fast.get(0), fast.get(1), fast.get(0)])).map(a => a.status), [200, 200, 200])
 })
