@@ -14,9 +14,9 @@
  * first, within the last `windowMs`: a child that reads slowly lowers a
  * sample, never the maximum; at 100 MiB/s a sample takes 20 ms, not the
  * quarter second that held every peer of a starting swarm to `min` sends
- * (fleet simulation, N = 200: p50 1.60× T* against 1.52×). Until a sample is in, and
- * whatever the rate, `min` sends may run. A configured upload limit is the
- * rate when there is one. Pure: time comes in as arguments.
+ * (fleet simulation, N = 200: p50 1.60× T* against 1.52×). Until a sample
+ * is in, and whatever the rate, `min` sends may run. A configured upload
+ * limit is the rate when there is one. Pure: time comes in as arguments.
  */
 export interface UploadPaceInit {
   /** The most sends at once, whatever the rate (`uploadConcurrency`). */
