@@ -18,29 +18,32 @@ interface Waiter {
 /**
  * A counting semaphore with a bounded, prioritised wait queue. Past
  * `maxQueue` waiters, `acquire` fails at once with `QueueFullError` instead of
- * letting the queue (and the memory behind it) grow.
+ * letting the queue (and the memory behind it) grow. `max` may be a function,
+ * asked at each acquire and release, for a limit that follows a measurement
+ * (the upload pace); it should answer at least 1.
  */
 export class Limiter {
   readonly #name: string
-  readonly #max: number
+  readonly #max: number | (() => number)
   readonly #maxQueue: number
   #active = 0
   #seq = 0
   readonly #queue: Waiter[] = []
 
-  constructor (name: string, max: number, maxQueue: number) {
-    if (!(max >= 1)) throw new RangeError(`${name}: max must be at least 1`)
+  constructor (name: string, max: number | (() => number), maxQueue: number) {
+    if (typeof max === 'number' && !(max >= 1)) throw new RangeError(`${name}: max must be at least 1`)
     this.#name = name
     this.#max = max
     this.#maxQueue = maxQueue
   }
 
   get active (): number { return this.#active }
+  get max (): number { return typeof this.#max === 'number' ? this.#max : this.#max() }
   get queued (): number { return this.#queue.length }
 
   async acquire (options: AcquireOptions = {}): Promise<() => void> {
     options.signal?.throwIfAborted()
-    if (this.#active < this.#max && this.#queue.length === 0) {
+    if (this.#active < this.max && this.#queue.length === 0) {
       this.#active++
       return this.#releaser()
     }
@@ -73,7 +76,7 @@ export class Limiter {
   }
 
   #next (): void {
-    while (this.#active < this.#max && this.#queue.length > 0) {
+    while (this.#active < this.max && this.#queue.length > 0) {
       const waiter = this.#queue.shift() as Waiter
       if (waiter.onAbort !== undefined) waiter.signal?.removeEventListener('abort', waiter.onAbort)
       this.#active++

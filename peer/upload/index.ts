@@ -134,17 +134,18 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   const maxWaitMs = init.maxWaitMs ?? 15_000
   const maxWaits = init.maxWaits ?? 256
   let waits = 0
-  const uploads = new Limiter('upload', concurrency, init.maxQueue ?? 0)
   const bucket = components.rate ?? new TokenBucket(0)
   const pace = new UploadPace({ max: concurrency, min: init.minConcurrency, rate: bucket.rate })
-  /** The size of the latest piece asked for: the slots the gauge reports are for pieces like it. */
+  /** The size of the latest piece asked for: slots (and the gauge) are counted in pieces like it. */
   let pieceBytes = MIN_PIECE_SIZE
+  // The pace is the limiter's own bound, so a queue (maxQueue) waits for a paced slot, as the fleet simulation models it.
+  const uploads = new Limiter('upload', () => pace.limit(pieceBytes, Date.now()), init.maxQueue ?? 0)
   const shutdown = new AbortController()
   const registers = components.metrics === undefined ? undefined : [components.metrics]
   const sent = registers === undefined ? undefined : new Counter({ name: 'damselfly_uploaded_bytes_total', help: 'Piece bytes sent to other peers, by transport (http: the upload port; libp2p: streams)', labelNames: ['transport'], registers })
   const requests = registers === undefined ? undefined : new Counter({ name: 'damselfly_piece_requests_total', help: 'Piece requests from other peers, by answer', labelNames: ['status'], registers })
   if (registers !== undefined) {
-    void new Gauge({ name: 'damselfly_upload_slots', help: 'Pieces this peer may send at once now, from its uplink\'s measured rate (at most uploadConcurrency)', registers, collect () { this.set(pace.limit(pieceBytes, Date.now())) } })
+    void new Gauge({ name: 'damselfly_upload_slots', help: 'Pieces this peer may send at once now, from its uplink\'s measured rate (at most uploadConcurrency)', registers, collect () { this.set(uploads.max) } })
     void new Gauge({ name: 'damselfly_upload_rate_bytes', help: 'The upload rate, bytes per second, the slots are worked out from: the best this peer\'s sends reached in the last 30 s, or the upload limit; 0 before any', registers, collect () { this.set(pace.rate(Date.now()) ?? 0) } })
   }
   const refused = registers === undefined ? undefined : new Counter({ name: 'damselfly_upload_connections_refused_total', help: 'Upload-port connections refused or dropped to stay within the per-address and total limits', registers })
@@ -244,7 +245,6 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     }
     if (init.onePerPiece === true && sentElsewhere()) return busy(request, remotePeer)
     pieceBytes = data.length
-    if (uploads.active >= pace.limit(data.length, Date.now())) return busy(request, remotePeer)
     let freeSlot: () => void
     try {
       const free = await uploads.acquire({ signal })

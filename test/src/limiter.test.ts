@@ -37,3 +37,22 @@ test('an aborted waiter leaves the queue', async () => {
   release()
   assert.equal(limiter.active, 0)
 })
+
+test('a limit given as a function is asked again at each acquire and release: a queue waits for the limit as it is then', async () => {
+  let max = 2
+  const limiter = new Limiter('paced', () => max, 1)
+  const first = await limiter.acquire()
+  const second = await limiter.acquire()
+  max = 1
+  let third = false
+  const waiting = limiter.acquire().then(r => { third = true; return r })
+  await assert.rejects(limiter.acquire(), QueueFullError)
+  first()
+  await new Promise(resolve => setImmediate(resolve))
+  assert.equal(third, false, 'one still running is the limit now')
+  second()
+  ;(await waiting)()
+  assert.equal(third, true)
+  assert.equal(limiter.max, 1)
+  assert.equal(limiter.active, 0)
+})
