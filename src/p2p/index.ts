@@ -16,6 +16,7 @@ import { withDeadline, type AbortOptions } from '../abort.ts'
 import { NotAuthorizedPeerError, PeerUnavailableError, ProtocolError } from '../errors.ts'
 import type { Logger } from '../logger.ts'
 import { JOIN_PROTOCOL, MAX_MESSAGE_BYTES, decode, encode } from '../protocol/messages.ts'
+import { coalescingTransport } from './tcp-writes.ts'
 import { deferWindowUpdates } from './yamux-window.ts'
 
 /**
@@ -138,7 +139,7 @@ export async function createP2PNode (components: P2PNodeComponents, init: P2PNod
   const node: Libp2p = await createLibp2p({
     privateKey,
     addresses: { listen: init.listen, ...(init.announce !== undefined && init.announce.length > 0 ? { announce: init.announce } : {}) },
-    transports: [tcp({ dialOpts: socketOptions, listenOpts: socketOptions, inboundSocketInactivityTimeout: socketIdleMs, outboundSocketInactivityTimeout: socketIdleMs })],
+    transports: [coalescingTransport(tcp({ dialOpts: socketOptions, listenOpts: socketOptions, inboundSocketInactivityTimeout: socketIdleMs, outboundSocketInactivityTimeout: socketIdleMs }))],
     connectionEncrypters,
     // A new stream carries one 1 MiB piece; a window that holds a whole piece
     // lets it flow without waiting on window updates.
