@@ -14,7 +14,7 @@ import { createHash } from 'node:crypto'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
-import { performance } from 'node:perf_hooks'
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks'
 import { setTimeout as sleep, setImmediate as tick } from 'node:timers/promises'
 import { silentLogger } from '../src/logger.ts'
 import { createP2PNode, type P2PNode } from '../src/p2p/index.ts'
@@ -60,6 +60,8 @@ export interface LatencyResult {
   withParents: number
   /** Plans that sent the requester to the origin for some of its window. */
   withAssigned: number
+  /** This generator's own event-loop delay through the loop, in ms: latency the measuring side adds. */
+  loop?: { p99: number, max: number }
 }
 
 const ORIGIN: OriginRef = { registry: 'https://registry.bench.example', repo: 'bench/app', kind: 'blob' }
@@ -263,6 +265,8 @@ async function openLoop ({ active: count, rate, seconds, graceMs }: { active: nu
   const result = emptyResult()
   if (live.length === 0) return result
   const inFlight = new Map<Promise<void>, number>()
+  const delay = monitorEventLoopDelay({ resolution: 1 })
+  delay.enable()
   const started = performance.now()
   const total = Math.round(rate * seconds)
   while (result.sent < total) {
@@ -288,6 +292,8 @@ async function openLoop ({ active: count, rate, seconds, graceMs }: { active: nu
     result.latencies.push(now - at)
   }
   inFlight.clear()
+  delay.disable()
+  result.loop = { p99: delay.percentile(99) / 1e6, max: delay.max / 1e6 }
   result.seconds = (now - started) / 1000
   return result
 }

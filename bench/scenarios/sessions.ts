@@ -148,6 +148,8 @@ interface Loop {
   schedulerMsPer: number
   /** Load-generator CPU per answered request, in ms. */
   generatorMsPer: number
+  /** The generators' own event-loop delay through an open loop (the worst of them), in ms: latency the measuring side adds. */
+  generatorLoop?: { p99: number, max: number }
   /** The sessions after the loop. */
   census: Census
 }
@@ -480,8 +482,15 @@ async function summarize (dep: Deployment, runs: Run[]): Promise<Loop> {
     cores,
     schedulerMsPer: ok > 0 ? round(schedulerCpu * 1000 / ok, 3) : NaN,
     generatorMsPer: ok > 0 ? round((cpu.generators ?? 0) * 1000 / ok, 3) : NaN,
+    ...generatorLoop(results),
     census: await census(dep)
   }
+}
+
+function generatorLoop (results: LatencyResult[]): { generatorLoop?: { p99: number, max: number } } {
+  const loops = results.flatMap(r => r.loop === undefined ? [] : [r.loop])
+  if (loops.length === 0) return {}
+  return { generatorLoop: { p99: round(Math.max(...loops.map(l => l.p99)), 2), max: round(Math.max(...loops.map(l => l.max)), 2) } }
 }
 
 interface Census {
@@ -520,6 +529,7 @@ function fmt (cores: Cores): string {
 function fmtLoop (l: Loop): string {
   return `${l.ok}/${l.sent} ok (${l.errors} errors${l.firstError === undefined ? '' : `: ${l.firstError}`}), ${Math.round(l.rate)}/s, p50 ${l.p50.toFixed(2)} ms, p99 ${l.p99.toFixed(2)} ms, ` +
     `scheduler CPU ${l.schedulerMsPer.toFixed(2)} ms and generator CPU ${l.generatorMsPer.toFixed(2)} ms each; cores ${fmt(l.cores)}; ` +
+    (l.generatorLoop === undefined ? '' : `generators' event-loop delay p99 ${l.generatorLoop.p99.toFixed(1)} ms, max ${l.generatorLoop.max.toFixed(1)} ms; `) +
     `sessions up ${l.census.up} (${l.census.drops} drops so far; the schedulers saw ${l.census.joined} sessions start, ${l.census.left} end)`
 }
 
