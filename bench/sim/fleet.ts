@@ -69,6 +69,8 @@ export interface PeerModel {
   minAnnounceIntervalMs: number
   loadIntervalMs: number
   maxRunPieces: number
+  /** Past patience, wait again for a first fetcher that is still landing pieces instead of leaving it for the origin (fetcher `stillComing`). */
+  waitProgressing: boolean
   /** A seed sends a piece to one child at a time, refusing others (busy) for up to this long; 0: off (upload `onePerPiece`). */
   samePieceMs: number
 }
@@ -95,7 +97,8 @@ export const PEER_DEFAULTS: PeerModel = {
   flushMs: 20,
   minAnnounceIntervalMs: 100,
   loadIntervalMs: 2_000,
-  maxRunPieces: 64
+  maxRunPieces: 64,
+  waitProgressing: true
 }
 
 export interface FleetConfig {
@@ -631,7 +634,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
 
   // ——— The fetcher (peer/swarm/fetcher.ts). ———
 
-  interface Op { n: Node, i: number, lastWanted: number, startedAt: number, round: number, pauses: number, exclude: Set<number> }
+  interface Op { n: Node, i: number, lastWanted: number, startedAt: number, round: number, pauses: number, exclude: Set<number>, progress?: Map<number, { held: number, since: number }> }
 
   function dropPlan (n: Node, p: Plan): void {
     const block = Math.floor(p.first / m.window)
@@ -698,7 +701,10 @@ export function simulateFleet (config: FleetConfig): FleetResult {
         const delay = Math.min(2_000, 100 * 2 ** op.pauses++)
         const pause = delay / 2 + random() * delay
         const patience = op.startedAt + m.busyPatienceMs - now
-        if (pause < patience) {
+        // Past patience, a first fetcher still taking the blob from the origin is waited for again while it makes
+        // progress (peer/swarm/fetcher.ts `stillComing`): going to the origin too would only split its uplink.
+        const coming = pause >= patience && m.waitProgressing && fetchers.length > 0 && stillComing(op, fetchers)
+        if (pause < patience || (coming && holders.length === 0)) {
           after(pause, () => {
             if (n.gone) return
             dropPlan(n, p)
@@ -706,11 +712,25 @@ export function simulateFleet (config: FleetConfig): FleetResult {
           })
           return
         }
-        after(Math.max(0, patience), () => { if (!n.gone) nextRound(op, p, holders, fetchers) })
+        // Busy holders are passed over for the next round; a first fetcher still landing pieces is not.
+        after(Math.max(0, patience), () => { if (!n.gone) nextRound(op, p, holders, coming ? [] : fetchers) })
         return
       }
       nextRound(op, p, holders, fetchers)
     })
+  }
+
+  /** fetcher.ts `stillComing`: whether any of these first fetchers landed a piece of the blob within `inProgressWaitMs`, as far as this piece has seen. */
+  function stillComing (op: Op, fetchers: SimParent[]): boolean {
+    const seen = op.progress ??= new Map()
+    let more = false
+    for (const x of fetchers) {
+      const held = x.held?.size ?? 0
+      const before = seen.get(x.node.i)
+      if (before === undefined || held > before.held) seen.set(x.node.i, { held, since: now })
+      if (now - (seen.get(x.node.i) as { since: number }).since < m.inProgressWaitMs) more = true
+    }
+    return more
   }
 
   function nextRound (op: Op, p: Plan, holders: SimParent[], fetchers: SimParent[]): void {

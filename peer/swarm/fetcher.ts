@@ -138,7 +138,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         planRetries: new Counter({ name: 'damselfly_scheduler_plan_retries_total', help: 'Plans asked for again because the connected scheduler did not answer in time', registers }),
         fallbacks: new Counter({ name: 'damselfly_swarm_origin_fallbacks_total', help: 'Pieces fetched from the origin because the swarm could not deliver them', labelNames: ['reason'], registers }),
         hints: new Counter({ name: 'damselfly_piece_hints_followed_total', help: 'Peers asked for a piece because a busy parent said it had sent them that piece', registers }),
-        parentsBusy: new Counter({ name: 'damselfly_parents_busy_total', help: 'Pauses before asking parents again because they were busy or had not got a piece yet', registers })
+        parentsBusy: new Counter({ name: 'damselfly_parents_busy_total', help: 'Pauses before asking parents again because they were busy or had not got a piece yet', registers }),
+        stillComing: new Counter({ name: 'damselfly_first_fetcher_waits_total', help: 'Waits, past the patience for busy parents, for a first fetcher still taking the blob from the origin (instead of the origin)', registers })
       }
 
   /**
@@ -403,6 +404,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
   async function fetchPatiently (ctx: PieceSourceContext, index: number, options: AbortOptions, patience: AbortSignal): Promise<RemotePiece | OriginDirective> {
     const { task } = ctx
     const exclude = new Set<string>()
+    /** How much of the blob each first fetcher held when this piece last looked, and since when. */
+    const progress = new Map<string, Progress>()
     let pauses = 0
     for (let round = 0; round < 3; round++) {
       let p = round === 0 ? cachedPlan(task.digest, index, ctx.whole) : undefined
@@ -424,6 +427,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       const confirmedEntry = ctx.whole || (p.digests.has(index) && !p.provisional.has(index))
       const holders = confirmedEntry ? p.parents.filter(x => usable(x) && (x.info.complete || x.held?.has(index) === true)) : []
       const fetchers = p.parents.filter(x => usable(x) && !holders.includes(x) && (confirmedEntry ? x.fetching : x.confirming)?.has(index) === true)
+      /** Whether its first fetchers were still landing pieces when patience ran out: they are not passed over. */
+      let coming = false
       if (holders.length + fetchers.length > 0) {
         // A hinted peer's bytes come from whoever sent them: fine for a whole read (or a confirmed entry), not for a range that needs a confirmer.
         const piece = await fromParents(task, index, p, holders, fetchers, confirmedEntry && components.http !== undefined, options)
@@ -437,13 +442,28 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
             round--
             continue
           }
+          // Past patience, a first fetcher still landing pieces of the blob is waited for again: it is taking
+          // this piece from the origin too, and a second reader there only splits the origin's uplink. With a
+          // slow origin and a large blob the pieces far ahead came after the patience ran out, every child
+          // went to the origin for them, and the swarm fell apart (fleet simulation: origin 7.5× a 256 MiB
+          // layer behind 4 MiB/s, nobody done in 8× T*; waiting, all done and no origin fallbacks). One that
+          // stopped landing pieces is left as before; the scheduler drops it in any case once its lease lapses.
+          coming = fetchers.length > 0 && stillComing(progress, fetchers, Date.now(), inProgressWaitMs)
+          if (coming && holders.length === 0) {
+            m?.stillComing.inc()
+            await sleep(delay / 2 + Math.random() * delay, undefined, options)
+            plans.delete(p.key)
+            round--
+            continue
+          }
         } else if (piece !== undefined) {
           return piece
         }
         options.signal?.throwIfAborted()
       }
       for (const x of p.parents) if (!usable(x)) exclude.add(x.info.peerId)
-      for (const x of [...holders, ...fetchers]) exclude.add(x.info.peerId)
+      // Busy holders are passed over in the next round; a first fetcher still landing pieces is not.
+      for (const x of coming ? holders : [...holders, ...fetchers]) exclude.add(x.info.peerId)
       plans.delete(p.key)
     }
     m?.fallbacks.inc({ reason: 'no-parent' })
@@ -494,6 +514,31 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       }
     }
   }
+}
+
+/** How much of a blob a first fetcher held at a look, and when that last grew (or was first seen). */
+export interface Progress {
+  held: number
+  since: number
+}
+
+/**
+ * Whether any of these first fetchers has landed a piece of the blob within
+ * `stallMs`, as far as the looks so far show (a first look counts as one).
+ * `progress` keeps what each held, by peer id.
+ */
+export function stillComing (progress: Map<string, Progress>, fetchers: ReadonlyArray<{ info: { peerId: string }, held: { size: number } | undefined }>, now: number, stallMs: number): boolean {
+  let more = false
+  for (const x of fetchers) {
+    const held = x.held?.size ?? 0
+    let seen = progress.get(x.info.peerId)
+    if (seen === undefined || held > seen.held) {
+      seen = { held, since: now }
+      progress.set(x.info.peerId, seen)
+    }
+    if (now - seen.since < stallMs) more = true
+  }
+  return more
 }
 
 /** A piece response that goes quiet this long fails. */

@@ -39,3 +39,19 @@ test('behind slow links a parent sends as many pieces at once as its uplink can 
   assert.ok(p50(unpaced) >= 2.4, `every slot at once: p50 ${p50(unpaced).toFixed(2)}× T*`)
   assert.ok(paced.originRatio <= 1.05, `origin ${paced.originRatio}× the blob`)
 })
+
+test('behind a slow origin a large blob still comes from the swarm: children wait for a first fetcher that is still landing pieces', () => {
+  // A seed taking 48 MiB from an origin at 1 MiB/s lands its last pieces 48 s in, long past a child's 20 s of
+  // patience with parents that have not got a piece yet.
+  const run = (peer: Partial<PeerModel>): ReturnType<typeof simulateFleet> => simulateFleet({
+    ...FLEET_DEFAULTS, nodes: 8, blobBytes: 48 * MIB, nodeUp: 2 * MIB, nodeDown: 2 * MIB, seedUp: 1 * MIB, seedDown: 16 * MIB, originUp: 1 * MIB, latencyMs: 2, horizon: 8, peer: { ...PEER_DEFAULTS, ...peer }
+  })
+  const waiting = run({})
+  const leaving = run({ waitProgressing: false })
+  assert.equal(waiting.unfinished, 0)
+  assert.equal(waiting.counts.fallbacks, 0, 'no child gave up on the swarm for the origin')
+  assert.ok(waiting.originRatio <= 1.6, `waiting: origin ${waiting.originRatio.toFixed(2)}× the blob`)
+  assert.ok(waiting.slowest / waiting.tStarMs <= 1.7, `waiting: slowest ${(waiting.slowest / waiting.tStarMs).toFixed(2)}× T*`)
+  // Leaving it for the origin once patience ran out: the children read the origin beside the seed.
+  assert.ok((leaving.counts.fallbacks ?? 0) > 0 && leaving.originRatio >= 2, `leaving: ${leaving.counts.fallbacks} fallbacks, origin ${leaving.originRatio.toFixed(2)}× the blob`)
+})

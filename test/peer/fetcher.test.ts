@@ -1,13 +1,13 @@
 import assert from 'node:assert/strict'
 import { createHash } from 'node:crypto'
 import { test } from 'node:test'
-import { PeerBusyError, SchedulerUnavailableError } from '../../src/errors.ts'
+import { PeerBusyError, PieceNotHeldError, SchedulerUnavailableError } from '../../src/errors.ts'
 import { silentLogger } from '../../src/logger.ts'
 import { createMetricsRegistry } from '../../src/metrics.ts'
 import type { P2PNode } from '../../src/p2p/index.ts'
 import type { ParentsResponse, SchedulerRequest } from '../../src/protocol/messages.ts'
 import { MIB, PieceSet } from '../../src/pieces.ts'
-import { createPieceFetcher, holderOrder, type PieceFetcher } from '../../peer/swarm/fetcher.ts'
+import { createPieceFetcher, holderOrder, stillComing, type PieceFetcher, type Progress } from '../../peer/swarm/fetcher.ts'
 import type { PieceHttpClient } from '../../peer/swarm/piece-http.ts'
 import type { SchedulerClient } from '../../peer/swarm/scheduler-client.ts'
 import type { SwarmTask } from '../../peer/swarm/source.ts'
@@ -252,4 +252,49 @@ test('a hinted peer that stalls holds the piece up only until the next is asked 
   const got = await fetcher.fetch({ task, lastWanted: 99, whole: true }, 0, {})
   assert.equal(got.kind, 'piece')
   assert.ok(Date.now() - started < 3_000, `took ${Date.now() - started} ms`)
+})
+
+test('past its patience a node waits again for a first fetcher still landing pieces of the blob, and leaves one that stopped for the origin', async () => {
+  const piece = Buffer.alloc(MIB, 5)
+  const hex = createHash('sha256').update(piece).digest('hex')
+  /** The seed's progress: pieces 0..landed-1 held, the rest on their way from the origin. */
+  let landed = 1
+  let progressing = true
+  const client = planning(() => {
+    if (progressing) landed += 8
+    const held = Array.from({ length: landed }, (_, k) => k)
+    const fetching = Array.from({ length: 100 - landed }, (_, k) => landed + k)
+    return { ok: true, pieceSize: MIB, pieceCount: 100, parents: [{ peerId: 'seed', addrs: [], upload: ['http://127.0.0.1:1'], seed: true, complete: false, held: heldBy(...held), fetching: heldBy(...fetching) }], digests: [[40, hex]], assigned: [] }
+  })
+  const http: PieceHttpClient = {
+    async fetch (_parent, request) {
+      if (landed > request.index) return { data: Buffer.from(piece) }
+      // Not there yet: a parent that waited its time and still has not got it.
+      await new Promise(resolve => setTimeout(resolve, 20))
+      throw new PieceNotHeldError(`piece ${request.index} not here yet`)
+    },
+    async close () {}
+  }
+  const metrics = createMetricsRegistry()
+  const fetcher = createPieceFetcher({ logger: silentLogger(), node: { peerId: 'self' } as unknown as P2PNode, client, http, metrics }, { busyPatienceMs: 200, inProgressWaitMs: 300 })
+  const waits = async (): Promise<number> => (await metrics.getMetricsAsJSON()).find(x => x.name === 'damselfly_first_fetcher_waits_total')?.values[0]?.value ?? 0
+  // Piece 40 lands five plans in, past 200 ms of patience: still from the swarm.
+  const got = await fetcher.fetch({ task, lastWanted: 99, whole: true }, 40, { signal: AbortSignal.timeout(60_000) })
+  assert.equal(got.kind, 'piece')
+  assert.ok(await waits() > 0, 'it waited past its patience, and counted it')
+  // A first fetcher that has landed nothing more for the in-progress wait (300 ms here) is not waited for again: the node goes to the origin.
+  progressing = false
+  const stuck = await fetcher.fetch({ task, lastWanted: 99, whole: true }, 90, { signal: AbortSignal.timeout(60_000) })
+  assert.equal(stuck.kind, 'origin')
+})
+
+test('a first fetcher counts as still coming while it landed a piece within the in-progress wait, as the looks show', () => {
+  const progress = new Map<string, Progress>()
+  const seed = (held: number): { info: { peerId: string }, held: { size: number } } => ({ info: { peerId: 'seed' }, held: { size: held } })
+  assert.equal(stillComing(progress, [seed(3)], 0, 1_000), true, 'a first look counts')
+  assert.equal(stillComing(progress, [seed(3)], 900, 1_000), true, 'nothing new, but within the wait')
+  assert.equal(stillComing(progress, [seed(3)], 1_000, 1_000), false, 'nothing new for the whole wait')
+  assert.equal(stillComing(progress, [seed(4)], 1_500, 1_000), true, 'a piece landed: the wait starts again')
+  assert.equal(stillComing(progress, [seed(4), { info: { peerId: 'other' }, held: undefined }], 2_600, 1_000), true, 'another fetcher, seen for the first time')
+  assert.equal(stillComing(progress, [seed(4)], 2_600, 1_000), false)
 })
