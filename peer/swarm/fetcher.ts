@@ -406,6 +406,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     const exclude = new Set<string>()
     /** How much of the blob each first fetcher held when this piece last looked, and since when. */
     const progress = new Map<string, Progress>()
+    const began = Date.now()
     let pauses = 0
     for (let round = 0; round < 3; round++) {
       let p = round === 0 ? cachedPlan(task.digest, index, ctx.whole) : undefined
@@ -448,7 +449,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
           // went to the origin for them, and the swarm fell apart (fleet simulation: origin 7.5× a 256 MiB
           // layer behind 4 MiB/s, nobody done in 8× T*; waiting, all done and no origin fallbacks). One that
           // stopped landing pieces is left as before; the scheduler drops it in any case once its lease lapses.
-          coming = fetchers.length > 0 && stillComing(progress, fetchers, Date.now(), inProgressWaitMs)
+          // Bounded all the same: a member appointed first fetcher could trickle out other pieces to keep the crowd waiting.
+          coming = fetchers.length > 0 && Date.now() - began < FIRST_FETCHER_WAIT_MS && stillComing(progress, fetchers, Date.now(), inProgressWaitMs)
           if (coming && holders.length === 0) {
             m?.stillComing.inc()
             await sleep(delay / 2 + Math.random() * delay, undefined, options)
@@ -553,6 +555,8 @@ export function stillComing (progress: Map<string, Progress>, fetchers: Readonly
 
 /** Times the rounds start over, with nobody passed over, before a piece is taken from the origin. */
 const LOOK_AGAIN = 2
+/** Longest a look waits for a first fetcher that is still landing pieces (a 1 GiB layer at 6 MiB/s). */
+const FIRST_FETCHER_WAIT_MS = 180_000
 
 /** A piece response that goes quiet this long fails. */
 const STALL_MS = 10_000
