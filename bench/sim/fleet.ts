@@ -71,8 +71,6 @@ export interface PeerModel {
   maxRunPieces: number
   /** Past patience, wait again for a first fetcher that is still landing pieces instead of leaving it for the origin (fetcher `stillComing`). */
   waitProgressing: boolean
-  /** Times the rounds start over, with nobody passed over, before a piece is taken from the origin (fetcher `LOOK_AGAIN`). */
-  lookAgain: number
   /** A seed sends a piece to one child at a time, refusing others (busy) for up to this long; 0: off (upload `onePerPiece`). */
   samePieceMs: number
 }
@@ -100,8 +98,7 @@ export const PEER_DEFAULTS: PeerModel = {
   minAnnounceIntervalMs: 100,
   loadIntervalMs: 2_000,
   maxRunPieces: 64,
-  waitProgressing: true,
-  lookAgain: 2
+  waitProgressing: true
 }
 
 export interface FleetConfig {
@@ -609,7 +606,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     if (n.have[i] !== 0 || n.gone) return
     n.have[i] = 1
     n.underway++
-    step({ n, i, lastWanted, startedAt: now, round: 0, pauses: 0, exclude: new Set(), cycles: 0 })
+    step({ n, i, lastWanted, startedAt: now, round: 0, pauses: 0, exclude: new Set() })
   }
 
   /** An origin request for pieces first..last (those nobody here is getting), landing one by one. */
@@ -637,7 +634,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
 
   // ——— The fetcher (peer/swarm/fetcher.ts). ———
 
-  interface Op { n: Node, i: number, lastWanted: number, startedAt: number, round: number, pauses: number, exclude: Set<number>, progress?: Map<number, { held: number, since: number }>, cycles: number }
+  interface Op { n: Node, i: number, lastWanted: number, startedAt: number, round: number, pauses: number, exclude: Set<number>, progress?: Map<number, { held: number, since: number }> }
 
   function dropPlan (n: Node, p: Plan): void {
     const block = Math.floor(p.first / m.window)
@@ -744,16 +741,6 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     dropPlan(n, p)
     op.round++
     counts.rounds++
-    // Rounds used up: the whole round again, with nobody passed over and fresh patience, before the origin (fetcher `fetch`).
-    if (op.round >= 3 && op.cycles < m.lookAgain) {
-      op.cycles++
-      op.round = 0
-      op.exclude.clear()
-      op.startedAt = now
-      op.pauses = 0
-      after(100 + random() * 100, () => { if (!n.gone) step(op) })
-      return
-    }
     if (op.round >= 3) {
       counts.fallbacks++
       originRun(n, i, i)

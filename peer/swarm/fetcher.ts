@@ -400,8 +400,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     tables.delete(digest)
   }
 
-  /** The plan-and-fetch rounds of `fetch`, within `patience` for parents that were busy; undefined when they were used up. */
-  async function fetchPatiently (ctx: PieceSourceContext, index: number, options: AbortOptions, patience: AbortSignal): Promise<RemotePiece | OriginDirective | undefined> {
+  /** The plan-and-fetch rounds of `fetch`, within `patience` for parents that were busy. */
+  async function fetchPatiently (ctx: PieceSourceContext, index: number, options: AbortOptions, patience: AbortSignal): Promise<RemotePiece | OriginDirective> {
     const { task } = ctx
     const exclude = new Set<string>()
     /** How much of the blob each first fetcher held when this piece last looked, and since when. */
@@ -468,7 +468,8 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
       for (const x of coming ? holders : [...holders, ...fetchers]) exclude.add(x.info.peerId)
       plans.delete(p.key)
     }
-    return undefined
+    m?.fallbacks.inc({ reason: 'no-parent' })
+    return { kind: 'origin', upTo: index }
   }
 
   return {
@@ -506,24 +507,13 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
         m?.fallbacks.inc({ reason: 'no-scheduler' })
         return { kind: 'origin', upTo: ctx.lastWanted }
       }
-      // Parents that were busy or not ready yet are asked again, after a pause, before the origin is; and when
-      // the rounds are used up, the whole of them again with nobody passed over: the origin is the last resort
-      // while the swarm has the piece or is getting it (fleet simulation, 200 peers behind a 4 MiB/s origin:
-      // without the second look they read it on their own after three rounds, 7.5x the layer).
-      for (let look = 0; ; look++) {
-        const patient = deadline([options.signal], busyPatienceMs, 'busy parents')
-        let got: RemotePiece | OriginDirective | undefined
-        try {
-          got = await fetchPatiently(ctx, index, options, patient.signal)
-        } finally {
-          patient.clear()
-        }
-        if (got !== undefined) return got
-        if (look >= LOOK_AGAIN) break
-        await sleep(100 + Math.random() * 100, undefined, options)
+      // Parents that were busy or not ready yet are asked again, after a pause, before the origin is.
+      const patient = deadline([options.signal], busyPatienceMs, 'busy parents')
+      try {
+        return await fetchPatiently(ctx, index, options, patient.signal)
+      } finally {
+        patient.clear()
       }
-      m?.fallbacks.inc({ reason: 'no-parent' })
-      return { kind: 'origin', upTo: index }
     }
   }
 }
@@ -553,9 +543,7 @@ export function stillComing (progress: Map<string, Progress>, fetchers: Readonly
   return more
 }
 
-/** Times the rounds start over, with nobody passed over, before a piece is taken from the origin. */
-const LOOK_AGAIN = 2
-/** Longest a look waits for a first fetcher that is still landing pieces (a 1 GiB layer at 6 MiB/s). */
+/** Longest a piece waits for a first fetcher that is still landing pieces (a 1 GiB layer at 6 MiB/s). */
 const FIRST_FETCHER_WAIT_MS = 180_000
 
 /** A piece response that goes quiet this long fails. */

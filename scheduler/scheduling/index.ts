@@ -182,11 +182,7 @@ export function createScheduling (state: SwarmState, init: SchedulingInit = {}):
       const a = task.assignee?.[i] ?? 0
       const assignee = a === 0 ? undefined : state.hostBySlot(a - 1)
       if (assignee === requester) { mine.push(i); continue }
-      // A live first fetcher is named even to a requester that passed it over: it is the one reading this piece
-      // from the origin, and sending the requester there too (as it once did) made a second reader beside it,
-      // which behind a slow origin slowed it and sent more requesters there (fleet simulation: 200 peers, a
-      // 256 MiB layer behind 4 MiB/s, origin 2.2x the layer, 1.1x with this and the fetcher's second look).
-      const fetching = a !== 0 && (task.assignedUntil?.[i] ?? 0) > t && assignee !== undefined && assignee.barredUntil <= t
+      const fetching = a !== 0 && (task.assignedUntil?.[i] ?? 0) > t && usable(assignee, requester, exclude, t)
       if (fetching) addTo(inProgress, assignee.slot, task.pieceCount, i)
       if (trusted) continue
       needsConfirmer.add(i)

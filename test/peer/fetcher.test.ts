@@ -298,32 +298,3 @@ test('a first fetcher counts as still coming while it landed a piece within the 
   assert.equal(stillComing(progress, [seed(4), { info: { peerId: 'other' }, held: undefined }], 2_600, 1_000), true, 'another fetcher, seen for the first time')
   assert.equal(stillComing(progress, [seed(4)], 2_600, 1_000), false)
 })
-
-test('when the rounds are used up the node looks again, passing nobody over, before it takes a piece from the origin', async () => {
-  const piece = Buffer.alloc(MIB, 6)
-  const hex = createHash('sha256').update(piece).digest('hex')
-  const client = planning(() => ({ ok: true, pieceSize: MIB, pieceCount: 100, parents: [{ peerId: 'a', addrs: [], upload: ['http://127.0.0.1:1'], seed: false, complete: true }], digests: [[7, hex]], assigned: [] }))
-  let busyFor = 2
-  let asked = 0
-  const http: PieceHttpClient = {
-    async fetch () {
-      asked++
-      if (asked <= busyFor) throw new PeerBusyError('a answered busy', [])
-      return { data: Buffer.from(piece) }
-    },
-    async close () {}
-  }
-  const metrics = createMetricsRegistry()
-  const fetcher = createPieceFetcher({ logger: silentLogger(), node: { peerId: 'self' } as unknown as P2PNode, client, http, metrics }, { busyPatienceMs: 30 })
-  const fallbacks = async (): Promise<number> => (await metrics.getMetricsAsJSON()).find(x => x.name === 'damselfly_swarm_origin_fallbacks_total')?.values.reduce((sum, v) => sum + v.value, 0) ?? 0
-  // Busy through the first look (then passed over for its other rounds) and the second: the third gets the piece.
-  assert.equal((await fetcher.fetch({ task, lastWanted: 99, whole: true }, 7, {})).kind, 'piece')
-  assert.equal(asked, 3)
-  assert.equal(await fallbacks(), 0)
-  // Busy through every look: the origin, counted.
-  asked = 0
-  busyFor = Infinity
-  assert.equal((await fetcher.fetch({ task, lastWanted: 99, whole: true }, 7, {})).kind, 'origin')
-  assert.equal(asked, 3, 'once a look')
-  assert.equal(await fallbacks(), 1)
-})

@@ -69,21 +69,3 @@ test('peers holding the piece asked for come before the seed and before peers th
   assert.ok(first.every(p => p.startsWith('now-')), `the first parents hold piece 5: ${first.join(', ')}`)
   assert.ok(parents.some(p => p.peerId === 'seed' || p.peerId.startsWith('later-')), 'the others are still offered for the pieces after it')
 })
-
-test('a first fetcher still on its lease is named even to a child that passed it over, and no second one is appointed beside it', () => {
-  const { state, task, scheduling } = world()
-  const seed = host(state, 'seed', true)
-  // A child's plan appoints the seed for the whole blob; it has landed the first two pieces.
-  const first = host(state, 'first-child')
-  scheduling.plan(task, first, 0, PIECES - 1, new Set())
-  assert.equal(task.assignee?.[5], seed.slot + 1, 'the seed was sent to the origin for piece 5')
-  holds(state, seed, [0, 1])
-  // Another child waited on the seed for piece 5 past its patience and passed it over.
-  const child = host(state, 'child')
-  const plan = scheduling.plan(task, child, 5, PIECES - 1, new Set(['seed']))
-  // Before, the piece counted as nobody's and the child was sent to the origin too: a second reader beside the seed.
-  assert.deepEqual(plan.assigned, [], 'the child is not sent to the origin')
-  assert.equal(task.assignee?.[5], seed.slot + 1, 'the seed keeps piece 5')
-  const named = plan.parents.find(p => p.peerId === 'seed')
-  assert.ok(named?.fetching !== undefined, 'the seed is named, as fetching the piece')
-})
