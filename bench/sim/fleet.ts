@@ -9,7 +9,7 @@ import { createEventClock } from '../../scheduler/swarm/clock.ts'
 import type { Effect, SwarmEvent } from '../../scheduler/swarm/events.ts'
 import { createSwarmMachine, type Outcome } from '../../scheduler/swarm/machine.ts'
 import { createTrustKeeper } from '../../scheduler/swarm/trust.ts'
-import { holderOrder } from '../../peer/swarm/fetcher.ts'
+import { holderOrder, stillComing as fetcherStillComing, type Progress } from '../../peer/swarm/fetcher.ts'
 import { UploadPace } from '../../peer/upload/pace.ts'
 import { EventQueue, type Timer } from './heap.ts'
 import { Network } from './network.ts'
@@ -634,7 +634,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
 
   // ——— The fetcher (peer/swarm/fetcher.ts). ———
 
-  interface Op { n: Node, i: number, lastWanted: number, startedAt: number, round: number, pauses: number, exclude: Set<number>, progress?: Map<number, { held: number, since: number }> }
+  interface Op { n: Node, i: number, lastWanted: number, startedAt: number, round: number, pauses: number, exclude: Set<number>, progress?: Map<string, Progress> }
 
   function dropPlan (n: Node, p: Plan): void {
     const block = Math.floor(p.first / m.window)
@@ -720,17 +720,10 @@ export function simulateFleet (config: FleetConfig): FleetResult {
     })
   }
 
-  /** fetcher.ts `stillComing`: whether any of these first fetchers landed a piece of the blob within `inProgressWaitMs`, as far as this piece has seen. */
+  /** The fetcher's own rule (peer/swarm/fetcher.ts `stillComing`), over this piece's looks so far. */
   function stillComing (op: Op, fetchers: SimParent[]): boolean {
-    const seen = op.progress ??= new Map()
-    let more = false
-    for (const x of fetchers) {
-      const held = x.held?.size ?? 0
-      const before = seen.get(x.node.i)
-      if (before === undefined || held > before.held) seen.set(x.node.i, { held, since: now })
-      if (now - (seen.get(x.node.i) as { since: number }).since < m.inProgressWaitMs) more = true
-    }
-    return more
+    op.progress ??= new Map()
+    return fetcherStillComing(op.progress, fetchers.map(x => ({ info: { peerId: x.node.peerId }, held: x.held })), now, m.inProgressWaitMs)
   }
 
   function nextRound (op: Op, p: Plan, holders: SimParent[], fetchers: SimParent[]): void {
