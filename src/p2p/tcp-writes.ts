@@ -48,6 +48,12 @@ export function coalesceWrites (maConn: unknown): void {
   }
 }
 
+/** What a proxy passes through untouched: the target's own property, its methods bound to it. */
+function passThrough (target: object, prop: string | symbol): unknown {
+  const value: unknown = Reflect.get(target, prop, target)
+  return typeof value === 'function' ? value.bind(target) : value
+}
+
 function wrapUpgrader (upgrader: Upgrader): Upgrader {
   return new Proxy(upgrader, {
     get (target, prop) {
@@ -58,8 +64,7 @@ function wrapUpgrader (upgrader: Upgrader): Upgrader {
           return upgrade(maConn, options)
         }
       }
-      const value: unknown = Reflect.get(target, prop, target)
-      return typeof value === 'function' ? value.bind(target) : value
+      return passThrough(target, prop)
     }
   })
 }
@@ -78,8 +83,7 @@ export function coalescingTransport<C> (make: (components: C) => Transport): (co
           return (options: Parameters<Transport['createListener']>[0]) =>
             target.createListener({ ...options, upgrader: wrapUpgrader(options.upgrader) })
         }
-        const value: unknown = Reflect.get(target, prop, target)
-        return typeof value === 'function' ? value.bind(target) : value
+        return passThrough(target, prop)
       }
     })
   }
