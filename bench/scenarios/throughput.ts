@@ -46,7 +46,7 @@ export const throughput: Scenario = {
       const port = await portOf(plain, 'the plain HTTP server')
       const plainPid = plain.child.pid as number
       // The bare relay takes the blob from the plain server, as the child takes it from the warm parent.
-      floor = spawnProcess(process.execPath, [fileURLToPath(new URL('../relay-floor.ts', import.meta.url)), layer.path, `http://127.0.0.1:${port}/blob`])
+      floor = spawnProcess(process.execPath, [fileURLToPath(new URL('../relay-floor.ts', import.meta.url)), layer.path, `127.0.0.1:${port}`])
       const floorPort = await portOf(floor, 'the bare relay')
       const floorPid = floor.child.pid as number
       const bareRelay = async (): Promise<Measured> => measure(size, [floorPid], async () => fetchVerified(`http://127.0.0.1:${floorPort}/blob`, digest))
