@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto'
-import { closeSync, createReadStream, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs'
+import { closeSync, createReadStream, mkdtempSync, openSync, rmSync, unlinkSync, writeSync } from 'node:fs'
 import { createServer } from 'node:http'
 import { connect, type AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -39,8 +39,16 @@ const digest = whole.digest()
 const dir = mkdtempSync(path.join(tmpdir(), 'df-relay-floor-'))
 const free: Buffer[] = Array.from({ length: BUFFERS }, () => Buffer.allocUnsafe(PIECE))
 
+/**
+ * Each pass writes a file of its own, and the one before it is removed only
+ * once this one is written: a pass then takes fresh page-cache pages as a new
+ * peer does, not the pages its own truncated file just freed (on a VM, a
+ * first write to a page costs several times a rewrite).
+ */
+let passes = 0
 const server = createServer((_req, res) => {
-  const fd = openSync(path.join(dir, 'blob'), 'w')
+  const pass = passes++
+  const fd = openSync(path.join(dir, `blob-${pass}`), 'w')
   const blob = createHash('sha256')
   const head = Buffer.allocUnsafe(16 * 1024)
   let headLength = 0
@@ -114,6 +122,7 @@ const server = createServer((_req, res) => {
       if (index !== table.length || !blob.digest().equals(digest)) throw new Error('the blob does not match its digest')
       if (piece !== undefined) free.push(piece)
       closeSync(fd)
+      if (pass > 0) unlinkSync(path.join(dir, `blob-${pass - 1}`))
       res.end()
     } catch (err) {
       fail(err as Error)
