@@ -4,6 +4,7 @@ import { performance } from 'node:perf_hooks'
 import { request } from 'undici'
 import { parse as parseYaml } from 'yaml'
 import type { BuiltImage } from '../test/helpers/image.ts'
+import { waitFor, type Spawned } from '../test/helpers/process.ts'
 
 export const MIB = 1024 * 1024
 
@@ -86,4 +87,15 @@ export function deployedPeerEnv (): Record<string, string> {
   const options = peer?.env?.find(e => e.name === 'NODE_OPTIONS')?.value
   if (options !== undefined) env.NODE_OPTIONS = options
   return env
+}
+
+/** The port a bench server prints as `{"port":N}` on its first line. */
+export async function portOf (server: Spawned, what: string): Promise<number> {
+  let port = 0
+  await waitFor(async () => {
+    const m = /"port":(\d+)/.exec(server.output())
+    if (m !== null) port = Number(m[1])
+    return port > 0
+  }, { timeoutMs: 30_000, what })
+  return port
 }

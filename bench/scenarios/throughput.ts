@@ -7,10 +7,10 @@ import { performance } from 'node:perf_hooks'
 import { fileURLToPath } from 'node:url'
 import { buildImage, pushImage } from '../../test/helpers/image.ts'
 import { startPeer, startScheduler, type TestPeer } from '../../test/helpers/peer.ts'
-import { spawnProcess, waitFor, type Spawned } from '../../test/helpers/process.ts'
+import { spawnProcess, type Spawned } from '../../test/helpers/process.ts'
 import { startRegistry } from '../../test/helpers/registry.ts'
 import { tmpDir } from '../../test/helpers/tmp.ts'
-import { MIB, deployedPeerEnv, fetchVerified, round, type Row, type Scenario } from '../lib.ts'
+import { MIB, deployedPeerEnv, fetchVerified, portOf, round, type Row, type Scenario } from '../lib.ts'
 
 /**
  * The data plane against the machine: one large blob read by the same
@@ -149,17 +149,6 @@ async function useMemory (file: string, bytes: number): Promise<void> {
     await fh.close()
   }
   await rm(file)
-}
-
-/** The port a bench server prints as `{"port":N}` on its first line. */
-async function portOf (server: Spawned, what: string): Promise<number> {
-  let port = 0
-  await waitFor(async () => {
-    const m = /"port":(\d+)/.exec(server.output())
-    if (m !== null) port = Number(m[1])
-    return port > 0
-  }, { timeoutMs: 30_000, what })
-  return port
 }
 
 interface Measured {
