@@ -9,7 +9,7 @@ import { createEventClock } from '../../scheduler/swarm/clock.ts'
 import type { Effect, SwarmEvent } from '../../scheduler/swarm/events.ts'
 import { createSwarmMachine, type Outcome } from '../../scheduler/swarm/machine.ts'
 import { createTrustKeeper } from '../../scheduler/swarm/trust.ts'
-import { holderOrder, stillComing as fetcherStillComing, type Progress } from '../../peer/swarm/fetcher.ts'
+import { FIRST_FETCHER_WAIT_MS, holderOrder, stillComing as fetcherStillComing, type Progress } from '../../peer/swarm/fetcher.ts'
 import { UploadPace } from '../../peer/upload/pace.ts'
 import { EventQueue, type Timer } from './heap.ts'
 import { Network } from './network.ts'
@@ -73,6 +73,8 @@ export interface PeerModel {
   waitProgressing: boolean
   /** A seed sends a piece to one child at a time, refusing others (busy) for up to this long; 0: off (upload `onePerPiece`). */
   samePieceMs: number
+  /** Patience with busy parents counts from the last piece a parent sent the node (peer/swarm/fetcher.ts `fetchPatiently`), not from the piece's first look. */
+  patienceFromProgress: boolean
 }
 
 export const PEER_DEFAULTS: PeerModel = {
@@ -98,7 +100,8 @@ export const PEER_DEFAULTS: PeerModel = {
   minAnnounceIntervalMs: 100,
   loadIntervalMs: 2_000,
   maxRunPieces: 64,
-  waitProgressing: true
+  waitProgressing: true,
+  patienceFromProgress: true
 }
 
 export interface FleetConfig {
@@ -246,6 +249,8 @@ interface Node {
   held: number
   reading: boolean
   firstLanded: boolean
+  /** When a parent last sent this node a piece. */
+  lastLandedAt: number
   head: number
   started: number
   /** Pieces under way (out-of-order mode). */
@@ -389,6 +394,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
       held: 0,
       reading: false,
       firstLanded: false,
+      lastLandedAt: -Infinity,
       head: 0,
       started: 0,
       underway: 0,
@@ -543,6 +549,7 @@ export function simulateFleet (config: FleetConfig): FleetResult {
   function land (n: Node, i: number, source: 'peer' | 'origin'): void {
     if (n.gone || n.have[i] === 2) return
     n.have[i] = 2
+    if (source === 'peer') n.lastLandedAt = now
     n.underway--
     n.held++
     n.adds.push([i, hex[i] as string])
@@ -700,7 +707,9 @@ export function simulateFleet (config: FleetConfig): FleetResult {
         counts.later++
         const delay = Math.min(2_000, 100 * 2 ** op.pauses++)
         const pause = delay / 2 + random() * delay
-        const patience = op.startedAt + m.busyPatienceMs - now
+        const patience = m.patienceFromProgress
+          ? Math.min(Math.max(op.startedAt, n.lastLandedAt) + m.busyPatienceMs, op.startedAt + FIRST_FETCHER_WAIT_MS) - now
+          : op.startedAt + m.busyPatienceMs - now
         // Past patience, a first fetcher still taking the blob from the origin is waited for again while it makes
         // progress (peer/swarm/fetcher.ts `stillComing`): going to the origin too would only split its uplink.
         const coming = pause >= patience && m.waitProgressing && fetchers.length > 0 && stillComing(op, fetchers)

@@ -46,12 +46,27 @@ test('behind a slow origin a large blob still comes from the swarm: children wai
   const run = (peer: Partial<PeerModel>): ReturnType<typeof simulateFleet> => simulateFleet({
     ...FLEET_DEFAULTS, nodes: 8, blobBytes: 48 * MIB, nodeUp: 2 * MIB, nodeDown: 2 * MIB, seedUp: 1 * MIB, seedDown: 16 * MIB, originUp: 1 * MIB, latencyMs: 2, horizon: 8, peer: { ...PEER_DEFAULTS, ...peer }
   })
-  const waiting = run({})
-  const leaving = run({ waitProgressing: false })
+  // Patience counted from the piece's first look alone, as it was when this rule came in.
+  const waiting = run({ patienceFromProgress: false })
+  const leaving = run({ waitProgressing: false, patienceFromProgress: false })
   assert.equal(waiting.unfinished, 0)
   assert.equal(waiting.counts.fallbacks, 0, 'no child gave up on the swarm for the origin')
   assert.ok(waiting.originRatio <= 1.6, `waiting: origin ${waiting.originRatio.toFixed(2)}× the blob`)
   assert.ok(waiting.slowest / waiting.tStarMs <= 1.7, `waiting: slowest ${(waiting.slowest / waiting.tStarMs).toFixed(2)}× T*`)
   // Leaving it for the origin once patience ran out: the children read the origin beside the seed.
   assert.ok((leaving.counts.fallbacks ?? 0) > 0 && leaving.originRatio >= 2, `leaving: ${leaving.counts.fallbacks} fallbacks, origin ${leaving.originRatio.toFixed(2)}× the blob`)
+})
+
+test('a child keeps asking busy parents while the swarm keeps sending it pieces of the blob, instead of reading the origin beside the seed', () => {
+  // Sixteen children of a seed that reads 48 MiB from a 1 MiB/s origin: once the seed holds a piece it is busy
+  // with others, and a child counting 20 s from its first look passed it over and was sent to the origin.
+  const run = (peer: Partial<PeerModel>): ReturnType<typeof simulateFleet> => simulateFleet({
+    ...FLEET_DEFAULTS, nodes: 16, blobBytes: 48 * MIB, nodeUp: 2 * MIB, nodeDown: 2 * MIB, seedUp: 1 * MIB, seedDown: 16 * MIB, originUp: 1 * MIB, latencyMs: 2, horizon: 8, peer: { ...PEER_DEFAULTS, ...peer }
+  })
+  const fromProgress = run({})
+  const fromFirstLook = run({ patienceFromProgress: false })
+  assert.equal(fromProgress.unfinished, 0)
+  assert.ok(fromProgress.originRatio <= 1.05, `counting from the last piece: origin ${fromProgress.originRatio.toFixed(2)}× the blob`)
+  assert.ok(fromProgress.slowest / fromProgress.tStarMs <= 1.3, `counting from the last piece: slowest ${(fromProgress.slowest / fromProgress.tStarMs).toFixed(2)}× T*`)
+  assert.ok(fromFirstLook.originRatio >= 1.5, `counting from the first look: origin ${fromFirstLook.originRatio.toFixed(2)}× the blob`)
 })

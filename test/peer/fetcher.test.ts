@@ -288,6 +288,41 @@ test('past its patience a node waits again for a first fetcher still landing pie
   assert.equal(stuck.kind, 'origin')
 })
 
+test('patience with busy parents counts from the last piece a parent sent: a node the swarm keeps serving keeps asking, one it has stopped serving goes to the origin', { timeout: 30_000 }, async () => {
+  const piece = Buffer.alloc(MIB, 6)
+  const hex = createHash('sha256').update(piece).digest('hex')
+  const seed: ParentsResponse['parents'][number] = { peerId: 'seed', addrs: [], upload: ['http://127.0.0.1:1'], seed: true, complete: true }
+  const client = planning(req => ({ ok: true, pieceSize: MIB, pieceCount: 100, parents: [seed], digests: Array.from({ length: req.last - req.first + 1 }, (_, k): [number, string] => [req.first + k, hex]), assigned: [] }))
+  /** Pieces the seed is busy with (sending them to others) until let go. */
+  const busy = new Set([50, 60])
+  const http: PieceHttpClient = {
+    async fetch (_parent, request) {
+      if (busy.has(request.index)) throw new PeerBusyError(`busy with piece ${request.index}`, [])
+      return { data: Buffer.from(piece) }
+    },
+    async close () {}
+  }
+  const fetcher = createPieceFetcher({ logger: silentLogger(), node: { peerId: 'self' } as unknown as P2PNode, client, http }, { busyPatienceMs: 400 })
+  const started = Date.now()
+  const state = { settled: false }
+  const waiting = fetcher.fetch({ task, lastWanted: 99, whole: true }, 50, { signal: AbortSignal.timeout(20_000) }).finally(() => { state.settled = true })
+  // Other pieces keep coming from the swarm; three times the patience in, the seed is free for piece 50.
+  for (let i = 0; !state.settled && Date.now() - started < 10_000; i++) {
+    if (Date.now() - started >= 1_200) busy.delete(50)
+    const other = await fetcher.fetch({ task, lastWanted: 99, whole: true }, i % 40, {})
+    assert.equal(other.kind, 'piece')
+    await new Promise(resolve => setTimeout(resolve, 100))
+  }
+  const got = await waiting
+  assert.ok(Date.now() - started >= 1_200)
+  assert.equal(got.kind, 'piece', 'still asking the swarm past its patience, while pieces kept coming')
+  // Nothing comes from the swarm any more: past the patience, the origin.
+  const alone = Date.now()
+  const stuck = await fetcher.fetch({ task, lastWanted: 99, whole: true }, 60, { signal: AbortSignal.timeout(20_000) })
+  assert.equal(stuck.kind, 'origin')
+  assert.ok(Date.now() - alone < 8_000, `went to the origin after ${Date.now() - alone} ms`)
+})
+
 test('a first fetcher counts as still coming while it landed a piece within the in-progress wait, as the looks show', () => {
   const progress = new Map<string, Progress>()
   const seed = (held: number): { info: { peerId: string }, held: { size: number } } => ({ info: { peerId: 'seed' }, held: { size: held } })
