@@ -411,9 +411,10 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
    * behind a 1 MiB/s origin, children gave up on the busy seed after 20 s
    * and read from the origin beside it: emulated cluster, 16 nodes, origin
    * 2.1–2.25× the layer and slowest 1.86–2.01× T*, now 1.000× and 1.33×. A
-   * node nobody sends anything for that long goes to the origin as before,
-   * so members that answer busy to everything hold it up no longer than
-   * they did.
+   * node nobody sends anything for that long goes to the origin as before.
+   * The cost: a member that holds a piece nobody else has and answers busy
+   * for it, while others send the rest, holds that piece up to the bound, as
+   * a first fetcher trickling out other pieces already could.
    */
   async function fetchPatiently (ctx: PieceSourceContext, index: number, options: AbortOptions): Promise<RemotePiece | OriginDirective> {
     const { task } = ctx
