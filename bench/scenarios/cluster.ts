@@ -77,6 +77,7 @@ export const cluster: Scenario = {
           // One layer the seed takes 48 s to read from the origin: long past a child's patience with parents that
           // have not got a piece yet, which used to send the crowd to the origin beside the seed.
           { name: 'N=16, one 48 MiB layer', nodes: 16, layers: [48], deadline: 6, targets: {} },
+          { name: 'N=32, one 48 MiB layer', nodes: 32, layers: [48], deadline: 6, targets: {} },
           { name: 'N=32, swarm', nodes: 32, layers: [4, 3, 2, 2, 1], deadline: 8, targets: { slowest: 1.3, origin: 1.05 } },
           { name: 'N=32, no swarm', nodes: 32, layers: [1, 1], direct: true, deadline: 64, targets: {} },
           { name: 'N=32, a quarter at a fifth of the bandwidth', nodes: 32, layers: [3, 2, 1], slowQuarter: true, deadline: 6, targets: {} },
