@@ -9,7 +9,7 @@ import { createEventClock } from '../../scheduler/swarm/clock.ts'
 import type { Effect, SwarmEvent } from '../../scheduler/swarm/events.ts'
 import { createSwarmMachine, type Outcome } from '../../scheduler/swarm/machine.ts'
 import { createTrustKeeper } from '../../scheduler/swarm/trust.ts'
-import { FIRST_FETCHER_WAIT_MS, holderOrder, stillComing as fetcherStillComing, type Progress } from '../../peer/swarm/fetcher.ts'
+import { holderOrder, patienceEnd, stillComing as fetcherStillComing, type Progress } from '../../peer/swarm/fetcher.ts'
 import { UploadPace } from '../../peer/upload/pace.ts'
 import { EventQueue, type Timer } from './heap.ts'
 import { Network } from './network.ts'
@@ -707,9 +707,8 @@ export function simulateFleet (config: FleetConfig): FleetResult {
         counts.later++
         const delay = Math.min(2_000, 100 * 2 ** op.pauses++)
         const pause = delay / 2 + random() * delay
-        const patience = m.patienceFromProgress
-          ? Math.min(Math.max(op.startedAt, n.lastLandedAt) + m.busyPatienceMs, op.startedAt + FIRST_FETCHER_WAIT_MS) - now
-          : op.startedAt + m.busyPatienceMs - now
+        // The fetcher's own rule (peer/swarm/fetcher.ts `patienceEnd`); without a last piece, from the first look alone.
+        const patience = patienceEnd(op.startedAt, m.patienceFromProgress ? n.lastLandedAt : undefined, m.busyPatienceMs) - now
         // Past patience, a first fetcher still taking the blob from the origin is waited for again while it makes
         // progress (peer/swarm/fetcher.ts `stillComing`): going to the origin too would only split its uplink.
         const coming = pause >= patience && m.waitProgressing && fetchers.length > 0 && stillComing(op, fetchers)

@@ -422,7 +422,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     /** How much of the blob each first fetcher held when this piece last looked, and since when. */
     const progress = new Map<string, Progress>()
     const began = Date.now()
-    const patienceEnds = (): number => Math.min(Math.max(began, lastFromParents.get(task.digest) ?? 0) + busyPatienceMs, began + FIRST_FETCHER_WAIT_MS)
+    const patienceEnds = (): number => patienceEnd(began, lastFromParents.get(task.digest), busyPatienceMs)
     let pauses = 0
     for (let round = 0; round < 3; round++) {
       let p = round === 0 ? cachedPlan(task.digest, index, ctx.whole) : undefined
@@ -556,6 +556,16 @@ export function stillComing (progress: Map<string, Progress>, fetchers: Readonly
     if (now - seen.since < stallMs) more = true
   }
   return more
+}
+
+/**
+ * When patience with busy parents runs out for a piece first looked at
+ * `began`: `patienceMs` after the later of that and the last piece of the
+ * blob a parent sent (`lastFromParents`, if any), and never past
+ * `FIRST_FETCHER_WAIT_MS` after `began`.
+ */
+export function patienceEnd (began: number, lastFromParents: number | undefined, patienceMs: number): number {
+  return Math.min(Math.max(began, lastFromParents ?? -Infinity) + patienceMs, began + FIRST_FETCHER_WAIT_MS)
 }
 
 /** Longest a piece waits past the patience with busy parents: for a first fetcher still landing pieces (a 1 GiB layer at 6 MiB/s), or while parents keep sending others. */
