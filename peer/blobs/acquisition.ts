@@ -204,14 +204,32 @@ export class PieceAcquisition {
     fetches.count++
     const mine = fetches
     const signal = AbortSignal.any([this.#shutdown.signal, mine.controller.signal])
+    /** Pieces after `index` the source took on to bring in the same answer (see `PieceSourceContext.ahead`). */
+    const claimed = new Map<number, Deferred>()
+    const ahead = {
+      claim: (i: number): boolean => {
+        if (this.#store.hasPiece(task.digest, i) || this.#busy(pieceKey(task.digest, i))) return false
+        claimed.set(i, this.#register(task, i))
+        return true
+      },
+      unclaim: (i: number): void => {
+        const d = claimed.get(i)
+        if (d === undefined) return
+        claimed.delete(i)
+        this.#unregister(task, i, d)
+        // Whoever waits for it already is served by a fetch of its own.
+        this.#startFetch(task, i, lastWanted, priority, whole).then(d.resolve, d.reject)
+      }
+    }
     void (async () => {
       try {
-        const got = await source.fetch({ task: swarmTask(task), lastWanted, whole }, index, { signal })
+        const got = await source.fetch({ task: swarmTask(task), lastWanted, whole, ahead }, index, { signal })
         const rates = this.#rates
         if (rates !== undefined && got.kind === 'piece') {
           // Paid for once it came from a peer (an origin run pays for its own bytes): the next fetch waits.
-          await rates.download.take(got.data.length, { signal })
-          if (priority < Priority.ON_DEMAND) await rates.prefetch.take(got.data.length, { signal })
+          const bytes = (got.more ?? []).reduce((a, x) => a + x.data.length, got.data.length)
+          await rates.download.take(bytes, { signal })
+          if (priority < Priority.ON_DEMAND) await rates.prefetch.take(bytes, { signal })
         }
         if (got.kind === 'origin') {
           // This node is the piece's first fetcher (or the swarm cannot help): the origin it is.
@@ -219,10 +237,21 @@ export class PieceAcquisition {
           this.#startOriginRun(task, index, Math.max(index, Math.min(lastWanted, got.upTo)), priority).then(deferred.resolve, deferred.reject)
           return
         }
-        await this.#land(task, index, got.data, got.sha256, 'peer', deferred, got.trusted, got.lease)
+        const landings = [this.#land(task, index, got.data, got.sha256, 'peer', deferred, got.trusted, got.lease)]
+        for (const [k, x] of (got.more ?? []).entries()) {
+          const d = claimed.get(index + 1 + k)
+          claimed.delete(index + 1 + k)
+          if (d === undefined) x.lease?.release()
+          else landings.push(this.#land(task, index + 1 + k, x.data, x.sha256, 'peer', d, x.trusted, x.lease))
+        }
+        await Promise.all(landings)
       } catch (err) {
         deferred.reject(err)
+        for (const d of claimed.values()) d.reject(err)
+        claimed.clear()
       } finally {
+        // A source that brought fewer than it claimed and did not say so: those come another way.
+        for (const i of [...claimed.keys()]) ahead.unclaim(i)
         if (--mine.count === 0 && this.#remoteFetches.get(task.digest) === mine) this.#remoteFetches.delete(task.digest)
       }
     })()

@@ -3,6 +3,7 @@ import { LRUCache } from 'lru-cache'
 import type { AbortOptions } from '../../src/abort.ts'
 import { RegistryNotAllowedError } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
+import { pieceBounds } from '../../src/pieces.ts'
 import type { Logger } from '../../src/logger.ts'
 import type { ByteRange } from '../../src/oci/range.ts'
 import type { OriginCredentials } from '../origin/index.ts'
@@ -84,6 +85,12 @@ export class DefaultBlobService implements BlobService {
 
   async held (digest: string, index: number, into?: Buffer): Promise<Buffer | undefined> {
     return this.#acquisition.peek(digest, index, into)
+  }
+
+  heldLength (digest: string, index: number): number | undefined {
+    const info = this.#store.info(digest)
+    if (info === undefined || !this.#store.hasPiece(digest, index)) return undefined
+    return pieceBounds(index, info.size, info.pieceSize).length
   }
 
   whenLanded (digest: string, index: number): Promise<LentPiece> | undefined {

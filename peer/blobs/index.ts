@@ -111,6 +111,8 @@ export interface PieceSupply {
    * One read from disk goes into `into` when given (see PieceReader.readPiece).
    */
   held: (digest: string, index: number, into?: Buffer) => Promise<Buffer | undefined>
+  /** The length of a piece held here on disk now; undefined when it is not (what a run of pieces may promise). */
+  heldLength: (digest: string, index: number) => number | undefined
   /**
    * The piece once a fetch under way here lands it, lent until `release`;
    * undefined when none is under way. Every child waiting on a piece used to

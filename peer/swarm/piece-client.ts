@@ -1,7 +1,7 @@
 import { connect, type Socket } from 'node:net'
 import type { BufferPool, Lease } from '../../src/buffer-pool.ts'
 import { PeerBusyError, PeerUnavailableError, PieceNotHeldError, ProtocolError } from '../../src/errors.ts'
-import { PIECE_HTTP_PEER_HEADER, PieceHeader, decode, type PieceHint } from '../../src/protocol/messages.ts'
+import { PIECE_HTTP_PEER_HEADER, PIECE_HTTP_PIECES_HEADER, PieceHeader, decode, type PieceHint } from '../../src/protocol/messages.ts'
 
 /**
  * The child's end of the HTTP data plane: GET one piece over a keep-alive
@@ -19,10 +19,12 @@ export interface PieceResponse {
   status: number
   /** The peer id the answering server names (`x-damselfly-peer`). */
   peer: string | undefined
-  /** For status 200: exactly `length` bytes. */
+  /** For status 200: exactly `length` bytes (the first piece's, for a run). */
   body: Buffer | undefined
   /** The claim on `body`'s pooled buffer, when it came from the pool: the caller's to release. */
   lease?: Lease | undefined
+  /** For status 200 to a run: the pieces after the first that the parent sent, each in a buffer of its own. */
+  rest?: Array<{ data: Buffer, lease?: Lease | undefined }>
   /** For any other status: the first bytes of its body, as text. */
   text: string
 }
@@ -128,20 +130,23 @@ class Connection {
 
   /**
    * Sends one request and reads its response. A 200 must carry exactly
-   * `length` bytes, read into a buffer of their own.
+   * `lengths[0]` bytes, or for a run (more than one length) the first n of
+   * `lengths` back to back, n as the parent declares it in
+   * `PIECE_HTTP_PIECES_HEADER`; each piece is read into a buffer of its own.
    */
-  async exchange (head: string, length: number, maxHeaderBytes: number, signal: AbortSignal, stall?: Stall, buffers?: BufferPool): Promise<PieceResponse> {
+  async exchange (head: string, lengths: readonly number[], maxHeaderBytes: number, signal: AbortSignal, stall?: Stall, buffers?: BufferPool): Promise<PieceResponse> {
     signal.throwIfAborted()
     if (this.spoiled || this.socket.destroyed) throw new PeerUnavailableError('no response: the connection closed')
     const { promise, resolve, reject } = Promise.withResolvers<PieceResponse>()
     let filled = 0
-    let body: Buffer | undefined
-    let lease: Lease | undefined
-    let bodyFilled = 0
-    let bodyLength = 0
+    /** Body buffers (one per piece of a 200; one for any other answer) and their leases. */
+    const parts: Array<{ data: Buffer, lease?: Lease | undefined }> = []
+    let part = 0
+    let partFilled = 0
     let status = 0
     let peer: string | undefined
     let keep = true
+    let started = false
     let stallTimer: NodeJS.Timeout | undefined
     const fail = (err: Error): void => {
       clearTimeout(stallTimer)
@@ -163,15 +168,29 @@ class Connection {
       resolve(response)
     }
     const finishBody = (): void => {
-      if (status === 200) done({ status, peer, body, lease, text: '' })
-      else done({ status, peer, body: undefined, text: (body as Buffer).toString('utf8', 0, bodyLength) })
+      const [first, ...rest] = parts as [{ data: Buffer, lease?: Lease | undefined }, ...Array<{ data: Buffer, lease?: Lease | undefined }>]
+      if (status === 200) done({ status, peer, body: first.data, lease: first.lease, text: '', ...(rest.length > 0 ? { rest } : {}) })
+      else done({ status, peer, body: undefined, text: first.data.toString('utf8') })
+    }
+    /** Takes `n` body bytes just read into the current part; moves on to the next part or finishes. */
+    const advance = (n: number): void => {
+      partFilled += n
+      let current = parts[part] as { data: Buffer }
+      while (partFilled === current.data.length) {
+        part++
+        partFilled = 0
+        if (part === parts.length) {
+          finishBody()
+          return
+        }
+        current = parts[part] as { data: Buffer }
+      }
+      this.#target = current.data.subarray(partFilled)
     }
     this.#onRead = (n: number) => {
       arm(stall?.idleMs, 'no bytes')
-      if (body !== undefined) {
-        bodyFilled += n
-        if (bodyFilled === bodyLength) finishBody()
-        else this.#target = body.subarray(bodyFilled, bodyLength)
+      if (started) {
+        advance(n)
         return
       }
       filled += n
@@ -205,29 +224,53 @@ class Connection {
         fail(new ProtocolError(`a ${status} response without Content-Length`))
         return
       }
-      if (status === 200 && declared !== length) {
-        fail(new ProtocolError(`offered ${declared} bytes for a ${length}-byte piece`))
-        return
+      if (status === 200) {
+        const count = parsed.pieces ?? 1
+        if (count < 1 || count > lengths.length) {
+          fail(new ProtocolError(`sent ${count} pieces for a request of ${lengths.length}`))
+          return
+        }
+        const sent = lengths.slice(0, count)
+        const expected = sent.reduce((a, b) => a + b, 0)
+        if (declared !== expected) {
+          fail(new ProtocolError(`offered ${declared} bytes for ${count === 1 ? `a ${expected}-byte piece` : `${count} pieces of ${expected} bytes`}`))
+          return
+        }
+        for (const length of sent) {
+          const lease = buffers?.take(length)
+          parts.push({ data: lease?.data ?? Buffer.allocUnsafe(length), lease })
+        }
+      } else {
+        if (declared > ERROR_BODY_MAX) {
+          fail(new ProtocolError(`a ${status} response with a ${declared}-byte body`))
+          return
+        }
+        parts.push({ data: Buffer.allocUnsafe(declared) })
       }
-      if (status !== 200 && declared > ERROR_BODY_MAX) {
-        fail(new ProtocolError(`a ${status} response with a ${declared}-byte body`))
-        return
-      }
-      bodyLength = declared
-      lease = status === 200 ? buffers?.take(length) : undefined
-      body = lease?.data ?? Buffer.allocUnsafe(status === 200 ? length : declared)
       const early = filled - (end + 4)
-      if (early > bodyLength) {
+      if (early > declared) {
         fail(new ProtocolError('more bytes than the response declared'))
         return
       }
-      this.#scratch.copy(body, 0, end + 4, filled)
-      bodyFilled = early
-      if (bodyFilled === bodyLength) finishBody()
-      else this.#target = body.subarray(bodyFilled, bodyLength)
+      started = true
+      // What came with the headers is copied into the parts it belongs to (a short last piece may end within it).
+      let from = end + 4
+      while (from < filled) {
+        const target = parts[part] as { data: Buffer }
+        const n = Math.min(filled - from, target.data.length - partFilled)
+        this.#scratch.copy(target.data, partFilled, from, from + n)
+        from += n
+        advance(n)
+      }
+      if (declared === 0) {
+        finishBody()
+        return
+      }
+      if (from === end + 4) this.#target = (parts[0] as { data: Buffer }).data
     }
     this.#onEnd = (err) => {
-      reject(new PeerUnavailableError(body === undefined ? `no response: ${err.message}` : `stopped after ${bodyFilled} of ${bodyLength} bytes`, { cause: err }))
+      const got = parts.slice(0, part).reduce((a, p) => a + p.data.length, 0) + partFilled
+      reject(new PeerUnavailableError(!started ? `no response: ${err.message}` : `stopped after ${got} bytes of the response`, { cause: err }))
     }
     const abort = (): void => { fail(signal.reason as Error) }
     signal.addEventListener('abort', abort, { once: true })
@@ -256,7 +299,7 @@ class Connection {
 }
 
 /** Status, Content-Length, the answering peer and whether the connection stays open; a string says what is wrong. */
-function parseHead (text: string): { status: number, contentLength: number | undefined, chunked: boolean, peer: string | undefined, keepAlive: boolean } | string {
+function parseHead (text: string): { status: number, contentLength: number | undefined, chunked: boolean, peer: string | undefined, pieces: number | undefined, keepAlive: boolean } | string {
   const lines = text.split('\r\n')
   const m = /^HTTP\/1\.([01]) (\d{3})/.exec(lines[0] ?? '')
   if (m === null) return `not an HTTP response: ${JSON.stringify((lines[0] ?? '').slice(0, 80))}`
@@ -264,6 +307,7 @@ function parseHead (text: string): { status: number, contentLength: number | und
   let peer: string | undefined
   let keepAlive = m[1] === '1'
   let chunked = false
+  let pieces: number | undefined
   for (let i = 1; i < lines.length; i++) {
     const line = lines[i] as string
     const colon = line.indexOf(':')
@@ -277,11 +321,14 @@ function parseHead (text: string): { status: number, contentLength: number | und
       chunked = true
     } else if (name === PIECE_HTTP_PEER_HEADER) {
       peer = value
+    } else if (name === PIECE_HTTP_PIECES_HEADER) {
+      if (!/^\d{1,3}$/.test(value)) return `a malformed ${PIECE_HTTP_PIECES_HEADER}`
+      pieces = Number(value)
     } else if (name === 'connection') {
       keepAlive = value.toLowerCase() !== 'close'
     }
   }
-  return { status: Number(m[2]), contentLength, chunked, peer, keepAlive }
+  return { status: Number(m[2]), contentLength, chunked, peer, pieces, keepAlive }
 }
 
 /** Keep-alive connections to upload ports, at most `perAddress` to each. */
@@ -309,7 +356,8 @@ export class PieceConnectionPool {
    * server closed meanwhile fails before any response; the request is then
    * sent once more on a new one.
    */
-  async get (base: string, path: string, headers: Record<string, string>, length: number, signal: AbortSignal, stall?: Stall): Promise<PieceResponse> {
+  async get (base: string, path: string, headers: Record<string, string>, length: number | readonly number[], signal: AbortSignal, stall?: Stall): Promise<PieceResponse> {
+    const lengths = typeof length === 'number' ? [length] : length
     if (this.#closed) throw new PeerUnavailableError('the piece client is closed')
     const pool = this.#pool(base)
     await this.#slot(pool, signal)
@@ -328,7 +376,7 @@ export class PieceConnectionPool {
         clearTimeout(conn.idleTimer)
         try {
           if (reused === undefined) await raceAbort(conn.connected, signal, () => { conn.close() })
-          const response = await conn.exchange(head, length, this.#maxHeaderBytes, signal, stall, this.#buffers)
+          const response = await conn.exchange(head, lengths, this.#maxHeaderBytes, signal, stall, this.#buffers)
           this.#release(pool, conn)
           return response
         } catch (err) {

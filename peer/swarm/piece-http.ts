@@ -4,7 +4,7 @@ import type { AbortOptions } from '../../src/abort.ts'
 import type { Lease } from '../../src/buffer-pool.ts'
 import { PeerUnavailableError, isAbort } from '../../src/errors.ts'
 import { answerError, PieceConnectionPool, type PieceConnectionPoolInit, type Stall } from './piece-client.ts'
-import { PIECE_HTTP_CHILD_HEADER, PIECE_HTTP_PATH, type PieceHint, type PieceRequest } from '../../src/protocol/messages.ts'
+import { MAX_PIECE_RUN, PIECE_HTTP_CHILD_HEADER, PIECE_HTTP_PATH, type PieceHint, type PieceRequest } from '../../src/protocol/messages.ts'
 
 /**
  * The HTTP data plane between peers. libp2p carries the control plane
@@ -22,22 +22,23 @@ const AUTH_SCHEME = 'Damselfly-Piece'
 /** How far a request's timestamp may be from the parent's clock. */
 const MAX_SKEW_MS = 5 * 60_000
 
-export function pieceUrlPath (digest: string, index: number, waitMs: number): string {
-  return `${PIECE_HTTP_PATH}/${digest}/${index}?wait=${waitMs}`
+export function pieceUrlPath (digest: string, index: number, waitMs: number, count = 1): string {
+  return `${PIECE_HTTP_PATH}/${digest}/${index}?wait=${waitMs}${count > 1 ? `&count=${count}` : ''}`
 }
 
 /** The request a path names, or undefined for anything else. */
 export function parsePiecePath (url: string): PieceRequest | undefined {
-  const m = /^\/damselfly\/v1\/pieces\/(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})\/(\d{1,8})(?:\?wait=(\d{1,6}))?$/.exec(url)
+  const m = /^\/damselfly\/v1\/pieces\/(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})\/(\d{1,8})(?:\?wait=(\d{1,6})(?:&count=(\d{1,2}))?)?$/.exec(url)
   if (m === null) return undefined
   const waitMs = Number(m[3] ?? 0)
-  if (waitMs > 120_000) return undefined
-  return { digest: m[1] as string, index: Number(m[2]), waitMs }
+  const count = Number(m[4] ?? 1)
+  if (waitMs > 120_000 || count < 1 || count > MAX_PIECE_RUN) return undefined
+  return { digest: m[1] as string, index: Number(m[2]), waitMs, ...(count > 1 ? { count } : {}) }
 }
 
 function mac (secret: Buffer, child: string, parent: string, request: PieceRequest, at: number): string {
   return createHmac('sha256', secret)
-    .update(`damselfly-piece/1 ${child} ${parent} ${request.digest} ${request.index} ${request.waitMs} ${at}`)
+    .update(`damselfly-piece/1 ${child} ${parent} ${request.digest} ${request.index} ${request.waitMs}${(request.count ?? 1) > 1 ? ` count=${request.count}` : ''} ${at}`)
     .digest('hex')
 }
 
@@ -77,9 +78,14 @@ export interface PieceBytes {
   lease?: Lease | undefined
 }
 
-/** Client side: one keep-alive pool per parent address, bounded. */
+/**
+ * Client side: one keep-alive pool per parent address, bounded. `fetch`
+ * gives the piece asked for first, then, for a run (`request.count` > 1,
+ * with a length per piece), the following pieces the parent sent: unverified
+ * bytes, each in a buffer of its own.
+ */
 export interface PieceHttpClient {
-  fetch: (parent: { peerId: string, upload: string[] }, request: PieceRequest, length: number, options: AbortOptions & { signal: AbortSignal, stall?: Stall | undefined }) => Promise<PieceBytes>
+  fetch: (parent: { peerId: string, upload: string[] }, request: PieceRequest, length: number | readonly number[], options: AbortOptions & { signal: AbortSignal, stall?: Stall | undefined }) => Promise<PieceBytes[]>
   close: () => Promise<void>
 }
 
@@ -96,19 +102,20 @@ export function createPieceHttpClient (init: PieceHttpClientInit): PieceHttpClie
   /** The address that answered as the right peer last time, per peer. */
   const working = new Map<string, string>()
 
-  async function attempt (base: string, parentId: string, request: PieceRequest, length: number, signal: AbortSignal, stall: Stall | undefined): Promise<PieceBytes | 'wrong-peer'> {
+  async function attempt (base: string, parentId: string, request: PieceRequest, length: number | readonly number[], signal: AbortSignal, stall: Stall | undefined): Promise<PieceBytes[] | 'wrong-peer'> {
     const headers: Record<string, string> = {}
     if (init.secret !== undefined) headers.authorization = authorizationFor(init.secret, init.self, parentId, request)
     const port = init.uploadPort?.()
     if (port !== undefined) headers[PIECE_HTTP_CHILD_HEADER] = `${init.self} ${port}`
-    const res = await pool.get(base, pieceUrlPath(request.digest, request.index, request.waitMs), headers, length, signal, stall)
+    const res = await pool.get(base, pieceUrlPath(request.digest, request.index, request.waitMs, request.count), headers, length, signal, stall)
     if (res.peer !== parentId) {
-      // The response is complete: nothing reads into its buffer any more.
+      // The response is complete: nothing reads into its buffers any more.
       res.lease?.release()
+      for (const p of res.rest ?? []) p.lease?.release()
       return 'wrong-peer'
     }
     if (res.status !== 200 || res.body === undefined) throw answerError(res, parentId, request.index)
-    return { data: res.body, lease: res.lease }
+    return [{ data: res.body, lease: res.lease }, ...(res.rest ?? [])]
   }
 
   return {

@@ -24,6 +24,20 @@ export interface PieceSourceContext {
    * trusted pieces (see `RemotePiece.trusted`).
    */
   whole: boolean
+  /**
+   * Lets the source take pieces after the one asked for in the same answer
+   * from a parent (a run: one request instead of several). `claim` makes this
+   * fetch responsible for a piece nobody here holds or is getting (false when
+   * someone is); `unclaim` hands one back that it will not bring after all.
+   * Claimed pieces that came arrive in `RemotePiece.more`. Absent: one piece
+   * per fetch.
+   */
+  ahead?: PieceClaims | undefined
+}
+
+export interface PieceClaims {
+  claim: (index: number) => boolean
+  unclaim: (index: number) => void
 }
 
 export interface RemotePiece {
@@ -38,6 +52,8 @@ export interface RemotePiece {
   trusted: boolean
   /** The receiver's claim on `data` when it sits in a pooled buffer: released when done with it (see `BufferPool`). */
   lease?: Lease | undefined
+  /** Claimed pieces (see `PieceSourceContext.ahead`) that came with this one, verified alike: the next indexes in order. */
+  more?: RemotePiece[] | undefined
 }
 
 export interface OriginDirective {

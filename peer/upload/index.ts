@@ -5,14 +5,14 @@ import { LRUCache } from 'lru-cache'
 import { deadline, raceSignal, withDeadline } from '../../src/abort.ts'
 import { BufferPool, type Lease } from '../../src/buffer-pool.ts'
 import { DEFAULTS } from '../../src/config/defaults.ts'
-import { QueueFullError, isAbort } from '../../src/errors.ts'
+import { QueueFullError, StorageError, isAbort } from '../../src/errors.ts'
 import { Limiter } from '../../src/limiter.ts'
 import { TokenBucket } from '../../src/rate.ts'
 import type { Logger } from '../../src/logger.ts'
 import { Counter, Gauge, type Registry } from '../../src/metrics.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
 import { MIN_PIECE_SIZE, choosePieceSize, pieceCount } from '../../src/pieces.ts'
-import { PIECE_HTTP_PEER_HEADER, PIECE_PROTOCOL, PieceRequest, type PieceHint } from '../../src/protocol/messages.ts'
+import { PIECE_HTTP_PEER_HEADER, PIECE_HTTP_PIECES_HEADER, PIECE_PROTOCOL, PieceRequest, type PieceHint } from '../../src/protocol/messages.ts'
 import type { LentPiece, PieceSupply } from '../blobs/index.ts'
 import { readChildHint, readPieceRequest, uploadUrls } from '../swarm/piece-http.ts'
 import { createConnectionGuard, type ConnectionGuard } from './connection-guard.ts'
@@ -142,7 +142,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   const uploads = new Limiter('upload', () => pace.limit(pieceBytes, Date.now()), init.maxQueue ?? 0)
   const shutdown = new AbortController()
   const registers = components.metrics === undefined ? undefined : [components.metrics]
-  const sent = registers === undefined ? undefined : new Counter({ name: 'damselfly_uploaded_bytes_total', help: 'Piece bytes sent to other peers, by transport (http: the upload port; libp2p: streams)', labelNames: ['transport'], registers })
+  const counted = registers === undefined ? undefined : new Counter({ name: 'damselfly_uploaded_bytes_total', help: 'Piece bytes sent to other peers, by transport (http: the upload port; libp2p: streams)', labelNames: ['transport'], registers })
   const requests = registers === undefined ? undefined : new Counter({ name: 'damselfly_piece_requests_total', help: 'Piece requests from other peers, by answer', labelNames: ['status'], registers })
   if (registers !== undefined) {
     void new Gauge({ name: 'damselfly_upload_slots', help: 'Pieces this peer may send at once now, from its uplink\'s measured rate (at most uploadConcurrency)', registers, collect () { this.set(uploads.max) } })
@@ -282,10 +282,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       }
     }
     if (reach !== undefined) recipients.record(request.digest, request.index, reach)
-    if (init.corruptPieces === true) {
-      data = Buffer.from(data)
-      data[Math.floor(data.length / 2)] = (data[Math.floor(data.length / 2)] as number) ^ 0x5a
-    }
+    if (init.corruptPieces === true) data = corrupt(data)
     return { status: 'ok', data, release, giveBack: lent.release }
   }
 
@@ -313,7 +310,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
         pace.sent(chunk.length, Date.now())
         if (!flowing) await raw.onDrain({ signal })
       }
-      sent?.inc({ transport: 'libp2p' }, data.length)
+      counted?.inc({ transport: 'libp2p' }, data.length)
       uploaded += data.length
       await raw.close({ signal })
       delivered = true
@@ -356,21 +353,67 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     let delivered = false
     try {
       const { data } = produced
-      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': data.length })
-      for (let off = 0; off < data.length; off += SEND_CHUNK) {
-        const chunk = data.subarray(off, Math.min(data.length, off + SEND_CHUNK))
-        await bucket.take(chunk.length, { signal })
-        const flowing = res.write(chunk)
-        pace.sent(chunk.length, Date.now())
-        if (!flowing) await once(res, 'drain', { signal })
-      }
+      const more = runLengths(asked.request)
+      res.writeHead(200, {
+        'content-type': 'application/octet-stream',
+        'content-length': more.reduce((a, b) => a + b, data.length),
+        ...(more.length > 0 ? { [PIECE_HTTP_PIECES_HEADER]: 1 + more.length } : {})
+      })
+      await sendBytes(res, data, signal)
+      for (let j = 1; j <= more.length; j++) await sendHeld(res, asked.request.digest, asked.request.index + j, more[j - 1] as number, signal)
       res.end()
-      sent?.inc({ transport: 'http' }, data.length)
-      uploaded += data.length
       delivered = true
     } finally {
       produced.release(delivered)
     }
+  }
+
+  /**
+   * The lengths of the pieces after the first that a run asks for and this
+   * node holds on disk now, up to the first it does not. A seed sends each
+   * piece once (`onePerPiece`) and answers for one piece at a time.
+   */
+  function runLengths (request: PieceRequest): number[] {
+    const out: number[] = []
+    if (init.onePerPiece === true) return out
+    for (let j = 1; j < (request.count ?? 1); j++) {
+      const length = supply.heldLength(request.digest, request.index + j)
+      if (length === undefined) break
+      out.push(length)
+    }
+    return out
+  }
+
+  /** A held piece of a run, read into a pooled buffer that goes back once its last byte is with the socket. */
+  async function sendHeld (res: ServerResponse, digest: string, index: number, length: number, signal: AbortSignal): Promise<void> {
+    const lease = buffers.take()
+    let data: Buffer | undefined
+    try {
+      data = await supply.held(digest, index, lease.data)
+    } catch (err) {
+      lease.release()
+      throw err
+    }
+    if (data?.buffer !== lease.data.buffer) lease.release()
+    // Gone since the head promised it (evicted meanwhile): the child sees a short body and asks again.
+    if (data?.length !== length) throw new StorageError(`piece ${index} of ${digest} went before it was sent`)
+    if (init.corruptPieces === true) data = corrupt(data)
+    await sendBytes(res, data, signal, data.buffer === lease.data.buffer ? () => { lease.release() } : undefined)
+  }
+
+  /** Writes bytes in chunks at the upload limit's pace, waiting for the socket to drain; `sent` runs once the last chunk is with it. */
+  async function sendBytes (res: ServerResponse, data: Buffer, signal: AbortSignal, sent?: () => void): Promise<void> {
+    for (let off = 0; off < data.length; off += SEND_CHUNK) {
+      const end = Math.min(data.length, off + SEND_CHUNK)
+      const chunk = data.subarray(off, end)
+      await bucket.take(chunk.length, { signal })
+      // Released on close too: a response cut off never calls back.
+      const flowing = end === data.length && sent !== undefined ? res.write(chunk, sent) : res.write(chunk)
+      pace.sent(chunk.length, Date.now())
+      if (!flowing) await once(res, 'drain', { signal })
+    }
+    counted?.inc({ transport: 'http' }, data.length)
+    uploaded += data.length
   }
 
   return {
@@ -416,6 +459,13 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       http?.closeAllConnections()
     }
   }
+}
+
+/** The test fault's copy of a piece with one byte flipped. */
+function corrupt (data: Buffer): Buffer {
+  const copy = Buffer.from(data)
+  copy[Math.floor(copy.length / 2)] = (copy[Math.floor(copy.length / 2)] as number) ^ 0x5a
+  return copy
 }
 
 /** A refusal with its length declared: children read bodies by Content-Length, never chunked. */

@@ -36,6 +36,14 @@ export const PIECE_HTTP_PEER_HEADER = 'x-damselfly-peer'
  * the request came from, never with an address the child names.
  */
 export const PIECE_HTTP_CHILD_HEADER = 'x-damselfly-child'
+/**
+ * On a 200 to a request for a run of pieces (`&count=<k>`): how many of them,
+ * from the one asked for on, the body holds back to back (at least 1, at most
+ * k). Each is still checked alone against the piece table.
+ */
+export const PIECE_HTTP_PIECES_HEADER = 'x-damselfly-pieces'
+/** Most pieces one request may ask for. */
+export const MAX_PIECE_RUN = 16
 /** Proof of the cluster secret, run once per connection before any other protocol. */
 export const JOIN_PROTOCOL = '/damselfly/join/1.0.0'
 
@@ -261,7 +269,9 @@ export const PieceRequest = Type.Object({
   digest: Digest,
   index: Index,
   /** How long the parent may wait for a piece it is still fetching, in ms. */
-  waitMs: Type.Integer({ minimum: 0, maximum: 120_000 })
+  waitMs: Type.Integer({ minimum: 0, maximum: 120_000 }),
+  /** Pieces from `index` on the child would take in one answer (HTTP only); the parent sends the first and as many following ones as it holds. */
+  count: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_PIECE_RUN }))
 })
 export type PieceRequest = Static<typeof PieceRequest>
 

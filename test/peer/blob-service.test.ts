@@ -184,6 +184,42 @@ test('a whole read takes pieces ahead in a random order within its window, a bou
   assert.equal(store.info(digest)?.verified, true)
 })
 
+test('pieces a source claims to bring with another arrive with it; those it claimed and did not bring, or handed back, are fetched on their own; each piece reaches the cache once', async (t) => {
+  const pieces = 30
+  const data = randomBytes(pieces * MIB)
+  const piece = (i: number): Buffer => data.subarray(i * MIB, (i + 1) * MIB)
+  const fetched = new Map<number, number>()
+  const count = (i: number): void => { fetched.set(i, (fetched.get(i) ?? 0) + 1) }
+  /** Claims up to three pieces after the one asked for; hands back the first when the index is a multiple of 5, and silently drops the last. */
+  class RunSwarm extends FakeSwarm {
+    override async fetch (ctx: PieceSourceContext, index: number): Promise<RemotePiece | OriginDirective> {
+      await new Promise(resolve => setTimeout(resolve, 2))
+      const claimed: number[] = []
+      for (let i = index + 1; i <= Math.min(index + 3, ctx.lastWanted) && ctx.ahead?.claim(i) === true; i++) claimed.push(i)
+      if (index % 5 === 0 && claimed.length > 0) ctx.ahead?.unclaim(claimed.shift() as number)
+      const brought = claimed.slice(0, -1)
+      const one = (i: number): RemotePiece => {
+        count(i)
+        const sha256 = createHash('sha256').update(piece(i)).digest('hex')
+        this.table.set(i, sha256)
+        return { kind: 'piece', data: Buffer.from(piece(i)), sha256, trusted: true }
+      }
+      const first = one(index)
+      // Brought pieces follow the asked one in order: a handed-back first claim leaves a gap, so none come then.
+      return brought.length > 0 && brought[0] === index + 1 ? { ...first, more: brought.map(one) } : first
+    }
+  }
+  const swarm = new RunSwarm(() => 'origin')
+  const { origin, blobs, store } = await setupWithSwarm(t, swarm, { readahead: 4, window: 12 })
+  const digest = origin.addBlob('team/app', data)
+  const read = await buffer(await (await blobs.open(req(digest))).read(undefined))
+  assert.ok(read.equals(data))
+  assert.equal(store.info(digest)?.verified, true)
+  assert.deepEqual([...fetched.keys()].sort((a, b) => a - b), Array.from({ length: pieces }, (_, i) => i), 'every piece came from the swarm')
+  assert.ok([...fetched.values()].every(n => n === 1), `each once: ${JSON.stringify([...fetched])}`)
+  assert.equal(origin.requests.filter(r => r.method === 'GET').length, 0, 'nothing from the origin')
+})
+
 test('a whole read takes pieces in order when the swarm offers only whole holders', async (t) => {
   const pieces = 24
   const data = randomBytes(pieces * MIB)

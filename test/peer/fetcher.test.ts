@@ -157,7 +157,7 @@ test('a blob is settled while its plans offer only parents holding all of it, an
   let complete = true
   const parent = (id: string, whole: boolean): ParentsResponse['parents'][number] => ({ peerId: id, addrs: [], upload: ['http://127.0.0.1:1'], seed: false, complete: whole, ...(whole ? {} : { held: heldBy(0, 64) }) })
   const client = planning(req => ({ ok: true, pieceSize: MIB, pieceCount: 100, parents: complete ? [parent('a', true), parent('b', true)] : [parent('a', true), parent('c', false)], digests: [[req.first, hex]], assigned: [] }))
-  const http: PieceHttpClient = { async fetch () { return { data: Buffer.from(piece) } }, async close () {} }
+  const http: PieceHttpClient = { async fetch () { return [{ data: Buffer.from(piece) }] }, async close () {} }
   const fetcher = createPieceFetcher({ logger: silentLogger(), node: { peerId: 'self' } as unknown as P2PNode, client, http })
   assert.equal(fetcher.settled?.(task.digest), false, 'nothing is known before a plan')
   assert.equal((await fetcher.fetch({ task, lastWanted: 99, whole: true }, 0, {})).kind, 'piece')
@@ -185,10 +185,10 @@ test('a busy parent names peers it sent the piece to: they are asked next, as pa
         ])
       }
       if (parent.peerId === 'childA') {
-        if (bad) return { data: Buffer.alloc(MIB, 1) }
+        if (bad) return [{ data: Buffer.alloc(MIB, 1) }]
         throw new PeerBusyError('childA answered busy', [{ peerId: 'seed', upload: ['http://127.0.0.1:1'] }, { peerId: 'childC', upload: ['http://127.0.0.1:4103'] }])
       }
-      return { data: Buffer.from(piece) }
+      return [{ data: Buffer.from(piece) }]
     },
     async close () {}
   }
@@ -243,7 +243,7 @@ test('a hinted peer that stalls holds the piece up only until the next is asked 
         // A member that accepts and never answers, until the child gives up on it.
         return new Promise((_resolve, reject) => { options.signal.addEventListener('abort', () => { reject(options.signal.reason) }) })
       }
-      return { data: Buffer.from(piece) }
+      return [{ data: Buffer.from(piece) }]
     },
     async close () {}
   }
@@ -268,7 +268,7 @@ test('past its patience a node waits again for a first fetcher still landing pie
   })
   const http: PieceHttpClient = {
     async fetch (_parent, request) {
-      if (landed > request.index) return { data: Buffer.from(piece) }
+      if (landed > request.index) return [{ data: Buffer.from(piece) }]
       // Not there yet: a parent that waited its time and still has not got it.
       await new Promise(resolve => setTimeout(resolve, 20))
       throw new PieceNotHeldError(`piece ${request.index} not here yet`)
@@ -298,7 +298,7 @@ test('patience with busy parents counts from the last piece a parent sent: a nod
   const http: PieceHttpClient = {
     async fetch (_parent, request) {
       if (busy.has(request.index)) throw new PeerBusyError(`busy with piece ${request.index}`, [])
-      return { data: Buffer.from(piece) }
+      return [{ data: Buffer.from(piece) }]
     },
     async close () {}
   }
@@ -332,4 +332,54 @@ test('a first fetcher counts as still coming while it landed a piece within the 
   assert.equal(stillComing(progress, [seed(4)], 1_500, 1_000), true, 'a piece landed: the wait starts again')
   assert.equal(stillComing(progress, [seed(4), { info: { peerId: 'other' }, held: undefined }], 2_600, 1_000), true, 'another fetcher, seen for the first time')
   assert.equal(stillComing(progress, [seed(4)], 2_600, 1_000), false)
+})
+
+test('from a parent holding what follows, once pieces come fast, the pieces after the one asked for come in the same answer, claimed from the reader and each checked; one bad piece bars the parent and hands every claim back', async () => {
+  const bytes = (i: number): Buffer => Buffer.alloc(MIB, i)
+  const hex = (i: number): string => createHash('sha256').update(bytes(i)).digest('hex')
+  const parent: ParentsResponse['parents'][number] = { peerId: 'a', addrs: [], upload: ['http://127.0.0.1:1'], seed: false, complete: true }
+  const client = planning(req => ({ ok: true, pieceSize: MIB, pieceCount: 100, parents: [parent], digests: Array.from({ length: req.last - req.first + 1 }, (_, k): [number, string] => [req.first + k, hex(req.first + k)]), assigned: [] }))
+  const asked: Array<[number, number]> = []
+  const fault = { piece: -1 }
+  const http: PieceHttpClient = {
+    async fetch (_parent, request) {
+      const count = request.count ?? 1
+      asked.push([request.index, count])
+      return Array.from({ length: count }, (_, k) => ({ data: request.index + k === fault.piece ? bytes(0) : bytes(request.index + k) }))
+    },
+    async close () {}
+  }
+  const reports: unknown[] = []
+  const fetcher = createPieceFetcher({ logger: silentLogger(), node: { peerId: 'self' } as unknown as P2PNode, client: { ...client, report (r: unknown) { reports.push(r) } } as unknown as SchedulerClient, http }, { busyPatienceMs: 300 })
+  const claims = new Set<number>()
+  const handedBack: number[] = []
+  const ahead = {
+    claim: (i: number) => { if (i === 15 || claims.has(i)) return false; claims.add(i); return true },
+    unclaim: (i: number) => { claims.delete(i); handedBack.push(i) }
+  }
+  // Until pieces are seen to come fast, one at a time.
+  for (let i = 0; i < 6; i++) assert.equal((await fetcher.fetch({ task, lastWanted: 99, whole: true, ahead }, i, {})).kind, 'piece')
+  assert.deepEqual(asked.slice(0, 1), [[0, 1]])
+  assert.ok(asked.some(([, count]) => count > 1), 'runs began once pieces came fast')
+  asked.length = 0
+  claims.clear()
+  const got = await fetcher.fetch({ task, lastWanted: 99, whole: true, ahead }, 10, {})
+  assert.ok(got.kind === 'piece')
+  assert.deepEqual(asked, [[10, 4]])
+  assert.deepEqual(got.more?.map(x => x.sha256), [hex(11), hex(12), hex(13)])
+  assert.deepEqual([...claims], [11, 12, 13])
+  // A piece someone here is getting ends the run; so does the reader's last wanted piece.
+  claims.clear()
+  asked.length = 0
+  assert.deepEqual((await fetcher.fetch({ task, lastWanted: 99, whole: true, ahead }, 13, {}) as { more?: unknown[] }).more?.length, 1)
+  assert.deepEqual((await fetcher.fetch({ task, lastWanted: 21, whole: true, ahead }, 20, {}) as { more?: unknown[] }).more?.length, 1)
+  assert.deepEqual(asked, [[13, 2], [20, 2]])
+  // One bad piece in a run: nothing of it is given, the parent is barred and reported, the claims go back.
+  claims.clear()
+  fault.piece = 32
+  const after = await fetcher.fetch({ task, lastWanted: 99, whole: true, ahead }, 30, {})
+  assert.equal(after.kind, 'origin', 'the only parent is barred')
+  assert.deepEqual(handedBack, [31, 32, 33])
+  assert.equal(claims.size, 0)
+  assert.deepEqual(reports, [{ kind: 'bad-piece', parent: 'a', digest: task.digest, piece: 32 }])
 })

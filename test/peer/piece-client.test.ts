@@ -77,6 +77,58 @@ test('bodies arrive whole and exact, over one kept-alive connection, however the
   assert.equal(srv.connections(), 1, 'one connection, reused')
 })
 
+test('a run of pieces arrives back to back, each in a buffer of its own, however the bytes are split; a parent may send fewer, never more', async (t) => {
+  // A short last piece, as a blob's last piece is: its end falls inside a socket read.
+  const run = [randomBytes(1 << 20), randomBytes(1 << 20), randomBytes(777)]
+  let n = 0
+  const srv = await rawServer((socket) => {
+    n++
+    const sent = n === 2 ? run.slice(0, 2) : run
+    const bytes = ok(Buffer.concat(sent), `x-damselfly-pieces: ${sent.length}\r\n`)
+    let off = 0
+    const step = (): void => {
+      if (off >= bytes.length) return
+      const size = 1 + Math.floor(Math.random() * 70_000)
+      socket.write(bytes.subarray(off, off + size))
+      off += size
+      setImmediate(step)
+    }
+    step()
+  })
+  const pool = new PieceConnectionPool()
+  t.after(async () => { pool.close(); await srv.close() })
+  const lengths = run.map(x => x.length)
+  const whole = await pool.get(srv.base, '/p', {}, lengths, signal())
+  assert.ok(whole.body?.equals(run[0] as Buffer))
+  assert.equal(whole.rest?.length, 2)
+  assert.ok(whole.rest?.every((x, k) => x.data.equals(run[k + 1] as Buffer)))
+  const fewer = await pool.get(srv.base, '/p', {}, lengths, signal())
+  assert.ok(fewer.body?.equals(run[0] as Buffer))
+  assert.deepEqual(fewer.rest?.map(x => x.data.length), [1 << 20])
+  // Asked for two, the parent offers three: refused before a byte of them is taken.
+  await assert.rejects(pool.get(srv.base, '/p', {}, lengths.slice(0, 2), signal()), ProtocolError)
+  const after = await pool.get(srv.base, '/p', {}, lengths, signal())
+  assert.ok(after.rest?.[1]?.data.equals(run[2] as Buffer))
+  assert.equal(srv.connections(), 2, 'the connection that offered too many was closed; the others reused')
+})
+
+test('a run whose declared length does not match its pieces, or whose piece count is malformed, is refused', async (t) => {
+  const piece = randomBytes(4096)
+  let n = 0
+  const srv = await rawServer((socket) => {
+    n++
+    if (n === 1) socket.write(ok(Buffer.concat([piece, piece.subarray(0, 4000)]), 'x-damselfly-pieces: 2\r\n'))
+    else if (n === 2) socket.write(ok(Buffer.concat([piece, piece]), 'x-damselfly-pieces: two\r\n'))
+    else if (n === 3) socket.write(ok(Buffer.concat([piece, piece]), 'x-damselfly-pieces: 0\r\n'))
+    else socket.write(ok(Buffer.concat([piece, piece]), 'x-damselfly-pieces: 2\r\n'))
+  })
+  const pool = new PieceConnectionPool()
+  t.after(async () => { pool.close(); await srv.close() })
+  for (let k = 0; k < 3; k++) await assert.rejects(pool.get(srv.base, '/p', {}, [4096, 4096, 4096], signal()), ProtocolError)
+  const good = await pool.get(srv.base, '/p', {}, [4096, 4096, 4096], signal())
+  assert.ok(good.body?.equals(piece) && good.rest?.[0]?.data.equals(piece))
+})
+
 test('a body longer or shorter than the piece is refused, and nothing of it reaches the next request', async (t) => {
   const good = randomBytes(4096)
   let n = 0

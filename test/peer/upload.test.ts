@@ -18,7 +18,7 @@ const digest = `sha256:${'cd'.repeat(32)}`
 /** An upload server on loopback holding two pieces, sending at `bytesPerSecond`. */
 interface Answer { status: number, bytes: number, body?: unknown }
 
-async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: number, init: { concurrency?: number, resendMs?: number, clusterSecret?: string, landsInMs?: number, metrics?: Registry } = {}): Promise<{ get: (index: number, headers?: Record<string, string>, waitMs?: number) => Promise<Answer>, abandon: (index: number, headers?: Record<string, string>, waitMs?: number, leaveAfterMs?: number) => Promise<void>, lending: () => { lent: number, givenBack: number } }> {
+async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: number, init: { concurrency?: number, resendMs?: number, clusterSecret?: string, landsInMs?: number, metrics?: Registry, corruptPieces?: boolean } = {}): Promise<{ pieces: Buffer[], port: number, get: (index: number, headers?: Record<string, string>, waitMs?: number) => Promise<Answer>, abandon: (index: number, headers?: Record<string, string>, waitMs?: number, leaveAfterMs?: number) => Promise<void>, lending: () => { lent: number, givenBack: number } }> {
   const pieces = [randomBytes(MIB), randomBytes(MIB)]
   const { landsInMs, metrics, ...options } = init
   /** Pieces still on their way until then: children waiting for one are all woken at once. */
@@ -39,6 +39,7 @@ async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: num
     node,
     supply: {
       async held (_digest, index) { return Date.now() >= landsAt ? pieces[index] : undefined },
+      heldLength: (_digest, index) => Date.now() >= landsAt ? pieces[index]?.length : undefined,
       whenLanded: (_digest, index) => Date.now() >= landsAt ? undefined : lend(index),
       async fetch () { throw new Error('not sent to the origin') },
       task: () => undefined
@@ -75,8 +76,45 @@ async function server (t: TestContext, onePerPiece: boolean, bytesPerSecond: num
     req.end()
     setTimeout(() => { reject(new Error('no bytes within 5 s')) }, 5_000).unref()
   })
-  return { get, abandon, lending: () => ({ lent, givenBack }) }
+  return { pieces, port, get, abandon, lending: () => ({ lent, givenBack }) }
 }
+
+/** A run request's answer: status, the pieces it says it holds, and its body. */
+async function getRun (port: number, index: number, count: number): Promise<{ status: number, pieces: string | undefined, body: Buffer }> {
+  return new Promise((resolve, reject) => {
+    request({ host: '127.0.0.1', port, path: pieceUrlPath(digest, index, 0, count) }, (res) => {
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => { chunks.push(c) })
+      res.on('end', () => { resolve({ status: res.statusCode ?? 0, pieces: res.headers['x-damselfly-pieces'] as string | undefined, body: Buffer.concat(chunks) }) })
+    }).on('error', reject).end()
+  })
+}
+
+test('a run of pieces is answered with the one asked for and those after it held here, up to the first that is not; a seed answers one at a time', async (t) => {
+  const holder = await server(t, false, 64 * MIB)
+  const run = await getRun(holder.port, 0, 4)
+  assert.equal(run.status, 200)
+  assert.equal(run.pieces, '2', 'piece 2 is not held: the run stops before it')
+  assert.ok(run.body.equals(Buffer.concat(holder.pieces)))
+  const last = await getRun(holder.port, 1, 4)
+  assert.equal(last.pieces, undefined, 'nothing after it: a plain answer')
+  assert.ok(last.body.equals(holder.pieces[1] as Buffer))
+  const seed = await server(t, true, 64 * MIB)
+  const one = await getRun(seed.port, 0, 4)
+  assert.equal(one.pieces, undefined)
+  assert.ok(one.body.equals(seed.pieces[0] as Buffer))
+})
+
+test('with the test fault on, every piece of a run goes out corrupted, not only the first', async (t) => {
+  const holder = await server(t, false, 64 * MIB, { corruptPieces: true })
+  const run = await getRun(holder.port, 0, 2)
+  assert.equal(run.pieces, '2')
+  for (let k = 0; k < 2; k++) {
+    const sent = run.body.subarray(k * MIB, (k + 1) * MIB)
+    assert.equal(sent.length, MIB)
+    assert.ok(!sent.equals(holder.pieces[k] as Buffer), `piece ${k} was corrupted`)
+  }
+})
 
 const child = (id: string, port: number): Record<string, string> => ({ 'x-damselfly-child': `${id} ${port}` })
 
