@@ -1,4 +1,4 @@
-import { readFile } from 'node:fs/promises'
+import { readFile, writeFile } from 'node:fs/promises'
 import { run } from './process.ts'
 
 /**
@@ -65,6 +65,24 @@ const SUBNET_FIRST = 200
 const SUBNET_LAST = 250
 const CONGESTION_CONTROL = 'cubic'
 const NAME = /^dfnet-(\d+)-(\d+)-/
+const NEIGH = '/proc/sys/net/ipv4/neigh/default'
+
+/**
+ * Makes room in the kernel's ARP table for `entries` at once. The table is
+ * shared by every namespace, and each node learns the address of each other
+ * node it talks to: 35 namespaces of a 32-node cluster need about 35 × 34,
+ * past Linux's default hard limit of 1,024. Over it the kernel drops entries
+ * ("neighbor table overflow!") and connections fail with EHOSTUNREACH (the
+ * cluster bench's 32-node warm-up, twice in a row). Limits are only raised.
+ */
+async function neighbourRoom (entries: number): Promise<void> {
+  const want = [Math.ceil(entries / 4), Math.ceil(entries / 2), entries]
+  for (const [k, value] of want.entries()) {
+    const file = `${NEIGH}/gc_thresh${k + 1}`
+    const now = Number((await readFile(file, 'utf8')).trim())
+    if (Number.isFinite(now) && now < value) await writeFile(file, String(value))
+  }
+}
 
 let networks = 0
 
@@ -199,6 +217,8 @@ export async function createNetwork (): Promise<EmulatedNetwork> {
         if (nodes.some(n => n.name === name)) throw new Error(`node ${name} exists already`)
         const i = nodes.length + 1
         if (i > 250 * 256) throw new Error('too many nodes')
+        // Every namespace may come to know every other (the hub and the root's control end among them), with room to spare.
+        await neighbourRoom(2 * (i + 2) * (i + 2))
         const netns = `${prefix}${name}`
         const address = `${base}.${Math.floor(i / 250)}.${(i % 250) + 1}`
         const hubEnd = `v${i}`
