@@ -101,8 +101,13 @@ export function createPieceHttpClient (init: PieceHttpClientInit): PieceHttpClie
   const pool = new PieceConnectionPool(init.pool)
   /** The address that answered as the right peer last time, per peer. */
   const working = new Map<string, string>()
+  /**
+   * Parents that refused a run as no piece path at all: peers from before runs
+   * (a DaemonSet mid-upgrade). They are asked for one piece at a time.
+   */
+  const single = new Set<string>()
 
-  async function attempt (base: string, parentId: string, request: PieceRequest, length: number | readonly number[], signal: AbortSignal, stall: Stall | undefined): Promise<PieceBytes[] | 'wrong-peer'> {
+  async function attempt (base: string, parentId: string, request: PieceRequest, length: number | readonly number[], signal: AbortSignal, stall: Stall | undefined): Promise<PieceBytes[] | 'wrong-peer' | 'no-runs'> {
     const headers: Record<string, string> = {}
     if (init.secret !== undefined) headers.authorization = authorizationFor(init.secret, init.self, parentId, request)
     const port = init.uploadPort?.()
@@ -114,19 +119,34 @@ export function createPieceHttpClient (init: PieceHttpClientInit): PieceHttpClie
       for (const p of res.rest ?? []) p.lease?.release()
       return 'wrong-peer'
     }
+    if (res.status === 404 && (request.count ?? 1) > 1 && res.text.includes(NOT_A_PIECE_PATH)) return 'no-runs'
     if (res.status !== 200 || res.body === undefined) throw answerError(res, parentId, request.index)
     return [{ data: res.body, lease: res.lease }, ...(res.rest ?? [])]
   }
 
   return {
-    async fetch (parent, request, length, options) {
+    async fetch (parent, asked, askedLength, options) {
+      let request = asked
+      let length = askedLength
+      const one = (): void => {
+        const { count: _, ...rest } = request
+        request = rest
+        length = typeof length === 'number' ? length : length[0] as number
+      }
+      if (single.has(parent.peerId)) one()
       const known = working.get(parent.peerId)
       const order = known !== undefined && parent.upload.includes(known) ? [known, ...parent.upload.filter(u => u !== known)] : parent.upload
       let lastError: unknown
       for (const base of order) {
         try {
-          const got = await attempt(base, parent.peerId, request, length, options.signal, options.stall)
-          if (got === 'wrong-peer') {
+          let got = await attempt(base, parent.peerId, request, length, options.signal, options.stall)
+          if (got === 'no-runs') {
+            single.add(parent.peerId)
+            if (single.size > 4096) single.delete(single.values().next().value as string)
+            one()
+            got = await attempt(base, parent.peerId, request, length, options.signal, options.stall)
+          }
+          if (got === 'wrong-peer' || got === 'no-runs') {
             lastError = new PeerUnavailableError(`${base} is not ${parent.peerId}`)
             continue
           }
@@ -149,11 +169,14 @@ export function createPieceHttpClient (init: PieceHttpClientInit): PieceHttpClie
   }
 }
 
+/** What the upload port answers, with 404, for a path it does not take (every version has said so). */
+const NOT_A_PIECE_PATH = 'not a piece path'
+
 /** Server side helpers: the request a child made, or the HTTP status to refuse it with. */
 export function readPieceRequest (req: IncomingMessage, self: string, secret: Buffer | undefined): { request: PieceRequest, child: string } | { status: number, message: string } {
   if (req.method !== 'GET') return { status: 405, message: 'only GET' }
   const request = parsePiecePath(req.url ?? '')
-  if (request === undefined) return { status: 404, message: 'not a piece path' }
+  if (request === undefined) return { status: 404, message: NOT_A_PIECE_PATH }
   if (secret === undefined) {
     // Without a secret nothing tells a member from a stranger: only this machine may ask.
     const from = req.socket.remoteAddress ?? ''

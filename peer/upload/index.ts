@@ -407,7 +407,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
       const end = Math.min(data.length, off + SEND_CHUNK)
       const chunk = data.subarray(off, end)
       await bucket.take(chunk.length, { signal })
-      // Released on close too: a response cut off never calls back.
+      // A response cut off may never call back: its buffer is then left to the collector, not reused (see BufferPool).
       const flowing = end === data.length && sent !== undefined ? res.write(chunk, sent) : res.write(chunk)
       pace.sent(chunk.length, Date.now())
       if (!flowing) await once(res, 'drain', { signal })
