@@ -321,7 +321,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     }
   }
 
-  /** The HTTP transport (the upload port): `GET /damselfly/v1/pieces/<digest>/<index>?wait=<ms>`. */
+  /** The HTTP transport (the upload port): `GET /damselfly/v1/pieces/<digest>/<index>?wait=<ms>[&count=<k>]`. */
   async function serveHttp (req: IncomingMessage, res: ServerResponse): Promise<void> {
     res.setHeader(PIECE_HTTP_PEER_HEADER, components.node.peerId)
     const asked = readPieceRequest(req, components.node.peerId, secret)

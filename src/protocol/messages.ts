@@ -23,9 +23,10 @@ export const CONTROL_PROTOCOL = '/damselfly/control/1.0.0'
 /** Peer ↔ peer over libp2p: one piece per stream, a JSON header then the raw bytes. */
 export const PIECE_PROTOCOL = '/damselfly/piece/1.0.0'
 /**
- * Peer ↔ peer over HTTP (the default data plane): `GET PIECE_HTTP_PATH/<digest>/<index>?wait=<ms>`
- * on the parent's upload port. The body is the piece; the child checks it
- * against the piece table like any other.
+ * Peer ↔ peer over HTTP (the default data plane): `GET PIECE_HTTP_PATH/<digest>/<index>?wait=<ms>[&count=<k>]`
+ * on the parent's upload port. The body is the piece (with `count`, that
+ * piece and those after it the parent holds, see `PIECE_HTTP_PIECES_HEADER`);
+ * the child checks each against the piece table like any other.
  */
 export const PIECE_HTTP_PATH = '/damselfly/v1/pieces'
 /** Names the parent on every upload-port answer, so a child that reached the wrong node knows. */
