@@ -15,6 +15,12 @@ import { PIECE_HTTP_PEER_HEADER, PIECE_HTTP_PIECES_HEADER, PieceHeader, decode, 
  * connection goes back to the pool clean or is closed.
  */
 
+/** One piece's bytes as read, and the claim on their pooled buffer when they came from the pool. */
+export interface ReadPiece {
+  data: Buffer
+  lease?: Lease | undefined
+}
+
 export interface PieceResponse {
   status: number
   /** The peer id the answering server names (`x-damselfly-peer`). */
@@ -24,7 +30,7 @@ export interface PieceResponse {
   /** The claim on `body`'s pooled buffer, when it came from the pool: the caller's to release. */
   lease?: Lease | undefined
   /** For status 200 to a run: the pieces after the first that the parent sent, each in a buffer of its own. */
-  rest?: Array<{ data: Buffer, lease?: Lease | undefined }>
+  rest?: ReadPiece[]
   /** For any other status: the first bytes of its body, as text. */
   text: string
 }
@@ -140,7 +146,7 @@ class Connection {
     const { promise, resolve, reject } = Promise.withResolvers<PieceResponse>()
     let filled = 0
     /** Body buffers (one per piece of a 200; one for any other answer) and their leases. */
-    const parts: Array<{ data: Buffer, lease?: Lease | undefined }> = []
+    const parts: ReadPiece[] = []
     let part = 0
     let partFilled = 0
     let status = 0
@@ -168,14 +174,14 @@ class Connection {
       resolve(response)
     }
     const finishBody = (): void => {
-      const [first, ...rest] = parts as [{ data: Buffer, lease?: Lease | undefined }, ...Array<{ data: Buffer, lease?: Lease | undefined }>]
+      const [first, ...rest] = parts as [ReadPiece, ...ReadPiece[]]
       if (status === 200) done({ status, peer, body: first.data, lease: first.lease, text: '', ...(rest.length > 0 ? { rest } : {}) })
       else done({ status, peer, body: undefined, text: first.data.toString('utf8') })
     }
     /** Takes `n` body bytes just read into the current part; moves on to the next part or finishes. */
     const advance = (n: number): void => {
       partFilled += n
-      let current = parts[part] as { data: Buffer }
+      let current = parts[part] as ReadPiece
       while (partFilled === current.data.length) {
         part++
         partFilled = 0
@@ -183,7 +189,7 @@ class Connection {
           finishBody()
           return
         }
-        current = parts[part] as { data: Buffer }
+        current = parts[part] as ReadPiece
       }
       this.#target = current.data.subarray(partFilled)
     }
@@ -256,7 +262,7 @@ class Connection {
       // What came with the headers is copied into the parts it belongs to (a short last piece may end within it).
       let from = end + 4
       while (from < filled) {
-        const target = parts[part] as { data: Buffer }
+        const target = parts[part] as ReadPiece
         const n = Math.min(filled - from, target.data.length - partFilled)
         this.#scratch.copy(target.data, partFilled, from, from + n)
         from += n
@@ -266,7 +272,7 @@ class Connection {
         finishBody()
         return
       }
-      if (from === end + 4) this.#target = (parts[0] as { data: Buffer }).data
+      if (from === end + 4) this.#target = (parts[0] as ReadPiece).data
     }
     this.#onEnd = (err) => {
       const got = parts.slice(0, part).reduce((a, p) => a + p.data.length, 0) + partFilled

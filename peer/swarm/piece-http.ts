@@ -1,9 +1,8 @@
 import { createHmac, timingSafeEqual } from 'node:crypto'
 import type { IncomingMessage } from 'node:http'
 import type { AbortOptions } from '../../src/abort.ts'
-import type { Lease } from '../../src/buffer-pool.ts'
 import { PeerUnavailableError, isAbort } from '../../src/errors.ts'
-import { answerError, PieceConnectionPool, type PieceConnectionPoolInit, type Stall } from './piece-client.ts'
+import { answerError, PieceConnectionPool, type PieceConnectionPoolInit, type ReadPiece, type Stall } from './piece-client.ts'
 import { MAX_PIECE_RUN, PIECE_HTTP_CHILD_HEADER, PIECE_HTTP_PATH, type PieceHint, type PieceRequest } from '../../src/protocol/messages.ts'
 
 /**
@@ -73,10 +72,7 @@ export function uploadUrls (addrs: string[], port: number): string[] {
 }
 
 /** A piece's bytes as received; `lease`, when they sit in a pooled buffer, is the receiver's claim on it (see `BufferPool`). */
-export interface PieceBytes {
-  data: Buffer
-  lease?: Lease | undefined
-}
+export type PieceBytes = ReadPiece
 
 /**
  * Client side: one keep-alive pool per parent address, bounded. `fetch`

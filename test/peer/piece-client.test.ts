@@ -50,21 +50,24 @@ async function rawServer (script: Script): Promise<{ base: string, server: Serve
 const ok = (body: Buffer, extra = ''): Buffer => Buffer.concat([Buffer.from(`HTTP/1.1 200 OK\r\ncontent-length: ${body.length}\r\nx-damselfly-peer: parent\r\n${extra}\r\n`), body])
 const signal = (): AbortSignal => AbortSignal.timeout(10_000)
 
+/** Sends a response in odd-sized writes, one per turn: headers and body split anywhere. */
+function dribble (socket: Socket, bytes: Buffer): void {
+  let off = 0
+  const step = (): void => {
+    if (off >= bytes.length) return
+    const size = 1 + Math.floor(Math.random() * 70_000)
+    socket.write(bytes.subarray(off, off + size))
+    off += size
+    setImmediate(step)
+  }
+  step()
+}
+
 test('bodies arrive whole and exact, over one kept-alive connection, however the bytes are split', async (t) => {
   const pieces = [randomBytes(1 << 20), randomBytes(12345), randomBytes(1 << 20)]
   let n = 0
   const srv = await rawServer((socket) => {
-    const bytes = ok(pieces[n++ % pieces.length] as Buffer)
-    // Dribble the response in odd-sized writes: headers and body split anywhere.
-    let off = 0
-    const step = (): void => {
-      if (off >= bytes.length) return
-      const size = 1 + Math.floor(Math.random() * 70_000)
-      socket.write(bytes.subarray(off, off + size))
-      off += size
-      setImmediate(step)
-    }
-    step()
+    dribble(socket, ok(pieces[n++ % pieces.length] as Buffer))
   })
   const pool = new PieceConnectionPool()
   t.after(async () => { pool.close(); await srv.close() })
@@ -84,16 +87,7 @@ test('a run of pieces arrives back to back, each in a buffer of its own, however
   const srv = await rawServer((socket) => {
     n++
     const sent = n === 2 ? run.slice(0, 2) : run
-    const bytes = ok(Buffer.concat(sent), `x-damselfly-pieces: ${sent.length}\r\n`)
-    let off = 0
-    const step = (): void => {
-      if (off >= bytes.length) return
-      const size = 1 + Math.floor(Math.random() * 70_000)
-      socket.write(bytes.subarray(off, off + size))
-      off += size
-      setImmediate(step)
-    }
-    step()
+    dribble(socket, ok(Buffer.concat(sent), `x-damselfly-pieces: ${sent.length}\r\n`))
   })
   const pool = new PieceConnectionPool()
   t.after(async () => { pool.close(); await srv.close() })
