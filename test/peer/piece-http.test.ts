@@ -31,6 +31,22 @@ test('a run\'s count round-trips, is signed, and is bounded', () => {
   assert.equal(checkAuthorization(secret, 'parent-id', { digest, index: 4, waitMs: 0 }, header, now), undefined, 'no count')
 })
 
+test('each secret signs for itself, however often either was used before', () => {
+  const now = 1_800_000_000_000
+  const request = { digest, index: 2, waitMs: 0 }
+  const other = Buffer.alloc(secret.length, 7)
+  const mine = authorizationFor(secret, 'child-id', 'parent-id', request, now)
+  const theirs = authorizationFor(other, 'child-id', 'parent-id', request, now)
+  assert.notEqual(mine, theirs)
+  for (let i = 0; i < 3; i++) {
+    assert.equal(checkAuthorization(secret, 'parent-id', request, mine, now), 'child-id')
+    assert.equal(checkAuthorization(other, 'parent-id', request, theirs, now), 'child-id')
+    assert.equal(checkAuthorization(secret, 'parent-id', request, theirs, now), undefined, 'signed under another secret')
+    assert.equal(checkAuthorization(other, 'parent-id', request, mine, now), undefined, 'signed under another secret')
+    assert.equal(checkAuthorization(Buffer.from(secret), 'parent-id', request, mine, now), 'child-id', 'an equal secret in another Buffer')
+  }
+})
+
 test('a parent from before runs (its upload port has no such path) is asked again for the one piece, and from then on for one at a time', async (t) => {
   const piece = randomBytes(4096)
   const paths: string[] = []
