@@ -213,17 +213,24 @@ type Counters = Record<string, number>
 
 /**
  * Swarm counters summed over the pulling peers (bytes fetched by source,
- * origin fallbacks by reason, hedged pieces) and the seed's upload.
+ * origin fallbacks by reason, hedged pieces, piece requests they answered by
+ * answer, hints followed, busy pauses) and the seed's upload.
  */
 async function swarmCounters (c: Cluster, nodes: readonly ClusterNode[]): Promise<Counters> {
-  const out: Counters = { seedUploaded: (await c.seed.metrics()).get('damselfly_uploaded_bytes_total') }
+  const seed = await c.seed.metrics()
+  const out: Counters = { seedUploaded: seed.get('damselfly_uploaded_bytes_total') }
   const add = (key: string, v: number): void => { out[key] = (out[key] ?? 0) + v }
+  for (const [answer, v] of Object.entries(seed.byLabel('damselfly_piece_requests_total', 'status'))) add(`seed requests answered ${answer}`, v)
   for (const n of nodes) {
     const m = await n.peer.metrics()
     for (const [source, v] of Object.entries(m.byLabel('damselfly_fetched_bytes_total', 'source'))) add(`fetched from ${source}`, v)
     for (const [reason, v] of Object.entries(m.byLabel('damselfly_swarm_origin_fallbacks_total', 'reason'))) add(`origin fallbacks: ${reason}`, v)
     add('hedged pieces', m.get('damselfly_pieces_hedged_total'))
     add('peers uploaded', m.get('damselfly_uploaded_bytes_total'))
+    // The swarm's own chatter: every busy answer is a request and a reply that moved no piece.
+    for (const [answer, v] of Object.entries(m.byLabel('damselfly_piece_requests_total', 'status'))) add(`piece requests answered ${answer}`, v)
+    add('hints followed', m.get('damselfly_piece_hints_followed_total'))
+    add('busy pauses', m.get('damselfly_parents_busy_total'))
   }
   return out
 }
