@@ -11,7 +11,7 @@ import type { PublicContent, PublicFacts } from '../facts/public.ts'
 import type { TagCache, TagRecord } from '../facts/tags.ts'
 import type { PieceInventory } from '../piece-store/index.ts'
 import { createPieceFetcher, type PieceFetcher } from './fetcher.ts'
-import { createPieceHttpClient } from './piece-http.ts'
+import { createPieceHttpClient, pieceKey } from './piece-http.ts'
 import { createSchedulerClient, type SchedulerClient } from './scheduler-client.ts'
 
 export interface SwarmComponents {
@@ -123,7 +123,7 @@ export async function createSwarm (components: SwarmComponents, init: SwarmInit)
   const http = init.httpPieces
     ? createPieceHttpClient({
       self: node.peerId,
-      secret: init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8'),
+      key: pieceKey(init.clusterSecret),
       pool: { buffers: components.buffers },
       uploadPort: () => uploadPort
     })

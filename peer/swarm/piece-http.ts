@@ -36,37 +36,35 @@ export function parsePiecePath (url: string): PieceRequest | undefined {
 }
 
 /**
- * The secret as a key object, made once per secret: `createHmac` given a
- * Buffer imports it as a new key on every call, 10 µs against 1.5 (Node 24,
- * this VM), and every piece request, busy answers included, is signed by the
- * child and checked by the parent (emulated cluster: about 14 requests per
- * MiB delivered). The secret Buffer is never changed once configured.
+ * The cluster secret as the key piece requests are signed and checked with;
+ * undefined without one. Made once, where the secret is configured:
+ * `createHmac` given the secret as a Buffer imports it as a new key on every
+ * call, 10 µs against 1.5 with a key object (Node 24, this VM), and every
+ * piece request, busy answers included, is signed by the child and checked by
+ * the parent (emulated cluster: about 14 requests per MiB delivered).
  */
-const keys = new WeakMap<Buffer, KeyObject>()
+export function pieceKey (clusterSecret: string | undefined): KeyObject | undefined {
+  return clusterSecret === undefined || clusterSecret === '' ? undefined : createSecretKey(Buffer.from(clusterSecret, 'utf8'))
+}
 
-function mac (secret: Buffer, child: string, parent: string, request: PieceRequest, at: number): string {
-  let key = keys.get(secret)
-  if (key === undefined) {
-    key = createSecretKey(secret)
-    keys.set(secret, key)
-  }
+function mac (key: KeyObject, child: string, parent: string, request: PieceRequest, at: number): string {
   return createHmac('sha256', key)
     .update(`damselfly-piece/1 ${child} ${parent} ${request.digest} ${request.index} ${request.waitMs}${(request.count ?? 1) > 1 ? ` count=${request.count}` : ''} ${at}`)
     .digest('hex')
 }
 
-export function authorizationFor (secret: Buffer, child: string, parent: string, request: PieceRequest, now = Date.now()): string {
-  return `${AUTH_SCHEME} ${child} ${now} ${mac(secret, child, parent, request, now)}`
+export function authorizationFor (key: KeyObject, child: string, parent: string, request: PieceRequest, now = Date.now()): string {
+  return `${AUTH_SCHEME} ${child} ${now} ${mac(key, child, parent, request, now)}`
 }
 
 /** The child's peer id when the request proves the secret; undefined otherwise. */
-export function checkAuthorization (secret: Buffer, self: string, request: PieceRequest, header: string | undefined, now = Date.now()): string | undefined {
+export function checkAuthorization (key: KeyObject, self: string, request: PieceRequest, header: string | undefined, now = Date.now()): string | undefined {
   const parts = header?.split(' ')
   if (parts?.length !== 4 || parts[0] !== AUTH_SCHEME) return undefined
   const [, child, atText, given] = parts as [string, string, string, string]
   const at = Number(atText)
   if (!Number.isSafeInteger(at) || Math.abs(now - at) > MAX_SKEW_MS || !/^[0-9a-f]{64}$/.test(given)) return undefined
-  const expected = Buffer.from(mac(secret, child, self, request, at), 'hex')
+  const expected = Buffer.from(mac(key, child, self, request, at), 'hex')
   return timingSafeEqual(expected, Buffer.from(given, 'hex')) ? child : undefined
 }
 
@@ -101,7 +99,8 @@ export interface PieceHttpClient {
 
 export interface PieceHttpClientInit {
   self: string
-  secret?: Buffer | undefined
+  /** The cluster secret's key (`pieceKey`). */
+  key?: KeyObject | undefined
   pool?: PieceConnectionPoolInit
   /** This node's upload port, told to parents so that they can send other children here (`PIECE_HTTP_CHILD_HEADER`). */
   uploadPort?: () => number | undefined
@@ -119,7 +118,7 @@ export function createPieceHttpClient (init: PieceHttpClientInit): PieceHttpClie
 
   async function attempt (base: string, parentId: string, request: PieceRequest, length: number | readonly number[], signal: AbortSignal, stall: Stall | undefined): Promise<PieceBytes[] | 'wrong-peer' | 'no-runs'> {
     const headers: Record<string, string> = {}
-    if (init.secret !== undefined) headers.authorization = authorizationFor(init.secret, init.self, parentId, request)
+    if (init.key !== undefined) headers.authorization = authorizationFor(init.key, init.self, parentId, request)
     const port = init.uploadPort?.()
     if (port !== undefined) headers[PIECE_HTTP_CHILD_HEADER] = `${init.self} ${port}`
     const res = await pool.get(base, pieceUrlPath(request.digest, request.index, request.waitMs, request.count), headers, length, signal, stall)
@@ -183,17 +182,17 @@ export function createPieceHttpClient (init: PieceHttpClientInit): PieceHttpClie
 const NOT_A_PIECE_PATH = 'not a piece path'
 
 /** Server side helpers: the request a child made, or the HTTP status to refuse it with. */
-export function readPieceRequest (req: IncomingMessage, self: string, secret: Buffer | undefined): { request: PieceRequest, child: string } | { status: number, message: string } {
+export function readPieceRequest (req: IncomingMessage, self: string, key: KeyObject | undefined): { request: PieceRequest, child: string } | { status: number, message: string } {
   if (req.method !== 'GET') return { status: 405, message: 'only GET' }
   const request = parsePiecePath(req.url ?? '')
   if (request === undefined) return { status: 404, message: NOT_A_PIECE_PATH }
-  if (secret === undefined) {
+  if (key === undefined) {
     // Without a secret nothing tells a member from a stranger: only this machine may ask.
     const from = req.socket.remoteAddress ?? ''
     if (!isLoopbackAddress(from)) return { status: 403, message: 'this peer has no cluster secret and serves pieces to loopback only' }
     return { request, child: from }
   }
-  const child = checkAuthorization(secret, self, request, req.headers.authorization)
+  const child = checkAuthorization(key, self, request, req.headers.authorization)
   if (child === undefined) return { status: 401, message: 'prove membership of the cluster' }
   return { request, child }
 }

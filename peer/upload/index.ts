@@ -14,7 +14,7 @@ import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
 import { MIN_PIECE_SIZE, choosePieceSize, pieceCount } from '../../src/pieces.ts'
 import { PIECE_HTTP_PEER_HEADER, PIECE_HTTP_PIECES_HEADER, PIECE_PROTOCOL, PieceRequest, type PieceHint } from '../../src/protocol/messages.ts'
 import type { LentPiece, PieceSupply } from '../blobs/index.ts'
-import { readChildHint, readPieceRequest, uploadUrls } from '../swarm/piece-http.ts'
+import { pieceKey, readChildHint, readPieceRequest, uploadUrls } from '../swarm/piece-http.ts'
 import { createConnectionGuard, type ConnectionGuard } from './connection-guard.ts'
 import { UploadPace } from './pace.ts'
 import { Recipients } from './recipients.ts'
@@ -149,7 +149,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     void new Gauge({ name: 'damselfly_upload_rate_bytes', help: 'The upload rate, bytes per second, the slots are worked out from: the best this peer\'s sends reached in the last 30 s, or the upload limit; 0 before any', registers, collect () { this.set(pace.rate(Date.now()) ?? 0) } })
   }
   const refused = registers === undefined ? undefined : new Counter({ name: 'damselfly_upload_connections_refused_total', help: 'Upload-port connections refused or dropped to stay within the per-address and total limits', registers })
-  const secret = init.clusterSecret === undefined || init.clusterSecret === '' ? undefined : Buffer.from(init.clusterSecret, 'utf8')
+  const key = pieceKey(init.clusterSecret)
   let http: Server | undefined
   let guard: ConnectionGuard | undefined
   let uploaded = 0
@@ -324,7 +324,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
   /** The HTTP transport (the upload port): `GET /damselfly/v1/pieces/<digest>/<index>?wait=<ms>[&count=<k>]`. */
   async function serveHttp (req: IncomingMessage, res: ServerResponse): Promise<void> {
     res.setHeader(PIECE_HTTP_PEER_HEADER, components.node.peerId)
-    const asked = readPieceRequest(req, components.node.peerId, secret)
+    const asked = readPieceRequest(req, components.node.peerId, key)
     if ('status' in asked) {
       sendJson(res, asked.status, { status: 'refused', message: asked.message })
       return
@@ -339,7 +339,7 @@ export function createUploadServer (components: UploadServerComponents, init: Up
     // A piece read from disk lands in a pooled buffer, free again once the response is done with it ('close' comes after the last write).
     const lease = buffers.take()
     res.once('close', lease.release)
-    const reach = readChildHint(req, asked.child, secret !== undefined)
+    const reach = readChildHint(req, asked.child, key !== undefined)
     const produced = await produce(asked.request, reach?.peerId ?? asked.child, signal, lease, reach)
     requests?.inc({ status: produced.status })
     if (produced.status !== 'ok') {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict'
-import { createHash } from 'node:crypto'
+import { createHash, createSecretKey } from 'node:crypto'
 import path from 'node:path'
 import { after, before, describe, test } from 'node:test'
 import { setTimeout as delay } from 'node:timers/promises'
@@ -272,12 +272,12 @@ describe('cluster membership and credentials', () => {
     const { authorizationFor } = await import('../../peer/swarm/piece-http.ts')
     const aId = String(unsigned.headers['x-damselfly-peer'])
     const forged = await request(`http://127.0.0.1:${a.uploadPort}${piecePath}`, {
-      headers: { authorization: authorizationFor(Buffer.from('not the right secret at all'), 'someone', aId, { digest: layer, index: 0, waitMs: 0 }) }
+      headers: { authorization: authorizationFor(createSecretKey(Buffer.from('not the right secret at all')), 'someone', aId, { digest: layer, index: 0, waitMs: 0 }) }
     })
     assert.equal(forged.statusCode, 401)
     await forged.body.dump()
     const signed = await request(`http://127.0.0.1:${a.uploadPort}${piecePath}`, {
-      headers: { authorization: authorizationFor(Buffer.from(secret), 'someone', aId, { digest: layer, index: 0, waitMs: 0 }) }
+      headers: { authorization: authorizationFor(createSecretKey(Buffer.from(secret)), 'someone', aId, { digest: layer, index: 0, waitMs: 0 }) }
     })
     assert.equal(signed.statusCode, 200)
     assert.ok(Buffer.from(await signed.body.arrayBuffer()).equals(readBlob(img, layer).subarray(0, MIB)))

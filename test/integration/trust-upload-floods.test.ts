@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict'
-import { createHash, randomBytes } from 'node:crypto'
+import { createHash, createSecretKey, randomBytes } from 'node:crypto'
 import http from 'node:http'
 import net from 'node:net'
 import path from 'node:path'
@@ -208,7 +208,7 @@ describe('the upload port cannot be starved (attack 8)', () => {
     await waitFor(async () => (await holders(scheduler, blob.digest)).length === 1, { timeoutMs: 15_000, what: 'the parent to be the only holder again' })
     for (let i = 0; i < 200; i++) {
       const digest = `sha256:${randomBytes(32).toString('hex')}`
-      const authorization = authorizationFor(Buffer.from(SECRET), `flood-member-${i}`, parentId, { digest, index: 0, waitMs })
+      const authorization = authorizationFor(createSecretKey(Buffer.from(SECRET)), `flood-member-${i}`, parentId, { digest, index: 0, waitMs })
       const req = http.request({ host: '127.0.0.1', port: parent.uploadPort, localAddress: ATTACKER, agent: false, path: `/damselfly/v1/pieces/${digest}/0?wait=${waitMs}`, headers: { authorization } })
       const a: Asked = { req, sentAt: Date.now(), status: undefined, answeredAfter: undefined, error: undefined }
       req.on('response', (res) => { a.status = res.statusCode; a.answeredAfter = Date.now() - a.sentAt; res.resume() })

@@ -1,12 +1,13 @@
 import assert from 'node:assert/strict'
-import { randomBytes } from 'node:crypto'
+import { createSecretKey, randomBytes } from 'node:crypto'
 import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { test } from 'node:test'
 import { authorizationFor, checkAuthorization, createPieceHttpClient, parsePiecePath, pieceUrlPath, uploadUrls } from '../../peer/swarm/piece-http.ts'
 
 const digest = `sha256:${'ab'.repeat(32)}`
-const secret = Buffer.from('a cluster secret of some length')
+const SECRET = 'a cluster secret of some length'
+const secret = createSecretKey(Buffer.from(SECRET))
 
 test('piece paths round-trip and anything else is refused', () => {
   assert.deepEqual(parsePiecePath(pieceUrlPath(digest, 17, 60_000)), { digest, index: 17, waitMs: 60_000 })
@@ -34,7 +35,7 @@ test('a run\'s count round-trips, is signed, and is bounded', () => {
 test('each secret signs for itself, however often either was used before', () => {
   const now = 1_800_000_000_000
   const request = { digest, index: 2, waitMs: 0 }
-  const other = Buffer.alloc(secret.length, 7)
+  const other = createSecretKey(Buffer.alloc(SECRET.length, 7))
   const mine = authorizationFor(secret, 'child-id', 'parent-id', request, now)
   const theirs = authorizationFor(other, 'child-id', 'parent-id', request, now)
   assert.notEqual(mine, theirs)
@@ -43,7 +44,7 @@ test('each secret signs for itself, however often either was used before', () =>
     assert.equal(checkAuthorization(other, 'parent-id', request, theirs, now), 'child-id')
     assert.equal(checkAuthorization(secret, 'parent-id', request, theirs, now), undefined, 'signed under another secret')
     assert.equal(checkAuthorization(other, 'parent-id', request, mine, now), undefined, 'signed under another secret')
-    assert.equal(checkAuthorization(Buffer.from(secret), 'parent-id', request, mine, now), 'child-id', 'an equal secret in another Buffer')
+    assert.equal(checkAuthorization(createSecretKey(Buffer.from(SECRET)), 'parent-id', request, mine, now), 'child-id', 'an equal secret in another key')
   }
 })
 
@@ -81,7 +82,7 @@ test('a request signed with the secret names its child; forged, altered or stale
   assert.equal(checkAuthorization(secret, 'parent-id', request, header, now + 1000), 'child-id')
   assert.equal(checkAuthorization(secret, 'other-parent', request, header, now), undefined, 'made for another parent')
   assert.equal(checkAuthorization(secret, 'parent-id', { ...request, index: 5 }, header, now), undefined, 'another piece')
-  assert.equal(checkAuthorization(Buffer.from('another secret entirely!!'), 'parent-id', request, header, now), undefined, 'another secret')
+  assert.equal(checkAuthorization(createSecretKey(Buffer.from('another secret entirely!!')), 'parent-id', request, header, now), undefined, 'another secret')
   assert.equal(checkAuthorization(secret, 'parent-id', request, header, now + 10 * 60_000), undefined, 'too old')
   assert.equal(checkAuthorization(secret, 'parent-id', request, undefined, now), undefined)
   assert.equal(checkAuthorization(secret, 'parent-id', request, 'Damselfly-Piece child-id 1 zz', now), undefined)

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict'
-import { randomBytes } from 'node:crypto'
+import { createSecretKey, randomBytes } from 'node:crypto'
 import { request } from 'node:http'
 import { test, type TestContext } from 'node:test'
 import { silentLogger } from '../../src/logger.ts'
@@ -191,7 +191,7 @@ test('with a cluster secret, a child is named only under the id its request prov
   const secret = 'hints-secret'
   const { get } = await server(t, false, 2 * MIB, { concurrency: 1, clusterSecret: secret })
   const proved = (id: string, named: string, port: number): Record<string, string> => ({
-    authorization: authorizationFor(Buffer.from(secret), id, 'parent', { digest, index: 0, waitMs: 0 }),
+    authorization: authorizationFor(createSecretKey(Buffer.from(secret)), id, 'parent', { digest, index: 0, waitMs: 0 }),
     ...child(named, port)
   })
   const liar = get(0, proved('childA', 'childZ', 4101))
