@@ -8,7 +8,8 @@ import { sha256Hex } from '../../src/oci/digest.ts'
 import { messages, sig, type P2PNode } from '../../src/p2p/index.ts'
 import { PieceSet, pieceBounds } from '../../src/pieces.ts'
 import { DigestsResponse, PIECE_PROTOCOL, ParentsResponse, PieceHeader, type ParentInfo } from '../../src/protocol/messages.ts'
-import type { PieceBytes, PieceHttpClient } from './piece-http.ts'
+import type { PieceHttpClient } from './piece-http.ts'
+import type { ReadPiece } from './piece-client.ts'
 import type { OriginDirective, PieceSource, PieceSourceContext, RemotePiece, SwarmTask, TableEntry } from './source.ts'
 import type { SchedulerClient } from './scheduler-client.ts'
 
@@ -295,7 +296,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     // and cutting it off only sends the same bytes again, or the child to the origin); it fails once it stops.
     // Cleared once the piece is in: a timer left to run out per piece (two minutes) piled up by the thousand at line rate.
     const limit = deadline([signal], waitMs + (http ? PIECE_LIMIT_MS * lengths.length : Math.max(20_000, length / 1024)), `piece ${index} from ${parent.info.peerId}`)
-    let got: PieceBytes[]
+    let got: ReadPiece[]
     try {
       got = http
         ? await (components.http as PieceHttpClient).fetch({ peerId: parent.info.peerId, upload }, { digest: task.digest, index, waitMs, ...(extras.length > 0 ? { count: lengths.length } : {}) }, extras.length > 0 ? lengths : length, { signal: limit.signal, stall: { firstByteMs: waitMs + STALL_MS, idleMs: STALL_MS } })
@@ -306,7 +307,7 @@ export function createPieceFetcher (components: PieceFetcherComponents, init: Pi
     const release = (): void => { for (const x of got) x.lease?.release() }
     const pieces: RemotePiece[] = []
     for (let k = 0; k < got.length; k++) {
-      const { data, lease } = got[k] as PieceBytes
+      const { data, lease } = got[k] as ReadPiece
       const at = k === 0 ? index : extras[k - 1] as number
       const hex = sha256Hex(data)
       let expected: { hex: string, provisional: boolean }

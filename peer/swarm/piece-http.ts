@@ -83,9 +83,6 @@ export function uploadUrls (addrs: string[], port: number): string[] {
   return [...out.filter(u => !loopback(u)), ...out.filter(loopback)].slice(0, 16)
 }
 
-/** A piece's bytes as received; `lease`, when they sit in a pooled buffer, is the receiver's claim on it (see `BufferPool`). */
-export type PieceBytes = ReadPiece
-
 /**
  * Client side: one keep-alive pool per parent address, bounded. `fetch`
  * gives the piece asked for first, then, for a run (`request.count` > 1,
@@ -93,7 +90,7 @@ export type PieceBytes = ReadPiece
  * bytes, each in a buffer of its own.
  */
 export interface PieceHttpClient {
-  fetch: (parent: { peerId: string, upload: string[] }, request: PieceRequest, length: number | readonly number[], options: AbortOptions & { signal: AbortSignal, stall?: Stall | undefined }) => Promise<PieceBytes[]>
+  fetch: (parent: { peerId: string, upload: string[] }, request: PieceRequest, length: number | readonly number[], options: AbortOptions & { signal: AbortSignal, stall?: Stall | undefined }) => Promise<ReadPiece[]>
   close: () => Promise<void>
 }
 
@@ -116,7 +113,7 @@ export function createPieceHttpClient (init: PieceHttpClientInit): PieceHttpClie
    */
   const single = new Set<string>()
 
-  async function attempt (base: string, parentId: string, request: PieceRequest, length: number | readonly number[], signal: AbortSignal, stall: Stall | undefined): Promise<PieceBytes[] | 'wrong-peer' | 'no-runs'> {
+  async function attempt (base: string, parentId: string, request: PieceRequest, length: number | readonly number[], signal: AbortSignal, stall: Stall | undefined): Promise<ReadPiece[] | 'wrong-peer' | 'no-runs'> {
     const headers: Record<string, string> = {}
     if (init.key !== undefined) headers.authorization = authorizationFor(init.key, init.self, parentId, request)
     const port = init.uploadPort?.()
